@@ -1,0 +1,170 @@
+"""Command-line interface: argument parsing only; each sub-command calls one function.
+
+Every step of the pipeline is a sub-command (``segpipe <step> --help``). A
+:class:`segpipe.SegpipeError` is printed as ``segpipe: error: <message>`` (exit code 1)
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from segpipe import SegpipeError, __version__
+
+
+def _json_arg(text: str) -> dict:
+    """A JSON object given inline or as ``@path/to/file.json``."""
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _cmd_synth(a: argparse.Namespace) -> None:
+    from segpipe.data.synthetic import write_dataset
+
+    write_dataset(a.output, count=a.count, seed=a.seed, size=tuple(a.size))
+
+
+def _cmd_rasterise(a: argparse.Namespace) -> None:
+    from segpipe.data.cache import build_cache
+
+    build_cache(
+        a.input,
+        a.output,
+        size=tuple(a.size),
+        foreground=a.foreground,
+        background=a.background,
+        val_fraction=a.val_fraction,
+        split_seed=a.split_seed,
+    )
+
+
+def _cmd_models(a: argparse.Namespace) -> None:
+    from segpipe.models import print_model_table
+
+    print_model_table(size=a.size)
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from segpipe.train import train_run
+
+    train_run(a.spec, cache=a.cache, out_dir=a.output_dir)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from segpipe.evaluate import evaluate_run
+
+    evaluate_run(a.run_dir, cache=a.cache, threshold=a.threshold, n_examples=a.examples)
+
+
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from segpipe.predict import predict_folder
+
+    predict_folder(a.checkpoint, a.input, a.output, threshold=a.threshold)
+
+
+def _cmd_aggregate(a: argparse.Namespace) -> None:
+    from segpipe.aggregate import aggregate_experiment
+
+    aggregate_experiment(a.experiment, a.spec, a.output_dir)
+
+
+def _cmd_summary(a: argparse.Namespace) -> None:
+    from segpipe.aggregate import write_summary
+
+    write_summary(a.experiments, a.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segpipe", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"segpipe {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="<step>")
+
+    s = sub.add_parser("synth", help="write the synthetic demo dataset (JPEG + LabelMe JSON)")
+    s.add_argument("--output", type=Path, required=True, help="folder to create")
+    s.add_argument("--count", type=int, required=True, help="number of images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("rasterise", help="LabelMe folder -> HDF5 cache of images and masks")
+    s.add_argument("--input", type=Path, required=True, help="LabelMe folder (JSON files)")
+    s.add_argument("--output", type=Path, required=True, help="HDF5 file to write")
+    s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"))
+    s.add_argument("--foreground", nargs="*", default=None, metavar="LABEL",
+                   help="labels drawn as foreground (default: every label not in --background)")
+    s.add_argument("--background", nargs="*", default=[], metavar="LABEL",
+                   help="labels that erase (drawn as background, in file order)")
+    s.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of images marked as validation split")
+    s.add_argument("--split-seed", type=int, default=0)
+    s.set_defaults(func=_cmd_rasterise)
+
+    s = sub.add_parser("models", help="list architectures x backbones with parameters and GFLOPs")
+    s.add_argument("--size", type=int, default=256, help="input side for the GFLOPs count")
+    s.set_defaults(func=_cmd_models)
+
+    s = sub.add_parser("train", help="train one run")
+    s.add_argument("--cache", type=Path, required=True, help="training HDF5 cache (with val split)")
+    s.add_argument("--spec", type=_json_arg, required=True,
+                   help="run specification: JSON object or @file.json")
+    s.add_argument("--output-dir", type=Path, required=True, help="the run directory")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("evaluate", help="score a trained run on the test cache")
+    s.add_argument("--run-dir", type=Path, required=True)
+    s.add_argument("--cache", type=Path, required=True, help="test HDF5 cache")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--examples", type=int, default=4, help="test images in predictions.png")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("predict", help="write PNG masks for a folder of images")
+    s.add_argument("--checkpoint", type=Path, required=True, help="a run's model.pt")
+    s.add_argument("--input", type=Path, required=True, help="folder of images")
+    s.add_argument("--output", type=Path, required=True, help="folder for the masks")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("aggregate", help="tables and figures for one experiment")
+    s.add_argument("--experiment", required=True, help="experiment name")
+    s.add_argument("--spec", type=_json_arg, required=True,
+                   help="experiment specification (axes, runs): JSON object or @file.json")
+    s.add_argument("--output-dir", type=Path, required=True)
+    s.set_defaults(func=_cmd_aggregate)
+
+    s = sub.add_parser("summary", help="results/summary.md across experiments")
+    s.add_argument("--experiments", type=Path, nargs="+", required=True,
+                   help="experiment folders holding summary.csv")
+    s.add_argument("--output", type=Path, required=True)
+    s.set_defaults(func=_cmd_summary)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except SegpipeError as exc:
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
