@@ -1,0 +1,185 @@
+"""The run table: experiments in config.yaml expanded into runs, and helpers for the rules."""
+
+import itertools
+import re
+import json
+import os
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+AXES = ("architecture", "backbone", "loss", "augmentation")
+DEFINITIONS = {  # axis -> config section of its definitions
+    "architecture": "architectures",
+    "backbone": "backbones",
+    "loss": "losses",
+    "augmentation": "augmentations",
+}
+RUN = "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+RUN_DIR = f"results/runs/{RUN}"
+EXPERIMENT_DIR = "results/experiments/{experiment}"
+DEMO_DATA = "results/demo_data"
+ENV = "../../envs/segpipe.yaml"
+
+# Every job runs the segpipe code of this checkout (`python -m segpipe`), also inside a conda
+# env or on a cluster node, whatever the working directory.
+shell.prefix(  # (the prefix is formatted like the command: {{ }} stand for braces)
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(str(Path(workflow.basedir).resolve()))
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
+
+wildcard_constraints:
+    architecture=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    backbone=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    loss=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    augmentation=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    seed=r"\d+",
+    split="train|test",
+    experiment=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+
+
+def _check_name(where, axis, name):
+    if name not in config[DEFINITIONS[axis]]:
+        known = ", ".join(config[DEFINITIONS[axis]])
+        raise WorkflowError(
+            f"config: {where} names {axis} '{name}', which is not defined under "
+            f"'{DEFINITIONS[axis]}:' (defined: {known})"
+        )
+
+
+def _expand_experiment(name, exp):
+    """The runs of one experiment: the grid of its varied axes, the rest fixed, times seeds."""
+    fixed = {**config["defaults"], **exp.get("set", {})}
+    for axis, value in exp.get("set", {}).items():
+        _check_name(f"experiments.{name}.set", axis, value)
+    for axis, values in exp["vary"].items():
+        for value in values:
+            _check_name(f"experiments.{name}.vary", axis, value)
+    choices = [exp["vary"].get(axis, [fixed[axis]]) for axis in AXES]
+    seeds = exp.get("seeds", config["defaults"]["seeds"])
+    return [
+        dict(zip(AXES, combo), seed=seed)
+        for combo in itertools.product(*choices)
+        for seed in seeds
+    ]
+
+
+def _sweep(name, exp):
+    """{axis, param, values} for an experiment with `sweep:`, else None."""
+    param = exp.get("sweep")
+    if param is None:
+        return None
+    if len(exp["vary"]) != 1:
+        raise WorkflowError(f"config: experiments.{name}.sweep needs exactly one varied axis")
+    (axis, names), = exp["vary"].items()
+    values = {}
+    for n in names:
+        value = config[DEFINITIONS[axis]][n].get(param)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise WorkflowError(
+                f"config: experiments.{name}.sweep is '{param}', but {DEFINITIONS[axis]}.{n}.{param} "
+                f"is {value!r}, not a number"
+            )
+        values[n] = value
+    return {"axis": axis, "param": param, "values": values}
+
+
+for _axis in AXES:
+    _check_name("defaults", _axis, config["defaults"][_axis])
+
+EXPERIMENTS = {name: _expand_experiment(name, exp) for name, exp in config["experiments"].items()}
+SWEEPS = {name: _sweep(name, exp) for name, exp in config["experiments"].items()}
+# Every distinct run once, in config order: runs shared by experiments are trained once.
+RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.values())
+
+
+def run_dir(run):
+    return RUN_DIR.format(**run)
+
+
+def run_spec(wildcards):
+    """The JSON run specification `segpipe train` receives (docs/formats.md)."""
+    names = {axis: wildcards[axis] for axis in AXES}
+    return json.dumps(
+        {
+            "run": RUN.format(**names, seed=wildcards.seed),
+            "seed": int(wildcards.seed),
+            "names": names,
+            **{axis: config[DEFINITIONS[axis]][name] for axis, name in names.items()},
+            "train": config["train"],
+        },
+        sort_keys=True,
+    )
+
+
+def experiment_spec(wildcards):
+    """The JSON experiment specification `segpipe aggregate` receives (docs/formats.md)."""
+    name = wildcards.experiment
+    runs = [{"run": RUN.format(**r), "dir": run_dir(r), **r} for r in EXPERIMENTS[name]]
+    return json.dumps(
+        {
+            "name": name,
+            "axes": list(config["experiments"][name]["vary"]),
+            "sweep": SWEEPS[name],
+            "runs": runs,
+        },
+        sort_keys=True,
+    )
+
+
+def experiment_inputs(wildcards):
+    files = ("metrics.csv", "metrics_by_epoch.csv", "per_image.csv", "history.csv", "evolution.npz")
+    return [f"{run_dir(r)}/{f}" for r in EXPERIMENTS[wildcards.experiment] for f in files]
+
+
+def labelme_input(wildcards):
+    """The LabelMe folder of a split: the demo data rule's output, or the user's own JSON files."""
+    folder = config["data"][f"{wildcards.split}_dir"]
+    if Path(folder) == Path(DEMO_DATA, wildcards.split):
+        return [folder]
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        raise WorkflowError(
+            f"config: data.{wildcards.split}_dir = {folder}: no LabelMe .json files there"
+        )
+    # Depend on each annotation, so editing one re-builds the cache.
+    return [str(f) for f in files]
+
+
+def rasterise_args(wildcards):
+    d = config["data"]
+    args = ["--size", *map(str, d["size"])]
+    if d["foreground"] is not None:
+        args += ["--foreground", *d["foreground"]]
+    if d["background"]:
+        args += ["--background", *d["background"]]
+    if wildcards.split == "train":
+        args += ["--val-fraction", str(d["val_fraction"]), "--split-seed", str(d["split_seed"])]
+    return shlex.join(args)
+
+
+def sweep_experiments():
+    return [name for name, sweep in SWEEPS.items() if sweep is not None]
+
+
+def experiment_figures(name):
+    figures = ["summary.csv", "curves.png", "bars.png", "evolution.png", "samples.png"]
+    if SWEEPS[name] is not None:
+        figures.append("sweep.png")
+    return [f"results/experiments/{name}/{f}" for f in figures]
+
+
+def figure(name, title):
+    return report(
+        f"{EXPERIMENT_DIR}/{name}.png",
+        caption=f"../report/{name}.rst",
+        category="{experiment}",
+        labels={"experiment": "{experiment}", "figure": title},
+    )
+
+
+def names_regex(names):
+    return "|".join(re.escape(n) for n in names) or "(?!)"  # (?!) matches nothing

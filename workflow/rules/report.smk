@@ -1,0 +1,50 @@
+rule aggregate:
+    """Per-experiment comparison: summary.csv (mean and 95% CI over seeds) and figures."""
+    input:
+        experiment_inputs,
+    output:
+        summary=f"{EXPERIMENT_DIR}/summary.csv",
+        curves=figure("curves", "test metrics vs epoch"),
+        bars=figure("bars", "test metrics"),
+        evolution=figure("evolution", "mask evolution"),
+        samples=figure("samples", "sample predictions"),
+    params:
+        spec=experiment_spec,
+        dir=lambda wc, output: os.path.dirname(output.summary),
+    log:
+        "results/logs/aggregate/{experiment}.log",
+    wildcard_constraints:
+        experiment=names_regex(set(config["experiments"]) - set(sweep_experiments())),
+    conda:
+        ENV
+    shell:
+        "python -m segpipe aggregate --experiment {wildcards.experiment} --spec {params.spec:q}"
+        " --output-dir {params.dir} > {log} 2>&1"
+
+
+use rule aggregate as aggregate_sweep with:
+    output:
+        summary=f"{EXPERIMENT_DIR}/summary.csv",
+        curves=figure("curves", "test metrics vs epoch"),
+        bars=figure("bars", "test metrics"),
+        evolution=figure("evolution", "mask evolution"),
+        samples=figure("samples", "sample predictions"),
+        sweep=figure("sweep", "test metrics vs swept parameter"),
+    wildcard_constraints:
+        experiment=names_regex(sweep_experiments()),
+
+
+rule summary:
+    """results/summary.md: one table per experiment, with the best run by validation Dice."""
+    input:
+        expand(f"{EXPERIMENT_DIR}/summary.csv", experiment=config["experiments"]),
+    output:
+        report("results/summary.md", caption="../report/summary.rst", category="Summary"),
+    params:
+        dirs=lambda wc, input: [os.path.dirname(f) for f in input],
+    log:
+        "results/logs/summary.log",
+    conda:
+        ENV
+    shell:
+        "python -m segpipe summary --experiments {params.dirs} --output {output} > {log} 2>&1"

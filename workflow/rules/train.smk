@@ -1,0 +1,26 @@
+rule train:
+    """One training run: best-on-validation model, per-epoch history, snapshots."""
+    input:
+        cache="results/data/train.h5",
+    output:
+        model=f"{RUN_DIR}/model.pt",
+        history=f"{RUN_DIR}/history.csv",
+        snapshots=directory(f"{RUN_DIR}/snapshots"),
+    params:
+        # The whole run definition: editing it re-runs exactly the runs that use it.
+        spec=run_spec,
+        dir=lambda wc, output: os.path.dirname(output.model),
+    log:
+        f"results/logs/train/{RUN}.log",
+    benchmark:
+        f"results/benchmarks/train/{RUN}.tsv"
+    threads: config["resources"]["train_threads"]
+    resources:
+        gpu=config["resources"]["train_gpus"],
+        mem_mb=config["resources"]["train_mem_mb"],
+        runtime=config["resources"]["train_runtime_min"],
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} python -m segpipe train --cache {input.cache}"
+        " --spec {params.spec:q} --output-dir {params.dir} > {log} 2>&1"
