@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CORES  ?= $(shell nproc)
+# Workflow jobs run `python -m segpipe`: make it the venv's python.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test test-slurm lint bench clean
 
