@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -157,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+    )
+    # Where the step ran: a cluster job's log then names its job.
+    logging.getLogger("segpipe").info(
+        "segpipe %s %s on %s, SLURM_JOB_ID=%s",
+        __version__,
+        args.command,
+        socket.gethostname(),
+        os.environ.get("SLURM_JOB_ID", "none"),
     )
     try:
         args.func(args)
