@@ -1,0 +1,260 @@
+"""Figures of an experiment: each function builds and returns a matplotlib ``Figure``.
+
+The figures are pure functions of already aggregated tables and arrays (``segpipe.aggregate``
+computes the statistics and writes the files). They use the object-oriented API
+(``Figure()`` rather than ``pyplot``), so no GUI backend or global state is involved.
+
+Colour code of the mask panels (:func:`change_map`), comparing a thresholded prediction
+with the truth and with the previous snapshot's prediction:
+
+* black: background, correct (and already correct before)
+* light grey: foreground, correct (and already correct before)
+* green: newly correct (wrong in the previous prediction)
+* red: newly wrong (correct in the previous prediction)
+* orange: missed foreground (already missed before)
+* magenta: false positive (already wrong before)
+
+With no previous prediction (``previous = current``) only black, grey, orange and magenta occur.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+DPI = 120
+CELL_INCHES = 1.6  # height of one image panel
+MAX_BANDS = 4  # curves draw CI bands only up to this many groups (more would hide the lines)
+
+BACKGROUND, FOREGROUND, NEWLY_CORRECT, NEWLY_WRONG, MISSED, FALSE_POSITIVE = range(6)
+PALETTE = np.array(
+    [
+        [0.0, 0.0, 0.0],  # background
+        [0.82, 0.82, 0.82],  # foreground
+        [0.13, 0.75, 0.25],  # newly correct
+        [0.90, 0.10, 0.10],  # newly wrong
+        [1.00, 0.60, 0.00],  # missed foreground
+        [0.85, 0.20, 0.85],  # false positive
+    ]
+)
+EVOLUTION_LEGEND = ("background", "foreground", "newly correct", "newly wrong",
+                    "still missed", "still false positive")
+SAMPLES_LEGEND = ("background", "foreground", None, None, "missed", "false positive")
+
+CURVE_METRICS = {"map": "test mAP", "dice": "test Dice"}
+BAR_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP", "precision": "precision",
+               "recall": "recall"}
+SWEEP_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP"}
+
+
+def group_colours(n: int, values: Sequence[float] | None = None) -> list[tuple]:
+    """One colour per group: qualitative (tab10, tab20 beyond 10 groups), or, when the groups
+    are points of a numeric sweep, sequential (viridis) by ``values``."""
+    if values is not None:
+        v = np.asarray(values, dtype=float)
+        span = np.ptp(v) or 1.0
+        return [matplotlib.colormaps["viridis"](0.9 * (x - v.min()) / span) for x in v]
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def change_map(truth: np.ndarray, previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Per-pixel category (``BACKGROUND`` … ``FALSE_POSITIVE``) of binary ``current`` against
+    binary ``truth`` and the binary ``previous`` prediction; all arrays (H, W)."""
+    truth, previous, current = (np.asarray(a, dtype=bool) for a in (truth, previous, current))
+    correct, was_correct = current == truth, previous == truth
+    category = np.where(truth, FOREGROUND, BACKGROUND)
+    category[~correct & truth] = MISSED
+    category[~correct & ~truth] = FALSE_POSITIVE
+    category[correct & ~was_correct] = NEWLY_CORRECT
+    category[~correct & was_correct] = NEWLY_WRONG
+    return category
+
+
+def _dice(truth: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice of two binary masks, 2|T∩P| / (|T| + |P|); 1 when both are empty."""
+    total = truth.sum() + prediction.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(truth, prediction).sum() / total
+
+
+def _wrap(label: str, width: int = 16) -> str:
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+
+
+def _legend_below(fig: Figure, handles: list, labels: list[str]) -> None:
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6),
+               frameon=False, fontsize=9)
+
+
+def _legend_rows(n: int) -> int:
+    return -(-n // 6)
+
+
+def _clip_to_unit(ax) -> None:
+    """Keep a score axis within [0, 1] even where a CI band reaches beyond."""
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(max(bottom, 0.0), min(top, 1.02))
+
+
+def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence,
+                title: str) -> Figure:
+    """Test mAP and Dice vs epoch: one line per group (mean over seeds), shaded 95 % CI
+    when there are at most ``MAX_BANDS`` groups.
+
+    ``by_epoch`` has columns ``group, epoch, map_mean, map_ci95, dice_mean, dice_ci95``.
+    """
+    fig = Figure(figsize=(11, 4 + 0.25 * _legend_rows(len(groups))), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
+        for group, colour in zip(groups, colours):
+            rows = by_epoch[by_epoch["group"] == group]
+            mean, ci = rows[f"{metric}_mean"], rows[f"{metric}_ci95"]
+            ax.plot(rows["epoch"], mean, marker="o", markersize=3, color=colour, label=group)
+            if len(groups) <= MAX_BANDS:
+                ax.fill_between(rows["epoch"], mean - ci, mean + ci, color=colour, alpha=0.15,
+                                linewidth=0)
+        ax.set(title=label, xlabel="epoch", ylabel=label)
+        _clip_to_unit(ax)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _legend_below(fig, *axes[0].get_legend_handles_labels())
+    fig.suptitle(title)
+    return fig
+
+
+def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
+    """Grouped bars of the main test metrics, one bar per group, 95 % CI error bars."""
+    n = len(summary)
+    fig = Figure(figsize=(11, 4.2 + 0.25 * _legend_rows(n)), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(BAR_METRICS))
+    width = 0.8 / n
+    for i, (row, colour) in enumerate(zip(summary.to_dict("records"), colours)):
+        means = [row[f"{m}_mean"] for m in BAR_METRICS]
+        cis = [row[f"{m}_ci95"] for m in BAR_METRICS]
+        ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=cis, color=colour,
+               label=row["group"], capsize=min(3, 12 / n), error_kw={"linewidth": 0.8})
+    ax.set_xticks(x, list(BAR_METRICS.values()))
+    ax.set(ylim=(0, 1.05), ylabel="test score (mean ± 95 % CI)")
+    ax.grid(axis="y", alpha=0.3)
+    _legend_below(fig, *ax.get_legend_handles_labels())
+    fig.suptitle(title)
+    return fig
+
+
+def plot_sweep(summary: pd.DataFrame, x: Sequence[float], series: Sequence[str],
+               xlabel: str, title: str) -> Figure:
+    """Test Dice, IoU and mAP vs the numeric value ``x`` of each group, with 95 % CI bands.
+
+    ``series`` names the line each group belongs to (the values of the other varied axes,
+    ``""`` when the swept axis is the only one)."""
+    fig = Figure(figsize=(7.5, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    table = summary.assign(x=np.asarray(x, dtype=float), series=list(series)).sort_values("x")
+    styles = ("-", "--", ":", "-.")
+    for (metric, label), colour in zip(SWEEP_METRICS.items(), group_colours(3)):
+        for k, (name, rows) in enumerate(table.groupby("series", sort=False)):
+            mean, ci = rows[f"{metric}_mean"], rows[f"{metric}_ci95"]
+            ax.plot(rows["x"], mean, styles[k % len(styles)], marker="o", markersize=4,
+                    color=colour, label=f"{label} — {name}" if name else label)
+            ax.fill_between(rows["x"], mean - ci, mean + ci, color=colour, alpha=0.15,
+                            linewidth=0)
+    values = np.unique(table["x"])
+    if len(values) <= 12:
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.set(xlabel=xlabel, ylabel="test score (mean ± 95 % CI)")
+    _clip_to_unit(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
+def _mask_axes(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _colour_legend(fig: Figure, labels: Sequence[str | None]) -> None:
+    handles = [Patch(facecolor=PALETTE[i], edgecolor="0.4", label=label)
+               for i, label in enumerate(labels) if label]
+    _legend_below(fig, handles, [h.get_label() for h in handles])
+
+
+def _panel_figure(rows: int, columns: int, aspect: float) -> tuple[Figure, np.ndarray]:
+    width = max(6.0, columns * CELL_INCHES * aspect + 1.2)
+    fig = Figure(figsize=(width, rows * (CELL_INCHES + 0.35) + 1.0), dpi=DPI,
+                 layout="constrained")
+    return fig, fig.subplots(rows, columns, squeeze=False)
+
+
+def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], title: str,
+                   threshold: float = 0.5) -> Figure:
+    """Mask evolution over training: one row per (group, test image); columns: image, truth,
+    then the prediction (probability ≥ ``threshold``) at each snapshot epoch, coloured by
+    :func:`change_map` against the previous snapshot (an empty mask before the first one).
+
+    ``examples``: (group label, evolution.npz contents, index of the image in it).
+    """
+    columns = 2 + max(len(data["epochs"]) for _, data, _ in examples)
+    height, width = examples[0][1]["masks"].shape[1:]
+    fig, axes = _panel_figure(len(examples), columns, width / height)
+    for row, (group, data, k) in zip(axes, examples):
+        truth = data["masks"][k].astype(bool)
+        row[0].imshow(data["images"][k])
+        row[0].set_ylabel(f"{_wrap(group)}\n{data['names'][k]}", fontsize=8)
+        row[1].imshow(PALETTE[np.where(truth, FOREGROUND, BACKGROUND)])
+        previous = np.zeros_like(truth)
+        for ax, epoch, probs in zip(row[2:], data["epochs"], data["probs"][:, k]):
+            current = probs.astype(np.float32) >= threshold
+            ax.imshow(PALETTE[change_map(truth, previous, current)])
+            ax.set_title(f"epoch {epoch} · Dice {_dice(truth, current):.2f}", fontsize=8)
+            previous = current
+        for ax in row:
+            _mask_axes(ax)
+            if not ax.images:
+                ax.set_visible(False)
+    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, 1].set_title("truth", fontsize=9)
+    _colour_legend(fig, EVOLUTION_LEGEND)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray], images: np.ndarray,
+                 masks: np.ndarray, names: Sequence[str], title: str,
+                 threshold: float = 0.5) -> Figure:
+    """The same test images segmented by every group: one column per image; rows: image,
+    truth, then each group's prediction (probability ≥ ``threshold``) coloured against the
+    truth (grey correct foreground, orange missed, magenta false positive).
+
+    ``predictions[g]`` holds group g's probabilities (K, H, W) for ``images`` (K, H, W, 3)
+    with truth ``masks`` (K, H, W) and ``names`` (K,).
+    """
+    k_images, height, width = masks.shape
+    fig, axes = _panel_figure(2 + len(groups), k_images, width / height)
+    for k, column in enumerate(axes.T):
+        truth = masks[k].astype(bool)
+        column[0].imshow(images[k])
+        column[0].set_title(names[k], fontsize=9)
+        column[1].imshow(PALETTE[np.where(truth, FOREGROUND, BACKGROUND)])
+        for ax, probs in zip(column[2:], predictions):
+            current = probs[k].astype(np.float32) >= threshold
+            ax.imshow(PALETTE[change_map(truth, current, current)])
+            ax.set_title(f"Dice {_dice(truth, current):.2f}", fontsize=8)
+        for ax in column:
+            _mask_axes(ax)
+    for ax, label in zip(axes[:, 0], ("image", "truth", *groups)):
+        ax.set_ylabel(_wrap(label), fontsize=9)
+    _colour_legend(fig, SAMPLES_LEGEND)
+    fig.suptitle(title)
+    return fig
