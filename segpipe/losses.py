@@ -110,9 +110,9 @@ class WeightedSumLoss(nn.Module):
             logits = [logits]
         with torch.autocast(target.device.type, enabled=False):
             target = target.float()
-            return torch.stack([self._single(x.float(), target) for x in logits]).mean()
+            return torch.stack([self._weighted_sum(x.float(), target) for x in logits]).mean()
 
-    def _single(self, logits: Tensor, target: Tensor) -> Tensor:
+    def _weighted_sum(self, logits: Tensor, target: Tensor) -> Tensor:
         if logits.shape != target.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target "
                              f"{tuple(target.shape)} differ in shape")
