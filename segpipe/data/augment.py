@@ -39,7 +39,7 @@ class Augmentation:
     than a closure so that it pickles into DataLoader workers."""
 
     size: tuple[int, int]
-    crop: float | None = None
+    crop_min_scale: float | None = None  # None: no crop
     hflip: float = 0.0
     vflip: float = 0.0
     rotate: float = 0.0
@@ -52,7 +52,7 @@ class Augmentation:
         if image.shape[:2] != self.size or mask.shape != self.size:
             raise ValueError(f"augmentation for size {self.size} got image {image.shape} "
                              f"and mask {mask.shape}")
-        if self.crop is not None:
+        if self.crop_min_scale is not None:
             image, mask = self._crop(image, mask, rng)
         if rng.random() < self.hflip:
             image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
@@ -67,11 +67,11 @@ class Augmentation:
         return image, mask
 
     def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        """A crop of side fraction s ~ U(crop, 1) that contains the bounding box of the
+        """A crop of side fraction s ~ U(crop_min_scale, 1) that contains the bounding box of the
         foreground along each axis where it fits, else is centred on it; a random crop when
         the mask is empty. Resized back to ``size``."""
         height, width = self.size
-        scale = rng.uniform(self.crop, 1.0)
+        scale = rng.uniform(self.crop_min_scale, 1.0)
         crop_h, crop_w = max(1, round(scale * height)), max(1, round(scale * width))
         top = _crop_start(np.flatnonzero(mask.any(1)), height, crop_h, rng)
         left = _crop_start(np.flatnonzero(mask.any(0)), width, crop_w, rng)
@@ -162,4 +162,5 @@ def build_augmentation(definition: dict, size: tuple[int, int]) -> Augmentation 
     params = {key: float(value) for key, value in definition.items() if key != "crop"}
     if crop is None and not any(params.values()):
         return None
-    return Augmentation(size=tuple(size), crop=None if crop is None else float(crop), **params)
+    return Augmentation(size=tuple(size), crop_min_scale=None if crop is None else float(crop),
+                        **params)
