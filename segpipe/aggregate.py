@@ -73,8 +73,9 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- reading inputs
 
-def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = ()) -> pd.DataFrame:
-    """A CSV file with at least one row, the ``numeric`` columns and the ``text`` columns."""
+def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = (),
+              allow_empty: bool = False) -> pd.DataFrame:
+    """A CSV file with the ``numeric`` and ``text`` columns and, unless ``allow_empty``, rows."""
     if not path.is_file():
         raise SegpipeError(f"{path}: file not found")
     try:
@@ -85,7 +86,9 @@ def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = ()) -> p
     if missing:
         raise SegpipeError(f"{path}: missing column(s) {', '.join(missing)}")
     if table.empty:
-        raise SegpipeError(f"{path}: no rows")
+        if not allow_empty:
+            raise SegpipeError(f"{path}: no rows")
+        return table.astype(dict.fromkeys(numeric, float))
     wrong = [c for c in numeric if not pd.api.types.is_numeric_dtype(table[c])]
     if wrong:
         raise SegpipeError(f"{path}: non-numeric values in column(s) {', '.join(wrong)}")
@@ -94,7 +97,8 @@ def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = ()) -> p
 
 def _read_evolution(path: Path) -> dict[str, np.ndarray]:
     """evolution.npz with consistent shapes: epochs (S,), probs (S,K,H,W), images (K,H,W,3),
-    masks (K,H,W), names (K,), optional probs_best (K,H,W); S, K ≥ 1."""
+    masks (K,H,W), names (K,), optional probs_best (K,H,W); K ≥ 1, and S ≥ 1 unless
+    probs_best is present (no configured snapshot epoch may have been reached)."""
     if not path.is_file():
         raise SegpipeError(f"{path}: file not found")
     try:
@@ -106,9 +110,11 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
     if missing:
         raise SegpipeError(f"{path}: missing array(s) {', '.join(missing)}")
     s, k = len(data["epochs"]), len(data["names"])
-    if s == 0 or k == 0:
-        raise SegpipeError(f"{path}: needs at least one snapshot epoch and one test image, "
-                           f"has {s} epoch(s) and {k} image(s)")
+    if k == 0:
+        raise SegpipeError(f"{path}: holds no test image")
+    if s == 0 and "probs_best" not in data:
+        raise SegpipeError(f"{path}: holds neither a snapshot epoch nor probs_best, so there "
+                           "is no prediction to show")
     h, w = data["masks"].shape[1:] if data["masks"].ndim == 3 else (None, None)
     expected = {"probs": (s, k, h, w), "images": (k, h, w, 3), "masks": (k, h, w)}
     if "probs_best" in data:
@@ -140,7 +146,8 @@ def _load_runs(name: str, axes: list[str], runs: list[dict]) -> tuple[pd.DataFra
         group = " / ".join(str(run[axis]) for axis in axes) or name
         metrics = _read_csv(folder / "metrics.csv", (*METRICS, *RUN_COLUMNS)).iloc[0]
         history = _read_csv(folder / "history.csv", ("val_dice",))
-        snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS))
+        snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS),
+                              allow_empty=True)
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
                      "seed": run["seed"], "run": run["run"], "dir": folder,
                      **metrics[[*METRICS, *RUN_COLUMNS]].to_dict(),
@@ -179,7 +186,10 @@ def summarise_by_epoch(by_epoch: pd.DataFrame) -> pd.DataFrame:
         for metric in plots.CURVE_METRICS:
             row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean_ci95(members[metric])
         rows.append(row)
-    return pd.DataFrame(rows).sort_values("epoch", kind="stable")
+    columns = ["group", "epoch", "n_seeds",
+               *(f"{m}_{s}" for m in plots.CURVE_METRICS for s in ("mean", "ci95"))]
+    table = pd.DataFrame(rows, columns=columns).astype(dict.fromkeys(columns[1:], float))
+    return table.sort_values("epoch", kind="stable")
 
 
 # --------------------------------------------------------------------------- writing outputs
@@ -225,6 +235,14 @@ def _representatives(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
     return evolution
 
 
+def _final_prediction(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, str]:
+    """Probabilities (k, H, W) of the trained model on the first k example images: the best
+    model on validation where evaluate stored it (``probs_best``), else the last snapshot."""
+    if "probs_best" in data:
+        return data["probs_best"][:k], "best model on validation"
+    return data["probs"][-1, :k], "last snapshot"
+
+
 def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     """Write summary.csv, curves.png, bars.png, evolution.png, samples.png and, when
     ``spec["sweep"]`` is set, sweep.png for experiment ``name`` into ``output_dir``.
@@ -261,10 +279,8 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
 
     first = next(iter(evolution.values()))
     k = min(MAX_SAMPLES, len(first["names"]))
-    best_model = all("probs_best" in data for data in evolution.values())
-    predictions = [data["probs_best"][:k] if best_model else data["probs"][-1, :k]
-                   for data in evolution.values()]
-    source = "best model on validation" if best_model else "last snapshot"
+    predictions, sources = zip(*(_final_prediction(data, k) for data in evolution.values()))
+    source = " or ".join(dict.fromkeys(sources))
     _save(plots.plot_samples(groups, predictions, first["images"][:k], first["masks"][:k],
                              first["names"][:k], f"{name}: test predictions ({source})"),
           output_dir / "samples.png")

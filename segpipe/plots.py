@@ -88,13 +88,17 @@ def _wrap(label: str, width: int = 16) -> str:
     return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
 
 
+LEGEND_ENTRY_INCHES = 1.8  # width of one legend column
+
+
 def _legend_below(fig: Figure, handles: list, labels: list[str]) -> None:
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6),
-               frameon=False, fontsize=9)
+    columns = max(1, min(len(labels), int(fig.get_figwidth() // LEGEND_ENTRY_INCHES)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=columns, frameon=False,
+               fontsize=9)
 
 
-def _legend_rows(n: int) -> int:
-    return -(-n // 6)
+def _legend_rows(n: int, width: float) -> int:
+    return -(-n // int(width // LEGEND_ENTRY_INCHES))
 
 
 def _clip_to_unit(ax) -> None:
@@ -110,7 +114,8 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
 
     ``by_epoch`` has columns ``group, epoch, map_mean, map_ci95, dice_mean, dice_ci95``.
     """
-    fig = Figure(figsize=(11, 4 + 0.25 * _legend_rows(len(groups))), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(11, 4 + 0.25 * _legend_rows(len(groups), 11)), dpi=DPI,
+                 layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
         for group, colour in zip(groups, colours):
@@ -121,6 +126,10 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
                 ax.fill_between(rows["epoch"], mean - ci, mean + ci, color=colour, alpha=0.15,
                                 linewidth=0)
         ax.set(title=label, xlabel="epoch", ylabel=label)
+        if by_epoch.empty:
+            ax.text(0.5, 0.5, "no snapshot epoch was reached", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")
+            ax.set(xticks=[], ylim=(0, 1))
         _clip_to_unit(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -132,7 +141,7 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
 def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
     """Grouped bars of the main test metrics, one bar per group, 95 % CI error bars."""
     n = len(summary)
-    fig = Figure(figsize=(11, 4.2 + 0.25 * _legend_rows(n)), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(11, 4.2 + 0.25 * _legend_rows(n, 11)), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(BAR_METRICS))
     width = 0.8 / n

@@ -25,7 +25,8 @@ HEIGHT, WIDTH, EXAMPLES = 20, 28, 3
 SNAPSHOTS = (2, 4)
 
 
-def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b", "c")):
+def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b", "c"),
+              probs_best=False):
     """A run folder whose every test metric is ``score`` and whose best val_dice is ``val_dice``."""
     folder.mkdir(parents=True)
     pd.DataFrame([{"run": folder.name, "seed": seed, **{m: score for m in METRICS},
@@ -38,16 +39,19 @@ def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b
                   "val_iou": 0.5, "val_accuracy": 0.9, "val_ap": 0.6, "lr": 1e-3,
                   "seconds": 2.5}).to_csv(folder / "history.csv", index=False)
     pd.DataFrame([{"epoch": e, **{m: score * e / snapshots[-1] for m in METRICS}}
-                  for e in snapshots]).to_csv(folder / "metrics_by_epoch.csv", index=False)
+                  for e in snapshots], columns=["epoch", *METRICS]).to_csv(
+        folder / "metrics_by_epoch.csv", index=False)
     rng = np.random.default_rng(seed)
     masks = np.zeros((len(names), HEIGHT, WIDTH), np.uint8)
     masks[:, 5:15, 6:20] = 1
-    probs = np.stack([np.clip(masks * (0.3 + 0.6 * i / len(snapshots))
+    probs = np.array([np.clip(masks * (0.3 + 0.6 * i / len(snapshots))
                               + rng.normal(0, 0.2, masks.shape), 0, 1)
-                      for i in range(1, len(snapshots) + 1)]).astype(np.float16)
-    np.savez(folder / "evolution.npz", epochs=np.array(snapshots), probs=probs,
+                      for i in range(1, len(snapshots) + 1)], np.float16).reshape(
+        len(snapshots), *masks.shape)
+    best = {"probs_best": masks.astype(np.float16) * 0.8} if probs_best else {}
+    np.savez(folder / "evolution.npz", epochs=np.array(snapshots, dtype=np.int64), probs=probs,
              images=rng.integers(0, 256, (*masks.shape, 3), dtype=np.uint8), masks=masks,
-             names=np.array(names))
+             names=np.array(names), **best)
 
 
 def make_spec(root, groups, sweep=None):
@@ -189,6 +193,24 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(SegpipeError, match=f"{evolution}: example images .* differ"):
         aggregate_experiment("losses", spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_that_reached_no_snapshot_epoch(tmp_path):
+    """Early stopping before the first snapshot epoch: curves are empty, samples use the best
+    model's probabilities; without those there is nothing to show, which is a clear error."""
+    runs = []
+    for seed in (0, 1):
+        folder = tmp_path / "runs" / f"s{seed}"
+        write_run(folder, seed, 0.5, 0.6, snapshots=(), probs_best=True)
+        runs.append({"run": folder.name, "dir": str(folder), "loss": "bce", "seed": seed})
+    aggregate_experiment("early", {"axes": ["loss"], "runs": runs}, tmp_path / "out")
+    for figure in ("curves", "evolution", "samples"):
+        assert _read_png(tmp_path / "out" / f"{figure}.png")[..., :3].std() > 0.05
+
+    write_run(tmp_path / "bare", 0, 0.5, 0.6, snapshots=())
+    runs[0]["dir"] = str(tmp_path / "bare")
+    with pytest.raises(SegpipeError, match="holds neither a snapshot epoch nor probs_best"):
+        aggregate_experiment("early", {"axes": ["loss"], "runs": runs}, tmp_path / "out2")
 
 
 def test_summary_md_one_table_per_experiment_and_best_by_validation(experiment, tmp_path):
