@@ -1,0 +1,144 @@
+"""The model zoo: U-Net variants for binary segmentation, built from config definitions.
+
+``build_model(architecture, backbone)`` turns an architecture definition (``{"model": <family>,
+<options>}``) and a backbone definition (``{}`` or ``{"encoder": "resnet34", "weights": ...}``)
+into a :class:`SegmentationModel`: normalised RGB batch (N, 3, H, W), any H and W → logits
+(N, 1, H, W). Every family takes any encoder: its own scratch encoder or a ResNet.
+See docs/models.md for the families, their options and their papers.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from segpipe import SegpipeError
+from segpipe.models.atrous_unet import AtrousUNet
+from segpipe.models.attention_unet import AttentionUNet
+from segpipe.models.base import SegmentationModel
+from segpipe.models.blocks import DOWNSAMPLING, UPSAMPLING
+from segpipe.models.encoders import RESNET_DEPTH, RESNETS, resnet_encoder
+from segpipe.models.r2unet import AttentionR2UNet, R2UNet
+from segpipe.models.unet import UNet
+from segpipe.models.unetpp import UNetPlusPlus
+
+__all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost", "model_table",
+           "print_model_table"]
+
+ARCHITECTURES: dict[str, type[SegmentationModel]] = {
+    "unet": UNet,
+    "unetpp": UNetPlusPlus,
+    "attention_unet": AttentionUNet,
+    "r2unet": R2UNet,
+    "attention_r2unet": AttentionR2UNet,
+    "atrous_unet": AtrousUNet,
+}
+#: ``scratch`` is each architecture's own encoder; the others are torchvision ResNets.
+BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
+#: Decoder width under a ResNet encoder unless the architecture sets ``width``: level ``i`` has
+#: ``16·2**i`` channels, segmentation_models_pytorch's Unet decoder (16, 32, 64, 128, 256).
+RESNET_DECODER_WIDTH = 16
+BACKBONE_WEIGHTS = "'imagenet', 'none' or the path of a saved state dict"
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+_OPTION_CHECKS = {
+    "width": (_positive_int, "a positive integer"),
+    "depth": (_positive_int, "a positive integer"),
+    "down": (lambda v: v in DOWNSAMPLING, f"one of {', '.join(DOWNSAMPLING)}"),
+    "up": (lambda v: v in UPSAMPLING, f"one of {', '.join(UPSAMPLING)}"),
+    "t": (_positive_int, "a positive integer"),
+    "deep_supervision": (lambda v: isinstance(v, bool), "true or false"),
+    "rates": (lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(map(_positive_int, v)),
+              "a non-empty list of positive integers"),
+}
+
+
+def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
+    """The model of an architecture definition under a backbone definition.
+
+    ``architecture``: ``model`` (a key of :data:`ARCHITECTURES`) and that family's options
+    (the keyword arguments of its class, e.g. ``width``, ``depth``, ``down``, ``up``).
+    ``backbone``: ``{}`` for the family's scratch encoder, or ``{"encoder": "resnet18" |
+    "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>}``; under a ResNet,
+    ``depth`` (default 5) selects how many ResNet stages are used, ``width`` defaults to
+    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Bad input raises
+    :class:`SegpipeError` naming the key.
+    """
+    options = dict(architecture)
+    family = options.pop("model", None)
+    if family not in ARCHITECTURES:
+        raise SegpipeError(f"architecture: model {family!r} is not one of "
+                           f"{', '.join(ARCHITECTURES)}")
+    cls = ARCHITECTURES[family]
+    allowed = [name for name in inspect.signature(cls).parameters if name != "encoder"]
+    for key, value in options.items():
+        if key not in allowed:
+            raise SegpipeError(f"architecture (model: {family}): unknown key {key!r} "
+                               f"(allowed: {', '.join(allowed)})")
+        valid, expected = _OPTION_CHECKS[key]
+        if not valid(value):
+            raise SegpipeError(f"architecture (model: {family}): {key} must be {expected}, "
+                               f"not {value!r}")
+
+    unknown = sorted(set(backbone) - {"encoder", "weights"})
+    if unknown:
+        raise SegpipeError(f"backbone: unknown key {unknown[0]!r} (allowed: encoder, weights)")
+    name = backbone.get("encoder", "scratch")
+    if name not in BACKBONES:
+        raise SegpipeError(f"backbone: encoder {name!r} is not one of {', '.join(BACKBONES)}")
+    if name == "scratch":
+        if "weights" in backbone:
+            raise SegpipeError("backbone: the scratch encoder takes no 'weights' "
+                               "(it is trained from random initialisation)")
+        return cls(**options)
+    weights = backbone.get("weights")
+    if not isinstance(weights, str) or not weights:
+        raise SegpipeError(f"backbone (encoder: {name}): 'weights' must be {BACKBONE_WEIGHTS}")
+    if "down" in options:
+        raise SegpipeError(f"architecture (model: {family}): 'down' does not apply under the "
+                           f"{name} encoder, which does its own downsampling")
+    depth = options.pop("depth", RESNET_DEPTH)
+    if depth > RESNET_DEPTH:
+        raise SegpipeError(f"architecture (model: {family}): depth {depth} exceeds the "
+                           f"{RESNET_DEPTH} levels of the {name} encoder")
+    options.setdefault("width", RESNET_DECODER_WIDTH)
+    return cls(**options, encoder=resnet_encoder(name, weights, depth))
+
+
+def model_cost(model: nn.Module, size: int) -> tuple[int, float]:
+    """Parameters of ``model`` and its forward GFLOPs (eval mode) for one size×size image:
+    2 FLOPs per multiply-accumulate of convolutions and matrix products, as counted by
+    ``torch.utils.flop_counter``. On the meta device nothing is computed."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.empty(1, 3, size, size, device=device))
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9
+
+
+def model_table(size: int = 256) -> list[dict]:
+    """:func:`model_cost` of every architecture (default options) × backbone."""
+    rows = []
+    for family in ARCHITECTURES:
+        for backbone in BACKBONES:
+            definition = {} if backbone == "scratch" else {"encoder": backbone, "weights": "none"}
+            with torch.device("meta"):
+                model = build_model({"model": family}, definition)
+            parameters, gflops = model_cost(model, size)
+            rows.append({"architecture": family, "backbone": backbone,
+                         "parameters": parameters, "gflops": gflops})
+    return rows
+
+
+def print_model_table(size: int = 256) -> None:
+    """Prints :func:`model_table` (the ``segpipe models`` command)."""
+    print(f"{'architecture':<18} {'backbone':<9} {'parameters':>12} {f'GFLOPs@{size}²':>12}")
+    for row in model_table(size):
+        print(f"{row['architecture']:<18} {row['backbone']:<9} {row['parameters']:>12,} "
+              f"{row['gflops']:>12.2f}")

@@ -1,0 +1,61 @@
+"""The model every family builds: encoder → decoder (ending in 1-channel logits), any H×W."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segpipe.models.blocks import AttentionGate
+from segpipe.models.encoders import Encoder
+
+
+class SegmentationModel(nn.Module):
+    """``forward(x)``: normalised RGB batch (N, 3, H, W), any H and W → logits (N, 1, H, W).
+
+    The input is zero-padded at the bottom and right to a multiple of ``2**encoder.depth``
+    and the logits are cropped back, so every size works. A decoder may return a list of
+    logits (U-Net++ deep supervision in training mode); each is cropped.
+    """
+
+    def __init__(self, encoder: Encoder, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def _pad(self, x: Tensor) -> Tensor:
+        multiple = 2**self.encoder.depth
+        height, width = x.shape[-2:]
+        return F.pad(x, (0, -width % multiple, 0, -height % multiple))
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        height, width = x.shape[-2:]
+        logits = self.decoder(self.encoder(self._pad(x)))
+        if isinstance(logits, list):
+            return [t[..., :height, :width] for t in logits]
+        return logits[..., :height, :width]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter exactly once: ``encoder`` (e.g. a pretrained ResNet, which training
+        may give a lower learning rate) and ``decoder`` (decoder and logit head)."""
+        return {"encoder": list(self.encoder.parameters()),
+                "decoder": list(self.decoder.parameters())}
+
+    def attention_maps(self, x: Tensor) -> list[Tensor]:
+        """Runs ``x`` through the model and returns the coefficients α ∈ [0, 1] of every
+        attention gate, finest skip first, each resampled bilinearly to (N, 1, H, W) of ``x``;
+        ``[]`` for a model without gates."""
+        gates = [m for m in self.modules() if isinstance(m, AttentionGate)]
+        maps: list[Tensor | None] = [None] * len(gates)
+
+        def keep(index: int):
+            return lambda module, inputs, alpha: maps.__setitem__(index, alpha)
+
+        handles = [gate.psi.register_forward_hook(keep(i)) for i, gate in enumerate(gates)]
+        try:
+            self(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        padded, (height, width) = self._pad(x).shape[-2:], x.shape[-2:]
+        return [F.interpolate(alpha, size=padded, mode="bilinear", align_corners=False)
+                [..., :height, :width] for alpha in maps]

@@ -1,0 +1,112 @@
+"""Encoders: an image batch → the feature pyramid that every decoder consumes.
+
+The interface follows segmentation_models_pytorch: ``Encoder(x)`` returns ``[f_0, …, f_D]``,
+``f_i`` at stride ``2**i`` with ``out_channels[i]`` channels; H and W must be multiples of
+``2**depth`` (the model pads to that). The scratch encoder of a family is :func:`conv_encoder`
+with the family's block; :func:`resnet_encoder` puts a torchvision ResNet under any decoder.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from segpipe import SegpipeError
+from segpipe.models.blocks import downsample
+
+RESNETS = {
+    # name: (torchvision builder, ImageNet weights, channels at strides 1, 2, 4, 8, 16, 32)
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                 [3, 64, 64, 128, 256, 512]),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
+                 [3, 64, 64, 128, 256, 512]),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                 [3, 64, 256, 512, 1024, 2048]),
+}
+RESNET_DEPTH = 5
+
+
+class Encoder(nn.Module):
+    """A sequence of stages; stage ``i`` maps ``f_{i−1}`` to ``f_i`` (stride ``2**i``)."""
+
+    def __init__(self, stages: list[nn.Module], out_channels: list[int]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = list(out_channels)
+
+    @property
+    def depth(self) -> int:
+        """Number of ×2 downsamplings: the deepest feature is at stride ``2**depth``."""
+        return len(self.stages) - 1
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+def conv_encoder(block: Callable[[int, int], nn.Module], width: int, depth: int,
+                 down: str) -> Encoder:
+    """U-Net's contracting path: ``block(3, w)``, then ``depth`` times downsample and
+    ``block(c, 2c)``; level ``i`` has ``width·2**i`` channels."""
+    channels = [width * 2**i for i in range(depth + 1)]
+    stages = [block(3, channels[0])] + [
+        nn.Sequential(downsample(channels[i - 1], down), block(channels[i - 1], channels[i]))
+        for i in range(1, depth + 1)]
+    return Encoder(stages, channels)
+
+
+def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH) -> Encoder:
+    """A torchvision ResNet (He et al. 2016, arXiv:1512.03385) as an encoder: stage 0 is the
+    image itself (3 channels, the finest skip), then conv1-bn-relu (stride 2),
+    maxpool + layer1 (4), layer2 (8), layer3 (16), layer4 (32); ``depth`` < 5 drops the
+    deepest layers. ``weights``: ``imagenet`` (torchvision's IMAGENET1K_V1, from the torch hub
+    cache or downloaded), ``none`` (random initialisation) or the path of a saved
+    ``state_dict()`` of that torchvision ResNet (its ``fc`` entries are ignored)."""
+    builder, imagenet, channels = RESNETS[name]
+    net = builder(weights=None)
+    net.fc = nn.Identity()
+    if weights != "none":
+        state = _imagenet_state_dict(name, imagenet) if weights == "imagenet" else \
+            _local_state_dict(Path(weights))
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            detail = textwrap.shorten(str(exc).splitlines()[1], 300, placeholder=" …")
+            raise SegpipeError(f"{weights}: not a state dict of a torchvision {name}: "
+                               f"{detail}") from None
+    stages = [nn.Identity(), nn.Sequential(net.conv1, net.bn1, net.relu),
+              nn.Sequential(net.maxpool, net.layer1), net.layer2, net.layer3, net.layer4]
+    return Encoder(stages[:depth + 1], channels[:depth + 1])
+
+
+def _imagenet_state_dict(name: str, weights: torchvision.models.WeightsEnum) -> dict:
+    try:
+        return weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as exc:
+        raise SegpipeError(
+            f"backbone {name} with weights: imagenet: could not fetch {weights.url} ({exc}). "
+            f"Download that file into {Path(torch.hub.get_dir()) / 'checkpoints'} (the torch hub "
+            f"cache), or save a state dict (torch.save(model.state_dict(), path)) and set "
+            f"weights: <path>, or use weights: none") from None
+
+
+def _local_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise SegpipeError(f"{path}: backbone weights file not found (weights must be "
+                           f"'imagenet', 'none' or the path of a saved state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
+        raise SegpipeError(f"{path}: not a readable PyTorch state dict ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise SegpipeError(f"{path}: not a state dict (expected torch.save(model.state_dict()))")
+    return state

@@ -1,0 +1,60 @@
+"""U-Net and the U-Net decoder that the attention, recurrent and atrous families reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from segpipe.models.base import SegmentationModel
+from segpipe.models.blocks import AttentionGate, DoubleConv, upsample
+from segpipe.models.encoders import Encoder, conv_encoder
+
+
+class UNetDecoder(nn.Module):
+    """U-Net's expanding path over any encoder's features ``[f_0, …, f_D]``.
+
+    From the deepest feature down to level 0: upsample ×2 to ``width·2**i`` channels,
+    concatenate the skip ``f_i`` (after an :class:`AttentionGate` gated by the coarser decoder
+    feature when ``attention``), apply ``block(c_in, width·2**i)``; a 1×1 convolution makes
+    the logits.
+    """
+
+    def __init__(self, encoder_channels: list[int], width: int,
+                 block: Callable[[int, int], nn.Module], up: str, attention: bool = False) -> None:
+        super().__init__()
+        depth = len(encoder_channels) - 1
+        widths = [width * 2**i for i in range(depth)]
+        coarser = widths[1:] + [encoder_channels[depth]]  # channels arriving at level i
+        self.ups = nn.ModuleList(upsample(coarser[i], widths[i], up) for i in range(depth))
+        self.gates = nn.ModuleList(
+            AttentionGate(encoder_channels[i], coarser[i], max(widths[i] // 2, 1))
+            for i in range(depth)) if attention else None
+        self.blocks = nn.ModuleList(block(encoder_channels[i] + widths[i], widths[i])
+                                    for i in range(depth))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        for i in reversed(range(len(self.blocks))):
+            skip = features[i] if self.gates is None else self.gates[i](features[i], x)
+            x = self.blocks[i](torch.cat([skip, self.ups[i](x)], dim=1))
+        return self.head(x)
+
+
+class UNet(SegmentationModel):
+    """U-Net (Ronneberger, Fischer & Brox 2015, "U-Net: convolutional networks for biomedical
+    image segmentation", MICCAI, arXiv:1505.04597), with BatchNorm and same padding.
+
+    Scratch encoder: ``depth`` levels of two 3×3 conv-BN-ReLU, ``width·2**i`` channels at
+    level ``i``, downsampled by ``down`` (``maxpool`` or ``strided``); the decoder mirrors it,
+    upsampling by ``up`` (``transpose`` or ``bilinear``). With ``encoder`` given (a ResNet),
+    ``depth`` and ``down`` are the encoder's and ``width`` sets the decoder widths.
+    """
+
+    def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
+                 up: str = "transpose", encoder: Encoder | None = None) -> None:
+        if encoder is None:
+            encoder = conv_encoder(DoubleConv, width, depth, down)
+        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, DoubleConv, up))

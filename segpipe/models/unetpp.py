@@ -1,0 +1,66 @@
+"""U-Net++: nested, dense skip pathways."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from segpipe.models.base import SegmentationModel
+from segpipe.models.blocks import DoubleConv, upsample
+from segpipe.models.encoders import Encoder, conv_encoder
+
+
+class NestedDecoder(nn.Module):
+    """U-Net++'s decoder over encoder features ``X^{i,0} = f_i``::
+
+        X^{i,j} = H([X^{i,0}, …, X^{i,j−1}, U(X^{i+1,j−1})]),   j ≥ 1,  i + j ≤ D
+
+    H is two 3×3 conv-BN-ReLU with ``width·2**i`` output channels, U upsamples ×2 to that
+    width. A 1×1 head makes logits from ``X^{0,D}``, or with ``deep_supervision`` from every
+    ``X^{0,j}``: a list of D logits in training mode, their mean in evaluation mode.
+    """
+
+    def __init__(self, encoder_channels: list[int], width: int, up: str,
+                 deep_supervision: bool) -> None:
+        super().__init__()
+        depth = len(encoder_channels) - 1
+        widths = [width * 2**i for i in range(depth)]
+
+        def channels(i: int, j: int) -> int:  # of X^{i,j}
+            return encoder_channels[i] if j == 0 else widths[i]
+
+        self.ups = nn.ModuleList(
+            nn.ModuleList(upsample(channels(i + 1, j - 1), widths[i], up)
+                          for i in range(depth - j + 1)) for j in range(1, depth + 1))
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(DoubleConv(encoder_channels[i] + j * widths[i], widths[i])
+                          for i in range(depth - j + 1)) for j in range(1, depth + 1))
+        self.deep_supervision = deep_supervision
+        self.heads = nn.ModuleList(nn.Conv2d(widths[0], 1, 1)
+                                   for _ in range(depth if deep_supervision else 1))
+
+    def forward(self, features: list[Tensor]) -> Tensor | list[Tensor]:
+        nodes = [[f] for f in features]  # nodes[i][j] = X^{i,j}
+        for j, (ups, blocks) in enumerate(zip(self.ups, self.blocks), start=1):
+            for i, (up, block) in enumerate(zip(ups, blocks)):
+                nodes[i].append(block(torch.cat([*nodes[i], up(nodes[i + 1][j - 1])], dim=1)))
+        if not self.deep_supervision:
+            return self.heads[0](nodes[0][-1])
+        logits = [head(x) for head, x in zip(self.heads, nodes[0][1:])]
+        return logits if self.training else torch.stack(logits).mean(dim=0)
+
+
+class UNetPlusPlus(SegmentationModel):
+    """U-Net++ (Zhou et al. 2018, "UNet++: a nested U-Net architecture for medical image
+    segmentation", DLMIA, arXiv:1807.10165): U-Net's encoder (``width``, ``depth``, ``down``)
+    under the :class:`NestedDecoder`. ``deep_supervision``: training returns the logits of
+    every nested output X^{0,1..D} (the loss averages them), evaluation their mean.
+    """
+
+    def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
+                 up: str = "transpose", deep_supervision: bool = False,
+                 encoder: Encoder | None = None) -> None:
+        if encoder is None:
+            encoder = conv_encoder(DoubleConv, width, depth, down)
+        super().__init__(encoder, NestedDecoder(encoder.out_channels, width, up,
+                                                deep_supervision))
