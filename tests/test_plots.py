@@ -1,0 +1,141 @@
+"""Figures: the colour code on hand-made masks, and that each figure shows the data it is given."""
+
+import io
+
+import matplotlib
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import BarContainer
+
+from segpipe.plots import (
+    BACKGROUND,
+    FALSE_POSITIVE,
+    FOREGROUND,
+    MISSED,
+    NEWLY_CORRECT,
+    NEWLY_WRONG,
+    PALETTE,
+    change_map,
+    group_colours,
+    plot_bars,
+    plot_curves,
+    plot_evolution,
+    plot_samples,
+    plot_sweep,
+)
+
+B, F, NC, NW, M, FP = BACKGROUND, FOREGROUND, NEWLY_CORRECT, NEWLY_WRONG, MISSED, FALSE_POSITIVE
+
+
+def rendered(fig):
+    """The figure as an RGB(A) array, via a real PNG encode/decode."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    image = matplotlib.image.imread(buffer, format="png")
+    assert image[..., :3].std() > 0.05
+    return image
+
+
+def test_change_map_hand_computed():
+    truth = np.array([[1, 1, 0, 0, 0], [1, 0, 0, 1, 1]])
+    previous = np.array([[1, 0, 1, 0, 0], [0, 0, 1, 1, 1]])
+    current = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 0, 1]])
+    assert change_map(truth, previous, current).tolist() == [[F, NC, NC, NW, B],
+                                                             [M, NW, FP, NW, F]]
+    # without a previous prediction only correct / missed / false positive remain
+    assert change_map(truth, current, current).tolist() == [[F, F, B, FP, B], [M, FP, FP, M, F]]
+
+
+def test_group_colours():
+    assert group_colours(3) == [matplotlib.colormaps["tab10"](i) for i in range(3)]
+    assert len(set(group_colours(11))) == 11
+    viridis = matplotlib.colormaps["viridis"]
+    assert group_colours(3, [0.5, 1.0, 0.0]) == [viridis(0.45), viridis(0.9), viridis(0.0)]
+
+
+TRUTH = np.array([[[1, 1, 0], [0, 0, 0]]], np.uint8)  # one 2x3 image
+SNAPSHOTS = np.array([[[[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]],
+                      [[[0.9, 0.7, 0.4], [0.1, 0.5, 0.1]]]], np.float16)  # (S=2, K=1, 2, 3)
+
+
+def evolution(probs=SNAPSHOTS):
+    return {"epochs": np.array([1, 3]), "probs": probs, "masks": TRUTH, "names": np.array(["x"]),
+            "images": np.full((1, 2, 3, 3), 128, np.uint8)}
+
+
+def test_evolution_colours_each_snapshot_against_the_previous_one():
+    fig = plot_evolution([("unet", evolution(), 0), ("resunet", evolution(SNAPSHOTS[::-1]), 0)],
+                         "t")
+    first, second = fig.axes[2], fig.axes[3]
+    # epoch 1 vs an empty mask: prediction [[1,0,1],[0,0,0]]; Dice 2·1/(2+2)
+    assert np.array_equal(first.images[0].get_array(), PALETTE[[[NC, M, NW], [B, B, B]]])
+    assert first.get_title() == "epoch 1 · Dice 0.50"
+    # epoch 3 (0.5 counts as foreground): [[1,1,0],[0,1,0]]; Dice 2·2/(2+3)
+    assert np.array_equal(second.images[0].get_array(), PALETTE[[[F, NC, NC], [B, NW, B]]])
+    assert second.get_title() == "epoch 3 · Dice 0.80"
+    assert np.array_equal(fig.axes[1].images[0].get_array(), PALETTE[TRUTH[0] * F])
+    assert fig.axes[4].get_ylabel() == "resunet\nx"
+    rendered(fig)
+
+
+def test_samples_colour_each_group_against_the_truth():
+    fig = plot_samples(["unet", "resunet"], [SNAPSHOTS[1], SNAPSHOTS[0]], evolution()["images"],
+                       TRUTH, ["x"], "t")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["image", "truth", "unet", "resunet"]
+    assert np.array_equal(fig.axes[2].images[0].get_array(), PALETTE[[[F, F, B], [B, FP, B]]])
+    assert fig.axes[2].get_title() == "Dice 0.80"
+    assert np.array_equal(fig.axes[3].images[0].get_array(), PALETTE[[[F, M, FP], [B, B, B]]])
+    assert fig.axes[3].get_title() == "Dice 0.50"
+    rendered(fig)
+
+
+def summary_table(n):
+    metrics = ("dice", "iou", "map", "precision", "recall")
+    return pd.DataFrame([{"group": f"group_{i}",
+                          **{f"{m}_mean": 0.5 + 0.01 * i + 0.1 * j for j, m in enumerate(metrics)},
+                          **{f"{m}_ci95": 0.02 for m in metrics}} for i in range(n)])
+
+
+def by_epoch_table(n):
+    return pd.DataFrame([{"group": f"group_{i}", "epoch": e, "map_mean": 0.1 * e + 0.01 * i,
+                          "map_ci95": 0.05, "dice_mean": 0.1 * e, "dice_ci95": np.nan}
+                         for i in range(n) for e in (1, 2, 4)])
+
+
+@pytest.mark.parametrize("n", [2, 11])
+def test_curves_show_group_means_and_bands_for_few_groups(n):
+    groups = [f"group_{i}" for i in range(n)]
+    fig = plot_curves(by_epoch_table(n), groups, group_colours(n), "t")
+    map_axes, dice_axes = fig.axes
+    assert map_axes.lines[1].get_xdata().tolist() == [1, 2, 4]
+    assert map_axes.lines[1].get_ydata() == pytest.approx([0.11, 0.21, 0.41])
+    assert dice_axes.get_title() == "test Dice"
+    assert len(map_axes.collections) == (n if n <= 4 else 0)
+    rendered(fig)
+
+
+def test_bars_heights_and_error_bars_are_the_group_statistics():
+    fig = plot_bars(summary_table(3), group_colours(3), "t")
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)][2]  # third group: i = 2
+    assert [bar.get_height() for bar in bars] == pytest.approx([0.52, 0.62, 0.72, 0.82, 0.92])
+    whiskers = bars.errorbar.lines[2][0].get_segments()
+    assert np.array([seg[:, 1] for seg in whiskers]) == pytest.approx(
+        np.array([[0.50, 0.54], [0.60, 0.64], [0.70, 0.74], [0.80, 0.84], [0.90, 0.94]]))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Dice", "IoU", "mAP", "precision",
+                                                            "recall"]
+    rendered(fig)
+
+
+def test_sweep_orders_points_by_value():
+    fig = plot_sweep(summary_table(3), [1.0, 0.0, 0.5], ["", "", ""], "loss dice", "t")
+    ax = fig.axes[0]
+    dice = ax.lines[0]
+    assert dice.get_xdata().tolist() == [0.0, 0.5, 1.0]
+    assert dice.get_ydata() == pytest.approx([0.51, 0.52, 0.50])
+    assert ax.get_xlabel() == "loss dice"
+    assert [line.get_label() for line in ax.lines] == ["Dice", "IoU", "mAP"]
+    rendered(fig)
