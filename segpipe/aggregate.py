@@ -210,10 +210,11 @@ def _save(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi="figure")
 
 
-def _sweep_values(name: str, sweep: dict, summary: pd.DataFrame) -> list[float]:
+def _sweep_values(name: str, sweep: dict, axes: list[str], summary: pd.DataFrame) -> list[float]:
+    """The swept parameter's value of each group, in summary order."""
     axis, values = sweep["axis"], sweep["values"]
-    if axis not in summary.columns:
-        raise SegpipeError(f"experiment '{name}': sweep axis '{axis}' is not a varied axis")
+    if axes != [axis]:
+        raise SegpipeError(f"experiment '{name}': a sweep needs '{axis}' as the only varied axis")
     missing = sorted(set(summary[axis]) - set(values))
     if missing:
         raise SegpipeError(f"experiment '{name}': spec key sweep.values lacks {', '.join(missing)}")
@@ -254,7 +255,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     summary = summarise(runs, axes)
     groups = list(summary["group"])
     sweep = spec.get("sweep")
-    x = _sweep_values(name, sweep, summary) if sweep else None
+    x = _sweep_values(name, sweep, axes, summary) if sweep else None
     evolution = _representatives(runs)
     colours = plots.group_colours(len(groups), x)
 
@@ -265,9 +266,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
                             f"{name}: test metrics during training"), output_dir / "curves.png")
     _save(plots.plot_bars(summary, colours, f"{name}: test metrics"), output_dir / "bars.png")
     if sweep:
-        others = [axis for axis in axes if axis != sweep["axis"]]
-        series = summary[others].agg(" / ".join, axis=1) if others else [""] * len(summary)
-        _save(plots.plot_sweep(summary, x, series, f"{sweep['axis']} {sweep['param']}",
+        _save(plots.plot_sweep(summary, x, f"{sweep['axis']} {sweep['param']}",
                                f"{name}: test metrics vs {sweep['axis']} {sweep['param']}"),
               output_dir / "sweep.png")
 

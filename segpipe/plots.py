@@ -158,26 +158,17 @@ def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
     return fig
 
 
-def plot_sweep(summary: pd.DataFrame, x: Sequence[float], series: Sequence[str],
-               xlabel: str, title: str) -> Figure:
-    """Test Dice, IoU and mAP vs the numeric value ``x`` of each group, with 95 % CI bands.
-
-    ``series`` names the line each group belongs to (the values of the other varied axes,
-    ``""`` when the swept axis is the only one)."""
+def plot_sweep(summary: pd.DataFrame, x: Sequence[float], xlabel: str, title: str) -> Figure:
+    """Test Dice, IoU and mAP vs the numeric value ``x`` of each group, with 95 % CI bands."""
     fig = Figure(figsize=(7.5, 4.5), dpi=DPI, layout="constrained")
     ax = fig.subplots()
-    table = summary.assign(x=np.asarray(x, dtype=float), series=list(series)).sort_values("x")
-    styles = ("-", "--", ":", "-.")
+    table = summary.assign(x=np.asarray(x, dtype=float)).sort_values("x")
     for (metric, label), colour in zip(SWEEP_METRICS.items(), group_colours(3)):
-        for k, (name, rows) in enumerate(table.groupby("series", sort=False)):
-            mean, ci = rows[f"{metric}_mean"], rows[f"{metric}_ci95"]
-            ax.plot(rows["x"], mean, styles[k % len(styles)], marker="o", markersize=4,
-                    color=colour, label=f"{label} — {name}" if name else label)
-            ax.fill_between(rows["x"], mean - ci, mean + ci, color=colour, alpha=0.15,
-                            linewidth=0)
-    values = np.unique(table["x"])
-    if len(values) <= 12:
-        ax.set_xticks(values, [f"{v:g}" for v in values])
+        mean, ci = table[f"{metric}_mean"], table[f"{metric}_ci95"]
+        ax.plot(table["x"], mean, marker="o", markersize=4, color=colour, label=label)
+        ax.fill_between(table["x"], mean - ci, mean + ci, color=colour, alpha=0.15, linewidth=0)
+    if len(table) <= 12:
+        ax.set_xticks(table["x"], [f"{v:g}" for v in table["x"]])
     ax.set(xlabel=xlabel, ylabel="test score (mean ± 95 % CI)")
     _clip_to_unit(ax)
     ax.grid(alpha=0.3)

@@ -160,6 +160,10 @@ def test_sweep_value_missing_is_an_error(tmp_path):
     with pytest.raises(SegpipeError, match="sweep.values lacks bce, focal"):
         aggregate_experiment("losses", make_spec(tmp_path, GROUPS, sweep), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    spec = make_spec(tmp_path / "b", GROUPS, sweep)
+    spec["axes"].append("architecture")
+    with pytest.raises(SegpipeError, match="a sweep needs 'loss' as the only varied axis"):
+        aggregate_experiment("losses", spec, tmp_path / "out")
 
 
 def test_missing_metrics_csv_names_the_file_and_writes_nothing(tmp_path):

@@ -131,7 +131,7 @@ def test_bars_heights_and_error_bars_are_the_group_statistics():
 
 
 def test_sweep_orders_points_by_value():
-    fig = plot_sweep(summary_table(3), [1.0, 0.0, 0.5], ["", "", ""], "loss dice", "t")
+    fig = plot_sweep(summary_table(3), [1.0, 0.0, 0.5], "loss dice", "t")
     ax = fig.axes[0]
     dice = ax.lines[0]
     assert dice.get_xdata().tolist() == [0.0, 0.5, 1.0]
