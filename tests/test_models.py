@@ -1,0 +1,316 @@
+"""The model zoo: every architecture × backbone runs forward and backward at any size, the
+canonical parameter counts follow from the papers' architectures, the blocks compute their
+stated formulas, and bad definitions fail with a message naming the key or the file."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from segpipe import SegpipeError
+from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
+from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
+
+torch.set_num_threads(1)
+
+# Published parameter counts of torchvision's ResNets (torchvision docs) minus the
+# 1000-class fc layer (512·1000 + 1000, or 2048·1000 + 1000 for ResNet-50), which we drop.
+RESNET_ENCODER_PARAMETERS = {"resnet18": 11_689_512 - 513_000,
+                             "resnet34": 21_797_672 - 513_000,
+                             "resnet50": 25_557_032 - 2_049_000}
+
+
+def small(architecture: str, backbone: str) -> tuple[dict, dict]:
+    """A small definition of every combination (ResNets keep all 5 stages)."""
+    if backbone == "scratch":
+        return {"model": architecture, "width": 8, "depth": 3}, {}
+    return {"model": architecture, "width": 8}, {"encoder": backbone, "weights": "none"}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_combination_runs_forward_and_backward_at_any_size(architecture, backbone):
+    torch.manual_seed(0)
+    model = build_model(*small(architecture, backbone))
+    groups = model.parameter_groups()
+    everything = list(model.parameters())
+    assert sorted(map(id, groups["encoder"] + groups["decoder"])) == sorted(map(id, everything))
+    if backbone != "scratch":
+        assert sum(p.numel() for p in groups["encoder"]) == RESNET_ENCODER_PARAMETERS[backbone]
+    first_layer = groups["encoder"][0]
+    assert first_layer.shape[1] == 3  # the convolution that sees the RGB image
+    for height, width in [(64, 64), (67, 93)]:
+        model.zero_grad(set_to_none=True)
+        logits = model(torch.randn(1, 3, height, width))
+        assert logits.shape == (1, 1, height, width)
+        logits.square().mean().backward()
+        assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
+        assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 33, 17)).shape == (2, 1, 33, 17)
+
+
+# Parameter counts by hand. A convolution with BatchNorm has k²·c_in·c_out weights and the
+# BatchNorm's γ and β (no bias); a convolution without BatchNorm has a bias instead.
+def conv(c_in, c_out, k=3, bn=True):
+    return k * k * c_in * c_out + (2 if bn else 1) * c_out
+
+
+def double(c_in, c_out, bn=True):  # U-Net's two 3×3 convolutions
+    return conv(c_in, c_out, bn=bn) + conv(c_out, c_out, bn=bn)
+
+
+def up(c_in, c_out, mode="transpose"):  # 2×2 transposed conv, or bilinear + 1×1 conv
+    return conv(c_in, c_out, 2 if mode == "transpose" else 1, bn=False)
+
+
+def rrcnn(c_in, c_out):  # 1×1 projection (bias) + two recurrent layers sharing ONE conv each
+    return conv(c_in, c_out, 1, bn=False) + 2 * conv(c_out, c_out)
+
+
+def atrous(c_in, c_out):  # 1×1 and three dilated 3×3 branches, 1×1 fusion of the 4·c_out
+    return conv(c_in, c_out, 1) + 3 * conv(c_in, c_out) + conv(4 * c_out, c_out, 1)
+
+
+def gate(c_x, c_g, inter):  # W_x 2×2 (no bias), W_g 1×1 + b_g, ψ 1×1 + b_ψ
+    return 4 * c_x * inter + (c_g * inter + inter) + (inter + 1)
+
+
+def unet_count(width=64, depth=4, block=double, decoder_block=None, down="maxpool",
+               up_mode="transpose", gates=False, bn=True):
+    """Encoder: block(3, w), then per level a downsampling and block(c, 2c); decoder per level:
+    up(2c, c), [gate], block(2c, c); head: 1×1 conv (c_0 + 1)."""
+    decoder_block = decoder_block or block
+    c = [width * 2**i for i in range(depth + 1)]
+    total = block(3, c[0]) + conv(c[0], 1, 1, bn=False)
+    for i in range(1, depth + 1):
+        total += block(c[i - 1], c[i]) + (conv(c[i - 1], c[i - 1]) if down == "strided" else 0)
+    for i in range(depth):
+        total += up(c[i + 1], c[i], up_mode) + decoder_block(2 * c[i], c[i])
+        total += gate(c[i], c[i + 1], c[i] // 2) if gates else 0
+    return total
+
+
+def unetpp_count(width=64, depth=4, heads=1, bn=True):
+    """U-Net's encoder; node X^{i,j} (j ≥ 1, i + j ≤ D): up(2c_i, c_i) and a double conv of
+    (j + 1)·c_i input channels (X^{i,0..j−1} and the upsampled X^{i+1,j−1})."""
+    c = [width * 2**i for i in range(depth + 1)]
+    total = double(3, c[0], bn) + sum(double(c[i - 1], c[i], bn) for i in range(1, depth + 1))
+    for j in range(1, depth + 1):
+        for i in range(depth - j + 1):
+            total += up(c[i + 1], c[i]) + double((j + 1) * c[i], c[i], bn)
+    return total + heads * conv(c[0], 1, 1, bn=False)
+
+
+def test_the_count_formulas_reproduce_the_unetpp_paper():
+    """Zhou et al. 2018 (Table 1) report 7.76M parameters for U-Net and 9.04M for UNet++
+    with base width 32, depth 4, convolutions with bias and no BatchNorm."""
+    no_bn = lambda c_in, c_out: double(c_in, c_out, bn=False)  # noqa: E731
+    assert round(unet_count(32, block=no_bn) / 1e6, 2) == 7.76
+    assert round(unetpp_count(32, bn=False) / 1e6, 2) == 9.04
+
+
+CANONICAL = [  # width 64, depth 4
+    ({"model": "unet"}, unet_count()),
+    ({"model": "unet", "down": "strided"}, unet_count(down="strided")),
+    ({"model": "unet", "up": "bilinear"}, unet_count(up_mode="bilinear")),
+    ({"model": "unet", "down": "strided", "up": "bilinear"},
+     unet_count(down="strided", up_mode="bilinear")),
+    ({"model": "unetpp"}, unetpp_count()),
+    ({"model": "unetpp", "deep_supervision": True}, unetpp_count(heads=4)),
+    ({"model": "attention_unet"}, unet_count(gates=True)),
+    ({"model": "r2unet"}, unet_count(block=rrcnn)),
+    ({"model": "r2unet", "t": 3}, unet_count(block=rrcnn)),  # t reuses the same convolution
+    ({"model": "attention_r2unet"}, unet_count(block=rrcnn, gates=True)),
+    ({"model": "atrous_unet"}, unet_count(decoder_block=atrous)),
+]
+
+
+@pytest.mark.parametrize("architecture, expected", CANONICAL, ids=lambda v: str(v))
+def test_canonical_parameter_counts(architecture, expected):
+    with torch.device("meta"):  # counting only: no memory, no initialisation
+        model = build_model(architecture, {})
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_canonical_unet_count_is_pinned():
+    # Ronneberger's U-Net (64…1024 channels) with BatchNorm instead of conv biases.
+    assert unet_count() == 31_037_633
+
+
+def test_model_cost_counts_every_convolution():
+    """U-Net FLOPs by hand: 2·k²·c_in·c_out per output pixel of each convolution; the 2×2
+    stride-2 transposed convolution costs 2·c_in·c_out per output pixel."""
+    size, c = 64, [16 * 2**i for i in range(4)]
+    area = [(size // 2**i) ** 2 for i in range(4)]
+    flops = 2 * 9 * (3 * c[0] + c[0] ** 2) * area[0] + 2 * c[0] * area[0]
+    for i in range(1, 4):
+        flops += 2 * 9 * (c[i - 1] * c[i] + c[i] ** 2) * area[i]
+    for i in range(3):
+        flops += 2 * c[i + 1] * c[i] * area[i] + 2 * 9 * (3 * c[i] ** 2) * area[i]
+    with torch.device("meta"):
+        model = build_model({"model": "unet", "width": 16, "depth": 3}, {})
+    assert model_cost(model, size) == (unet_count(16, 3), flops / 1e9)
+
+
+def test_print_model_table_lists_every_combination(capsys):
+    print_model_table(size=32)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + len(ARCHITECTURES) * len(BACKBONES)
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in lines[1:]}
+    assert set(rows) == {(a, b) for a in ARCHITECTURES for b in BACKBONES}
+    assert rows["unet", "scratch"] == f"{unet_count():,}"
+
+
+def test_unetpp_deep_supervision_returns_every_nested_output():
+    torch.manual_seed(0)
+    model = build_model({"model": "unetpp", "width": 4, "depth": 3, "deep_supervision": True}, {})
+    x = torch.randn(2, 3, 21, 30)
+    outputs = model(x)
+    assert isinstance(outputs, list) and len(outputs) == 3
+    assert all(o.shape == (2, 1, 21, 30) for o in outputs)
+    model.eval()
+    with torch.no_grad():
+        mean = model(x)
+        model.decoder.training = True  # the decoder alone: BatchNorm stays in eval mode
+        heads = model(x)
+    assert len(heads) == 3
+    torch.testing.assert_close(mean, torch.stack(heads).mean(0))
+
+
+def test_attention_gate_hand_computed():
+    """x = [[1, 2], [3, 4]], g = −7, W_x = ones(2×2), W_g = 1, ψ = 1, biases 0:
+    α = σ(ReLU(1 + 2 + 3 + 4 − 7)) = σ(3) on the 1×1 grid, resampled to 2×2, output α·x."""
+    gate_ = AttentionGate(1, 1, 1)
+    for p in gate_.parameters():
+        torch.nn.init.ones_(p) if p.dim() == 4 else torch.nn.init.zeros_(p)
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    out = gate_(x, torch.tensor([[[[-7.0]]]]))
+    torch.testing.assert_close(out, x * (1 / (1 + math.exp(-3))))
+
+
+@pytest.mark.parametrize("architecture", ["attention_unet", "attention_r2unet"])
+def test_attention_maps_are_coefficients_in_0_1(architecture):
+    torch.manual_seed(0)
+    model = build_model({"model": architecture, "width": 4, "depth": 3}, {})
+    maps = model.attention_maps(torch.randn(2, 3, 37, 29))
+    assert len(maps) == 3
+    for alpha in maps:
+        assert alpha.shape == (2, 1, 37, 29)
+        assert alpha.min() >= 0 and alpha.max() <= 1 and alpha.std() > 0
+    resnet = build_model({"model": architecture, "width": 4},
+                         {"encoder": "resnet18", "weights": "none"})
+    assert len(resnet.attention_maps(torch.randn(1, 3, 40, 40))) == 5
+    assert build_model({"model": "unet", "width": 4, "depth": 2}, {}).attention_maps(
+        torch.randn(1, 3, 8, 8)) == []
+
+
+def test_recurrent_conv_shares_one_convolution_over_t_steps():
+    """f(z) = ReLU(BN(2z)) with BatchNorm in eval mode (mean 0, var 1): f(z) = 2z·s,
+    s = 1/√(1 + 1e-5). For x = 1 and t = 2: h₀ = 2s, h₁ = 2s(1 + h₀), h₂ = 2s(1 + h₁)."""
+    layer = RecurrentConv(1, t=2).eval()
+    assert sum(p.numel() for p in layer.parameters()) == 9 + 2
+    with torch.no_grad():
+        layer.conv[0].weight.zero_()
+        layer.conv[0].weight[0, 0, 1, 1] = 2.0
+        out = layer(torch.ones(1, 1, 3, 3))
+    s = 1 / math.sqrt(1 + 1e-5)
+    h = 2 * s
+    for _ in range(2):
+        h = 2 * s * (1 + h)
+    torch.testing.assert_close(out, torch.full((1, 1, 3, 3), h))
+
+
+def test_atrous_block_sees_exactly_its_dilated_taps():
+    """The centre output depends on the input at offsets {−r, 0, r}² for r ∈ {6, 12, 18}
+    (and the centre, for the 1×1 branch): positive weights keep every ReLU active."""
+    block = AtrousBlock(1, 1).eval()
+    for p in block.parameters():
+        torch.nn.init.constant_(p, 0.5)
+    x = torch.ones(1, 1, 41, 41, requires_grad=True)
+    block(x)[0, 0, 20, 20].backward()
+    seen = {(int(i) - 20, int(j) - 20) for i, j in x.grad[0, 0].nonzero()}
+    assert seen == {(dy * r, dx * r) for r in (6, 12, 18) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+
+
+def test_resnet_weights_from_a_local_state_dict(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)
+    model = build_model({"model": "unet", "width": 4, "depth": 2},
+                        {"encoder": "resnet18", "weights": str(path)})
+    conv1, layer1 = model.encoder.stages[1][0], model.encoder.stages[2][1]
+    torch.testing.assert_close(conv1.weight, reference.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer1.state_dict(), reference.layer1.state_dict(), rtol=0, atol=0)
+    assert model.encoder.depth == 2 and model(torch.randn(1, 3, 10, 10)).shape == (1, 1, 10, 10)
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(2)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), cached)
+    model = build_model({"model": "unet", "width": 4, "depth": 1},
+                        {"encoder": "resnet18", "weights": "imagenet"})
+    torch.testing.assert_close(model.encoder.stages[1][0].weight, reference.conv1.weight,
+                               rtol=0, atol=0)
+
+
+def test_imagenet_weights_that_cannot_be_fetched_say_how_to_supply_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+    weights = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
+    monkeypatch.setattr(weights.value, "url", "http://127.0.0.1:9/resnet34.pth")  # refused
+    with pytest.raises(SegpipeError, match=r"resnet34 .*could not fetch .*127\.0\.0\.1.*"
+                                           r"weights: <path>"):
+        build_model({"model": "attention_r2unet"}, {"encoder": "resnet34", "weights": "imagenet"})
+    assert not any(tmp_path.rglob("*.pth"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "backbone weights file not found"),
+    (b"not a pickle", "not a readable PyTorch state dict"),
+    ({"conv1.weight": torch.zeros(64, 3, 3, 3)}, "not a state dict of a torchvision resnet18: "
+                                                  "Missing key"),
+    ([1, 2], "not a state dict"),
+])
+def test_bad_state_dict_files(tmp_path, content, message):
+    path = tmp_path / "weights.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(SegpipeError, match=message) as error:
+        build_model({"model": "unet"}, {"encoder": "resnet18", "weights": str(path)})
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("architecture, backbone, message", [
+    ({"width": 8}, {}, "model None is not one of unet, unetpp"),
+    ({"model": "transunet"}, {}, "model 'transunet' is not one of"),
+    ({"model": "unet", "dropout": 0.1}, {}, "unknown key 'dropout'"),
+    ({"model": "unet", "t": 2}, {}, "unknown key 't'"),
+    ({"model": "unet", "width": 0}, {}, "width must be a positive integer, not 0"),
+    ({"model": "unet", "depth": 2.0}, {}, "depth must be a positive integer"),
+    ({"model": "unet", "down": "avgpool"}, {}, "down must be one of maxpool, strided"),
+    ({"model": "unet", "up": "nearest"}, {}, "up must be one of transpose, bilinear"),
+    ({"model": "unetpp", "deep_supervision": "yes"}, {}, "deep_supervision must be true"),
+    ({"model": "atrous_unet", "rates": []}, {}, "rates must be a non-empty list"),
+    ({"model": "unet"}, {"encoder": "vgg16", "weights": "none"}, "encoder 'vgg16' is not one of"),
+    ({"model": "unet"}, {"encoder": "resnet34"}, "'weights' must be 'imagenet', 'none' or"),
+    ({"model": "unet"}, {"encoder": "resnet34", "weights": "none", "frozen": True},
+     "unknown key 'frozen'"),
+    ({"model": "unet"}, {"weights": "imagenet"}, "scratch encoder takes no 'weights'"),
+    ({"model": "unet", "down": "strided"}, {"encoder": "resnet18", "weights": "none"},
+     "'down' does not apply under the resnet18 encoder"),
+    ({"model": "unet", "depth": 6}, {"encoder": "resnet18", "weights": "none"},
+     "depth 6 exceeds the 5 levels"),
+])
+def test_bad_definitions_name_the_key(architecture, backbone, message):
+    with pytest.raises(SegpipeError, match=message):
+        build_model(architecture, backbone)
