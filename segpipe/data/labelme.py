@@ -1,0 +1,292 @@
+"""Read LabelMe annotations and rasterise them into binary masks.
+
+LabelMe (K. Wada, https://github.com/wkentaro/labelme) writes one JSON file per image: the
+image (``imagePath`` relative to the JSON and/or base64 ``imageData``), its size and a list
+of shapes, each a ``label``, a ``shape_type`` and ``points`` in pixel coordinates. This
+module reads versions 3.x to 5.x and fills shapes exactly as LabelMe's own conversion
+(``labelme.utils.shape_to_mask``) does: with PIL's ``ImageDraw``, ``fill=1`` *and*
+``outline=1``, so boundary pixels are foreground.
+
+- ``polygon`` (or no ``shape_type``, LabelMe < 3) and ``oriented_rectangle`` (4 corners):
+  ``ImageDraw.polygon``;
+- ``rectangle`` (2 opposite corners): ``ImageDraw.rectangle``;
+- ``circle`` (centre, point on the rim): ``ImageDraw.ellipse`` of the bounding box
+  centre ± radius, radius = distance between the two points;
+- ``mask`` (LabelMe 5): a base64 PNG patch whose top-left pixel is the rounded first point;
+- every other type (``line``, ``linestrip``, ``point``, ...) encloses no area: it is not
+  drawn and is counted in :attr:`Annotation.skipped`.
+
+At another size (H, W) the shapes are rasterised at that size from scaled coordinates, never
+by resizing a full-size mask. Every point is mapped pixel centre to pixel centre,
+``x' = (x + 0.5)·W/W₀ − 0.5`` (the convention of ``cv2.resize``, so masks stay aligned with
+images resized by it); a radius scales by ``W/W₀`` and ``H/H₀`` (a circle becomes an
+ellipse when the aspect ratio changes). A pixel is foreground when its *centre* lies inside
+the scaled shape (even-odd rule; a ``mask`` patch is sampled at the nearest source pixel).
+Drawing the outline too, as at the original size, would widen every shape by half a pixel
+of the *target* size: at 64x64 the foreground area exceeds that of the full-size LabelMe
+mask by 5.5 % on the demo data and 10.6 % on a real dataset; the centre rule stays 1.1 %
+below it (half an original pixel along the outline, which LabelMe's mask includes).
+Requires Pillow.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import Iterable
+
+import cv2
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+from segpipe import SegpipeError
+
+FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
+POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
+MIN_POLYGON_POINTS = 3
+# A point of a filled shape may lie outside the image by at most this fraction of the image
+# width (x) or height (y); farther away it is an error (e.g. points of another resolution).
+OUTSIDE_MARGIN = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class Shape:
+    """One LabelMe shape: ``points`` (K, 2) float x, y in pixels of the original image."""
+
+    label: str
+    shape_type: str
+    points: np.ndarray
+    patch: np.ndarray | None = None  # bool (h, w), the bitmap of a ``mask`` shape
+
+
+@dataclass(frozen=True, eq=False)
+class Annotation:
+    """A LabelMe file: its RGB uint8 image (H, W, 3) and its shapes in file order."""
+
+    path: Path
+    image: np.ndarray
+    shapes: tuple[Shape, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Original (height, width)."""
+        return self.image.shape[0], self.image.shape[1]
+
+    @property
+    def skipped(self) -> Counter:
+        """Shapes that are not drawn (they enclose no area), counted by ``shape_type``."""
+        return Counter(s.shape_type for s in self.shapes if s.shape_type not in FILLED_TYPES)
+
+
+def load_annotation(path: str | Path) -> Annotation:
+    """Read a LabelMe JSON file and its image, checking both.
+
+    The image is the embedded ``imageData`` when present (LabelMe's own precedence: it is the
+    image the shapes were drawn on), else the file ``imagePath`` relative to the JSON, with
+    its EXIF orientation applied as LabelMe does when it opens an image file (embedded data
+    is stored already oriented). Grayscale, palette, RGBA and 16-bit images become 8-bit RGB
+    (alpha dropped, 16-bit scaled by 1/257). Raises :class:`SegpipeError` naming the file
+    for invalid JSON, a missing or undecodable image, an ``imageHeight``/``imageWidth`` that
+    differs from the image, and malformed shapes (too few points, non-numeric or far outside
+    the image points).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise SegpipeError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SegpipeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
+        raise SegpipeError(f"{path}: not a LabelMe file (no 'shapes' list)")
+    image = _read_image(path, data)
+    height, width = image.shape[:2]
+    expected = data.get("imageHeight"), data.get("imageWidth")
+    if None not in expected and expected != (height, width):
+        hint = " (swapped: EXIF orientation?)" if expected == (width, height) else ""
+        raise SegpipeError(
+            f"{path}: imageHeight x imageWidth {expected[0]!r}x{expected[1]!r} does not "
+            f"match the image, {height}x{width}{hint}"
+        )
+    shapes = tuple(_parse_shape(path, i, s, (height, width)) for i, s in enumerate(data["shapes"]))
+    return Annotation(path, image, shapes)
+
+
+def rasterise(
+    annotation: Annotation,
+    size: tuple[int, int] | None = None,
+    foreground: Iterable[str] | None = None,
+    background: Iterable[str] = (),
+) -> np.ndarray:
+    """Binary mask, uint8 (H, W) in {0, 1}, of an annotation at its size or at ``size``.
+
+    Shapes are drawn in file order: a label in ``background`` draws 0 (erases), a label in
+    ``foreground`` draws 1 (``None``: every label not in ``background``), other labels are
+    ignored. At the original size the mask equals LabelMe's ``shape_to_mask`` union.
+    """
+    background = set(background)
+    foreground = None if foreground is None else set(foreground)
+    check_label_rule(foreground, background)
+    size = annotation.size if size is None else (int(size[0]), int(size[1]))
+    mask = np.zeros(size, np.uint8)
+    for shape in annotation.shapes:
+        if shape.shape_type not in FILLED_TYPES:
+            continue
+        if shape.label in background:
+            mask[_region(shape, annotation.size, size)] = 0
+        elif foreground is None or shape.label in foreground:
+            mask[_region(shape, annotation.size, size)] = 1
+    return mask
+
+
+def check_label_rule(foreground: Iterable[str] | None, background: Iterable[str]) -> None:
+    """Raise :class:`SegpipeError` if a label is listed both as foreground and background."""
+    both = set(foreground or ()) & set(background)
+    if both:
+        raise SegpipeError(f"labels {sorted(both)} are listed both as foreground and background")
+
+
+def _read_image(path: Path, data: dict) -> np.ndarray:
+    if data.get("imageData"):
+        try:
+            encoded = base64.b64decode(data["imageData"])
+        except (binascii.Error, TypeError, ValueError):
+            raise SegpipeError(f"{path}: imageData is not valid base64") from None
+        return _decode(encoded, f"{path}: imageData", exif=False)
+    image_path = data.get("imagePath")
+    if not isinstance(image_path, str) or not image_path:
+        raise SegpipeError(f"{path}: has neither imageData nor imagePath")
+    image_path = path.parent / PureWindowsPath(image_path).as_posix()
+    try:
+        encoded = image_path.read_bytes()
+    except OSError:
+        raise SegpipeError(f"{path}: image {image_path} not found and no imageData") from None
+    return _decode(encoded, f"{path}: image {image_path}", exif=True)
+
+
+def _decode(encoded: bytes, source: str, exif: bool) -> np.ndarray:
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+    if not exif:
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
+    if image is None:
+        raise SegpipeError(f"{source}: not a readable image")
+    if image.dtype == np.uint16:
+        image = np.round(image / 257.0).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise SegpipeError(f"{source}: unsupported pixel type {image.dtype} (use 8 or 16 bit)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _parse_shape(path: Path, index: int, raw: object, size: tuple[int, int]) -> Shape:
+    where = f"{path}: shape {index}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("label"), str):
+        raise SegpipeError(f"{where}: not a LabelMe shape (needs a string 'label')")
+    shape_type = raw.get("shape_type") or "polygon"
+    where = f"{where} ({raw['label']!r}, {shape_type})"
+    try:
+        points = np.asarray(raw.get("points"), dtype=float)
+    except (TypeError, ValueError):
+        points = np.empty(0)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+        raise SegpipeError(f"{where}: 'points' must be a list of [x, y] numbers")
+    if shape_type not in FILLED_TYPES:
+        return Shape(raw["label"], shape_type, points)
+    if not np.isfinite(points).all():
+        raise SegpipeError(f"{where}: points must be finite numbers")
+    needed = POINT_COUNTS.get(shape_type)
+    if needed is not None and len(points) != needed:
+        raise SegpipeError(f"{where}: has {len(points)} points, expected {needed}")
+    if needed is None and len(points) < MIN_POLYGON_POINTS:
+        raise SegpipeError(
+            f"{where}: has {len(points)} points, a polygon needs at least {MIN_POLYGON_POINTS}"
+        )
+    height, width = size
+    limit = np.array([width, height]) * OUTSIDE_MARGIN
+    outside = (points < -limit) | (points > np.array([width, height]) - 1 + limit)
+    if outside.any():
+        x, y = points[outside.any(axis=1)][0]
+        raise SegpipeError(
+            f"{where}: point ({x:g}, {y:g}) lies far outside the {height}x{width} image"
+        )
+    patch = _decode_patch(where, raw.get("mask")) if shape_type == "mask" else None
+    return Shape(raw["label"], shape_type, points, patch)
+
+
+def _decode_patch(where: str, encoded: object) -> np.ndarray:
+    patch = None
+    if isinstance(encoded, str):
+        try:
+            raw = np.frombuffer(base64.b64decode(encoded), np.uint8)
+            patch = cv2.imdecode(raw, cv2.IMREAD_GRAYSCALE)
+        except (binascii.Error, ValueError):
+            pass
+    if patch is None:
+        raise SegpipeError(f"{where}: 'mask' is not a base64-encoded PNG")
+    return patch > 0
+
+
+def _region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Boolean (H, W): the pixels a filled shape covers at ``size``."""
+    if shape.shape_type == "mask":
+        return _patch_region(shape, orig_size, size)
+    if size == orig_size:
+        return _labelme_region(shape, size)
+    scale = np.array([size[1] / orig_size[1], size[0] / orig_size[0]])
+    points = (shape.points + 0.5) * scale - 0.5
+    if shape.shape_type == "circle":
+        (cx, cy), (rx, ry) = points[0], math.dist(*shape.points) * scale
+        rows, cols = np.ogrid[: size[0], : size[1]]
+        return ((cols - cx) / rx) ** 2 + ((rows - cy) / ry) ** 2 <= 1
+    if shape.shape_type == "rectangle":
+        (x0, y0), (x1, y1) = points
+        points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    return _polygon_centres(points, size)
+
+
+def _labelme_region(shape: Shape, size: tuple[int, int]) -> np.ndarray:
+    """LabelMe's ``shape_to_mask``: PIL ``ImageDraw`` with ``fill=1, outline=1``."""
+    canvas = PIL.Image.new("L", (size[1], size[0]), 0)
+    draw = PIL.ImageDraw.Draw(canvas)
+    xy = [tuple(p) for p in shape.points]
+    if shape.shape_type == "rectangle":
+        (x0, y0), (x1, y1) = xy
+        draw.rectangle(((min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))), 1, 1)
+    elif shape.shape_type == "circle":
+        (cx, cy), radius = xy[0], math.dist(*xy)
+        draw.ellipse(((cx - radius, cy - radius), (cx + radius, cy + radius)), 1, 1)
+    else:
+        draw.polygon(xy, 1, 1)
+    return np.array(canvas, dtype=bool)
+
+
+def _polygon_centres(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies inside the polygon (even-odd rule), by scanlines: a pixel of
+    row y is inside when an odd number of edges cross that row at or left of its centre."""
+    height, width = size
+    x0, y0 = points[:, 0], points[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    rows = np.arange(height)[:, None]
+    crossing = (y0 <= rows) != (y1 <= rows)  # (H, edges), each vertex counted once
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
+    first_col = np.clip(np.ceil(at[crossing]), 0, width).astype(int)
+    counts = np.zeros((height, width + 1), np.int32)
+    np.add.at(counts, (np.nonzero(crossing)[0], first_col), 1)
+    return np.cumsum(counts[:, :width], axis=1) % 2 == 1
+
+
+def _patch_region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """A ``mask`` shape: each pixel takes its nearest original pixel (identity at full size)."""
+    x0, y0 = np.round(shape.points[0]).astype(int)
+    rows = np.floor((np.arange(size[0]) + 0.5) * orig_size[0] / size[0]).astype(int) - y0
+    cols = np.floor((np.arange(size[1]) + 0.5) * orig_size[1] / size[1]).astype(int) - x0
+    patch_h, patch_w = shape.patch.shape
+    inside = ((rows >= 0) & (rows < patch_h))[:, None] & ((cols >= 0) & (cols < patch_w))
+    return inside & shape.patch[np.clip(rows, 0, patch_h - 1)[:, None], np.clip(cols, 0, patch_w - 1)]

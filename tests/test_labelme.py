@@ -1,0 +1,297 @@
+"""LabelMe parsing and rasterisation: exact masks on hand-computed cases, images, errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import cv2
+import numpy as np
+import PIL.Image
+import pytest
+
+from segpipe import SegpipeError
+from segpipe.data.labelme import load_annotation, rasterise
+
+
+def box(rows: slice, cols: slice, size=(8, 8)) -> np.ndarray:
+    mask = np.zeros(size, np.uint8)
+    mask[rows, cols] = 1
+    return mask
+
+
+def disc(centre, squared_radius, size) -> np.ndarray:
+    rows, cols = np.mgrid[: size[0], : size[1]]
+    return ((rows - centre[1]) ** 2 + (cols - centre[0]) ** 2 <= squared_radius).astype(np.uint8)
+
+
+def mask_of(make_labelme, *shapes, size=None, image=None, **rule) -> np.ndarray:
+    return rasterise(load_annotation(make_labelme(shapes, image=image)), size, **rule)
+
+
+# --- exact masks at the original size (LabelMe fills shape and outline) -------------------
+
+def test_rectangle_includes_both_corners(make_labelme):
+    mask = mask_of(make_labelme, ("a", "rectangle", [[4, 3], [1, 1]]))
+    assert mask.dtype == np.uint8 and mask.sum() == 4 * 3
+    np.testing.assert_array_equal(mask, box(slice(1, 4), slice(1, 5)))
+
+
+def test_triangle_includes_its_hypotenuse(make_labelme):
+    mask = mask_of(make_labelme, ("a", "polygon", [[1, 1], [6, 1], [1, 6]]))
+    rows, cols = np.mgrid[:8, :8]
+    expected = (rows >= 1) & (cols >= 1) & (rows + cols <= 7)
+    assert mask.sum() == 6 + 5 + 4 + 3 + 2 + 1
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_circle_from_centre_and_rim_point(make_labelme):
+    mask = mask_of(make_labelme, ("a", "circle", [[3, 3], [3, 5]]))
+    assert mask.sum() == 21  # pixels within sqrt(5) of the centre, radius 2
+    np.testing.assert_array_equal(mask, disc((3, 3), 5, (8, 8)))
+
+
+def test_oriented_rectangle_is_a_filled_polygon(make_labelme):
+    mask = mask_of(make_labelme, ("a", "oriented_rectangle", [[1, 1], [4, 1], [4, 3], [1, 3]]))
+    np.testing.assert_array_equal(mask, box(slice(1, 4), slice(1, 5)))
+
+
+def test_missing_shape_type_means_polygon(make_labelme):
+    legacy = {"label": "a", "points": [[1, 1], [4, 1], [4, 3], [1, 3]], "line_color": None}
+    np.testing.assert_array_equal(mask_of(make_labelme, legacy), box(slice(1, 4), slice(1, 5)))
+
+
+def test_mask_shape_pastes_its_patch_at_the_first_point(make_labelme):
+    patch = np.array([[1, 0, 1], [1, 1, 0]], np.uint8) * 255
+    encoded = base64.b64encode(cv2.imencode(".png", patch)[1].tobytes()).decode()
+    shape = {"label": "a", "shape_type": "mask", "points": [[2, 1], [4, 2]], "mask": encoded}
+    expected = np.zeros((8, 8), np.uint8)
+    expected[1:3, 2:5] = patch > 0
+    np.testing.assert_array_equal(mask_of(make_labelme, shape), expected)
+
+
+def test_background_label_erases_in_file_order(make_labelme):
+    square = ("object", "rectangle", [[1, 1], [6, 6]])
+    hole = ("hole", "rectangle", [[3, 3], [4, 4]])
+    erased = mask_of(make_labelme, square, hole, background=["hole"])
+    np.testing.assert_array_equal(erased, box(slice(1, 7), slice(1, 7)) - box(slice(3, 5), slice(3, 5)))
+    assert erased.sum() == 36 - 4
+    drawn_first = mask_of(make_labelme, hole, square, background=["hole"])
+    np.testing.assert_array_equal(drawn_first, box(slice(1, 7), slice(1, 7)))
+
+
+def test_foreground_selects_labels_and_others_are_ignored(make_labelme):
+    shapes = (("a", "rectangle", [[0, 0], [1, 1]]), ("b", "rectangle", [[5, 5], [6, 6]]))
+    only_a = mask_of(make_labelme, *shapes, foreground=["a"])
+    np.testing.assert_array_equal(only_a, box(slice(0, 2), slice(0, 2)))
+    every = mask_of(make_labelme, *shapes)
+    assert every.sum() == 8
+
+
+def test_lines_and_points_are_skipped_and_counted(make_labelme):
+    shapes = (
+        ("a", "line", [[0, 0], [7, 7]]),
+        ("a", "linestrip", [[0, 0], [7, 0], [7, 7]]),
+        ("a", "point", [[3, 3]]),
+        ("a", "point", [[4, 4]]),
+        ("a", "rectangle", [[0, 0], [1, 1]]),
+    )
+    annotation = load_annotation(make_labelme(shapes))
+    assert annotation.skipped == {"line": 1, "linestrip": 1, "point": 2}
+    assert rasterise(annotation).sum() == 4
+
+
+# --- rasterisation at another size -----------------------------------------------------
+
+def test_scaled_rectangle_covers_the_pixel_centres_inside(make_labelme):
+    # x' = (x + 0.5) / 2 - 0.5 from 16x16 to 8x8: 2.9 -> 1.2, 11.1 -> 5.3, 7.1 -> 3.3;
+    # centres 2..5 (x) and 2..3 (y) lie inside.
+    path = make_labelme([("a", "rectangle", [[2.9, 2.9], [11.1, 7.1]])], image=np.zeros((16, 16, 3)))
+    mask = rasterise(load_annotation(path), (8, 8))
+    np.testing.assert_array_equal(mask, box(slice(2, 4), slice(2, 6)))
+
+
+def test_scaled_triangle_covers_the_pixel_centres_inside(make_labelme):
+    # 20x20 -> 10x10 maps 1.5 -> 0.5 and 17.9 -> 8.7: the triangle x >= 0.5, y >= 0.5,
+    # x + y <= 9.2 holds the centres with row, col >= 1 and row + col <= 9.
+    triangle = [[1.5, 1.5], [17.9, 1.5], [1.5, 17.9]]
+    path = make_labelme([("a", "polygon", triangle)], image=np.zeros((20, 20, 3)))
+    mask = rasterise(load_annotation(path), (10, 10))
+    rows, cols = np.mgrid[:10, :10]
+    np.testing.assert_array_equal(mask, (rows >= 1) & (cols >= 1) & (rows + cols <= 9))
+    assert mask.sum() == 8 * 9 // 2
+
+
+def test_scaled_circle_becomes_an_ellipse_with_the_aspect_ratio(make_labelme):
+    # Centre (16.5, 8) of a 16x32 image -> (8, 8) at 16x16; radius 4.2 -> 2.1 in x, 4.2 in y:
+    # 9 centres in the middle column, 7 in the columns 7 and 9, 3 in the columns 6 and 10.
+    image = np.zeros((16, 32, 3))
+    path = make_labelme([("a", "circle", [[16.5, 8], [16.5, 12.2]])], image=image)
+    mask = rasterise(load_annotation(path), (16, 16))
+    np.testing.assert_array_equal(mask.sum(axis=0)[5:12], [0, 3, 7, 9, 7, 3, 0])
+    assert mask[:, 8].nonzero()[0].tolist() == list(range(4, 13))
+
+
+def test_scaled_mask_agrees_with_the_downsampled_full_size_mask(make_labelme):
+    shapes = [("a", "circle", [[100, 90], [160, 90]]), ("a", "polygon", [[5, 5], [80, 20], [20, 150]])]
+    annotation = load_annotation(make_labelme(shapes, image=np.zeros((200, 200, 3))))
+    full = rasterise(annotation)
+    np.testing.assert_array_equal(rasterise(annotation, (200, 200)), full)
+    small = rasterise(annotation, (50, 50))
+    coverage = cv2.resize(full.astype(np.float32), (50, 50), interpolation=cv2.INTER_AREA)
+    assert np.all(small[coverage == 1] == 1) and np.all(small[coverage == 0] == 0)
+    # Half a source pixel less along the outline than LabelMe's mask, which includes it.
+    assert abs(int(small.sum()) - coverage.sum()) < 0.03 * coverage.sum()
+
+
+def test_scaled_mask_patch_takes_nearest_pixels(make_labelme):
+    patch = np.zeros((4, 4), np.uint8)
+    patch[:2, :2] = 255  # top-left 2x2 of a 4x4 patch at (4, 4) of a 16x16 image
+    encoded = base64.b64encode(cv2.imencode(".png", patch)[1].tobytes()).decode()
+    shape = {"label": "a", "shape_type": "mask", "points": [[4, 4], [7, 7]], "mask": encoded}
+    annotation = load_annotation(make_labelme([shape], image=np.zeros((16, 16, 3))))
+    np.testing.assert_array_equal(rasterise(annotation, (8, 8)), box(slice(2, 3), slice(2, 3)))
+
+
+# --- images -------------------------------------------------------------------------
+
+def test_embedded_image_data_is_used_when_the_file_is_missing(make_labelme):
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    annotation = load_annotation(make_labelme([], image=image, embed=True, imagePath="gone.png"))
+    np.testing.assert_array_equal(annotation.image, image)
+    assert annotation.size == (4, 6)
+
+
+def test_embedded_image_data_takes_precedence_over_the_file(make_labelme, tmp_path):
+    path = make_labelme([], image=np.full((4, 6, 3), 7, np.uint8), embed=True)
+    cv2.imwrite(str(tmp_path / "image.png"), np.full((4, 6, 3), 200, np.uint8))
+    assert (load_annotation(path).image == 7).all()
+
+
+def test_windows_image_path_relative_to_the_json(make_labelme, tmp_path):
+    (tmp_path / "pics").mkdir()
+    cv2.imwrite(str(tmp_path / "pics" / "a.png"), np.full((4, 6, 3), 9, np.uint8))
+    path = make_labelme([], image=np.zeros((4, 6, 3), np.uint8), name="ref", imagePath="pics\\a.png")
+    assert (load_annotation(path).image == 9).all()
+
+
+def _png_with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_exif_orientation_applied_to_files_not_to_embedded_data(make_labelme, tmp_path):
+    pixels = np.zeros((2, 3, 3), np.uint8)
+    pixels[0, 0] = 255  # top-left; orientation 6 = display rotated 90 degrees clockwise
+    encoded = _png_with_orientation(pixels, 6)
+    (tmp_path / "photo.png").write_bytes(encoded)
+    path = make_labelme([], image=np.zeros((3, 2, 3)), name="file", imagePath="photo.png")
+    rotated = load_annotation(path).image
+    assert rotated.shape == (3, 2, 3) and rotated[0, 1].tolist() == [255, 255, 255]
+    assert rotated.sum() == 3 * 255
+    embedded = make_labelme([], image=np.zeros((2, 3, 3)), name="embedded", embed=True,
+                            imageData=base64.b64encode(encoded).decode())
+    np.testing.assert_array_equal(load_annotation(embedded).image, pixels)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "expected"),
+    [
+        (np.full((2, 2), 100, np.uint8), (100, 100, 100)),  # grayscale
+        (np.full((2, 2), 51400, np.uint16), (200, 200, 200)),  # 16-bit: 51400 / 257
+        (np.full((2, 2, 3), (65535, 257, 0), np.uint16), (0, 1, 255)),  # 16-bit BGR
+        (np.full((2, 2, 4), (30, 20, 10, 0), np.uint8), (10, 20, 30)),  # BGRA, alpha dropped
+    ],
+)
+def test_images_become_8_bit_rgb(make_labelme, tmp_path, pixels, expected):
+    cv2.imwrite(str(tmp_path / "odd.png"), pixels)
+    path = make_labelme([], image=np.zeros((2, 2, 3)), name="ref", imagePath="odd.png")
+    image = load_annotation(path).image
+    assert image.dtype == np.uint8 and image.shape == (2, 2, 3)
+    assert (image == expected).all()
+
+
+def test_palette_image_becomes_rgb(make_labelme, tmp_path):
+    palette = PIL.Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
+    palette.putpalette([10, 20, 30, 200, 100, 50])
+    palette.save(tmp_path / "p.png")
+    path = make_labelme([], image=np.zeros((1, 2, 3)), name="ref", imagePath="p.png")
+    assert load_annotation(path).image.tolist() == [[[10, 20, 30], [200, 100, 50]]]
+
+
+# --- bad input: SegpipeError naming the file ----------------------------------------
+
+def _error(path) -> str:
+    with pytest.raises(SegpipeError) as info:
+        load_annotation(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"shapes": [')
+    assert "not valid JSON" in _error(path)
+
+
+def test_unreadable_json(tmp_path):
+    path = tmp_path / "folder.json"
+    path.mkdir()
+    assert "cannot read" in _error(path)
+
+
+def test_json_that_is_not_labelme(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"images": []}))
+    assert "not a LabelMe file" in _error(path)
+
+
+def test_missing_image_without_image_data(make_labelme, tmp_path):
+    path = make_labelme([], imagePath="absent.png")
+    assert "absent.png not found and no imageData" in _error(path)
+
+
+def test_undecodable_image(make_labelme, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert "not a readable image" in _error(make_labelme([], name="x", imagePath="bad.png"))
+    assert "imageData" in _error(make_labelme([], name="y", imageData="bm90IGFuIGltYWdl"))
+
+
+def test_polygon_with_fewer_than_3_points(make_labelme):
+    message = _error(make_labelme([("leaf", "polygon", [[1, 1], [5, 5]])]))
+    assert "shape 0 ('leaf', polygon): has 2 points" in message
+
+
+def test_rectangle_with_wrong_point_count(make_labelme):
+    assert "expected 2" in _error(make_labelme([("a", "rectangle", [[1, 1], [2, 2], [3, 3]])]))
+
+
+def test_points_that_are_not_numbers(make_labelme):
+    assert "[x, y] numbers" in _error(make_labelme([("a", "polygon", [[1, "x"], [2, 2], [3]])]))
+
+
+def test_point_far_outside_the_image(make_labelme):
+    message = _error(make_labelme([("a", "polygon", [[1, 1], [40, 1], [1, 6]])]))
+    assert "(40, 1) lies far outside the 8x8 image" in message
+
+
+def test_point_slightly_outside_the_image_is_clipped(make_labelme):
+    mask = mask_of(make_labelme, ("a", "rectangle", [[-0.5, -0.5], [7.6, 1]]))
+    np.testing.assert_array_equal(mask, box(slice(0, 2), slice(0, 8)))
+
+
+def test_image_size_mismatch(make_labelme):
+    assert "8x9 does not match the image, 8x8" in _error(make_labelme([], imageWidth=9))
+    path = make_labelme([], image=np.zeros((4, 6, 3)), imageHeight=6, imageWidth=4)
+    assert "swapped" in _error(path)
+
+
+def test_label_both_foreground_and_background(make_labelme):
+    annotation = load_annotation(make_labelme([]))
+    with pytest.raises(SegpipeError, match=r"\['a'\] are listed both"):
+        rasterise(annotation, foreground=["a", "b"], background=["a"])
