@@ -1,0 +1,58 @@
+"""Shared fixtures: hand-made LabelMe files and a tiny synthetic LabelMe folder."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from segpipe.data.synthetic import write_dataset
+
+
+@pytest.fixture
+def make_labelme(tmp_path: Path):
+    """Factory: ``make_labelme(shapes, image=..., name=..., embed=..., **fields)`` writes a
+    LabelMe 5 JSON (and, unless ``embed``, a PNG beside it) into ``tmp_path``; ``shapes`` are
+    ``(label, shape_type, points)`` tuples or shape dicts; ``image`` an (H, W[, 3]) array,
+    RGB when it has 3 channels (default: black 8x8); ``fields`` override top-level keys."""
+
+    def make(shapes=(), image=None, name="image", embed=False, folder=None, **fields) -> Path:
+        folder = Path(folder or tmp_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        image = np.zeros((8, 8, 3), np.uint8) if image is None else np.asarray(image)
+        pixels = image[..., ::-1] if image.ndim == 3 and image.shape[2] == 3 else image
+        png = cv2.imencode(".png", pixels)[1].tobytes()
+        if not embed:
+            (folder / f"{name}.png").write_bytes(png)
+        document = {
+            "version": "5.5.0",
+            "flags": {},
+            "shapes": [
+                s if isinstance(s, dict) else
+                {"label": s[0], "points": s[2], "group_id": None, "description": "",
+                 "shape_type": s[1], "flags": {}, "mask": None}
+                for s in shapes
+            ],
+            "imagePath": f"{name}.png",
+            "imageData": base64.b64encode(png).decode() if embed else None,
+            "imageHeight": image.shape[0],
+            "imageWidth": image.shape[1],
+            **fields,
+        }
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(document))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def labelme_folder(tmp_path: Path) -> Path:
+    """Six synthetic 48x64 images with LabelMe JSON (labels stone, leaf, grass)."""
+    folder = tmp_path / "labelme"
+    write_dataset(folder, count=6, seed=0, size=(48, 64))
+    return folder
