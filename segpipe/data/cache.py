@@ -1,0 +1,135 @@
+"""HDF5 cache of a LabelMe folder: images and masks at the training size, and the split.
+
+Layout (docs/formats.md): ``images`` uint8 (N, H, W, 3) RGB resized with area
+interpolation, ``masks`` uint8 (N, H, W) in {0, 1} rasterised at (H, W) from scaled
+coordinates, ``names`` (N,) utf-8 JSON file stems, ``orig_size`` int32 (N, 2) original
+(height, width), ``is_val`` bool (N,); one image per chunk; attributes ``segpipe_version``,
+``source``, ``foreground``, ``background`` (JSON), ``size``, ``count``, ``val_fraction``,
+``split_seed``. Images are sorted by file name, so the same folder gives the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from segpipe import SegpipeError, __version__
+from segpipe.data.labelme import FILLED_TYPES, check_label_rule, load_annotation, rasterise
+
+log = logging.getLogger(__name__)
+
+
+def build_cache(
+    input_dir: str | Path,
+    output: str | Path,
+    size: tuple[int, int],
+    foreground: list[str] | None = None,
+    background: list[str] | tuple[str, ...] = (),
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+) -> None:
+    """Rasterise every ``*.json`` of ``input_dir`` into the HDF5 file ``output``.
+
+    The file is written under a temporary name and renamed when complete. Raises
+    :class:`SegpipeError` for an empty folder, any invalid file (see
+    :func:`segpipe.data.labelme.load_annotation`), or a label rule that selects no shape
+    in the whole folder; foreground or background labels that never occur are logged.
+    """
+    input_dir, output = Path(input_dir), Path(output)
+    height, width = size
+    if height < 1 or width < 1:
+        raise SegpipeError(f"size must be positive, got {height}x{width}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise SegpipeError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_label_rule(foreground, background)
+    if not input_dir.is_dir():
+        raise SegpipeError(f"{input_dir}: not a folder")
+    files = sorted(input_dir.glob("*.json"))
+    if not files:
+        raise SegpipeError(f"{input_dir}: no LabelMe .json files")
+    if val_fraction > 0 and len(files) < 2:
+        raise SegpipeError(f"{input_dir}: a validation split needs at least 2 images")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    labels, skipped, foreground_pixels = Counter(), Counter(), 0
+    try:
+        with h5py.File(partial, "w") as h5:
+            n = len(files)
+            images = h5.create_dataset(
+                "images", (n, height, width, 3), np.uint8, chunks=(1, height, width, 3)
+            )
+            masks = h5.create_dataset("masks", (n, height, width), np.uint8, chunks=(1, height, width))
+            orig_size = h5.create_dataset("orig_size", (n, 2), np.int32)
+            for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
+                annotation = load_annotation(path)
+                images[i] = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
+                mask = rasterise(annotation, (height, width), foreground, background)
+                masks[i] = mask
+                orig_size[i] = annotation.size
+                foreground_pixels += int(mask.sum())
+                labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
+                skipped.update(annotation.skipped)
+            _check_labels(input_dir, labels, foreground, background)
+            h5.create_dataset("names", data=[p.stem for p in files], dtype=h5py.string_dtype())
+            h5.create_dataset("is_val", data=split_validation(n, val_fraction, split_seed))
+            h5.attrs.update(
+                segpipe_version=__version__,
+                source=str(input_dir.resolve()),
+                foreground=json.dumps(foreground),
+                background=json.dumps(list(background)),
+                size=np.array([height, width]),
+                count=n,
+                val_fraction=val_fraction,
+                split_seed=split_seed,
+            )
+            n_val = int(h5["is_val"][()].sum())
+        os.replace(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    log.info(
+        "%s: %d images (%d train, %d val) at %dx%d, foreground %.1f%% of pixels; shapes: %s; "
+        "skipped (no area): %s",
+        output, n, n - n_val, n_val, height, width,
+        100.0 * foreground_pixels / (n * height * width),
+        _counts(labels), _counts(skipped),
+    )
+
+
+def split_validation(count: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean (count,) marking ``round(val_fraction·count)`` images (at least 1 and at most
+    count − 1 when ``val_fraction > 0``) chosen by ``np.random.default_rng(seed)``."""
+    n_val = round(val_fraction * count)
+    if val_fraction > 0:
+        n_val = min(max(n_val, 1), count - 1)
+    is_val = np.zeros(count, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(count)[:n_val]] = True
+    return is_val
+
+
+def _check_labels(
+    input_dir: Path, labels: Counter, foreground: list[str] | None, background
+) -> None:
+    found = ", ".join(sorted(labels)) or "none"
+    selected = set(labels) - set(background) if foreground is None else set(foreground) & set(labels)
+    if not selected:
+        rule = "any label not in background" if foreground is None else f"labels {foreground}"
+        raise SegpipeError(
+            f"{input_dir}: no shape is foreground ({rule}); labels of filled shapes found: {found}"
+        )
+    missing = (set(foreground or ()) | set(background)) - set(labels)
+    if missing:
+        log.warning("%s: labels %s occur in no filled shape (found: %s)", input_dir, sorted(missing), found)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{key} {count}" for key, count in sorted(counter.items())) or "none"

@@ -1,0 +1,156 @@
+"""HDF5 cache: exact round trip of hand-made LabelMe files, split, atomic output, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import pytest
+
+from segpipe import SegpipeError, __version__
+from segpipe.data.cache import build_cache, split_validation
+
+
+def blocks(values: np.ndarray) -> np.ndarray:
+    """An RGB image of 2x2 blocks: area-downsampling by 2 gives back ``values`` exactly."""
+    return np.repeat(np.repeat(values, 2, axis=0), 2, axis=1).astype(np.uint8)
+
+
+@pytest.fixture
+def folder(make_labelme, tmp_path):
+    """Three 8x8 / 8x12 files whose 4x4 / 4x6 masks are computed by hand in the tests."""
+    rng = np.random.default_rng(0)
+    small = [rng.integers(0, 256, (4, w, 3)) for w in (4, 4, 6)]
+    folder = tmp_path / "in"
+    # 8x8 -> 4x4 maps 1.7 -> 0.6 and 5.3 -> 2.4: centres 1..2 are inside.
+    make_labelme([("obj", "rectangle", [[1.7, 1.7], [5.3, 5.3]])],
+                 image=blocks(small[0]), name="a", folder=folder)
+    make_labelme([("obj", "polygon", [[1.7, 1.7], [5.3, 1.7], [5.3, 5.6]]),
+                  ("obj", "line", [[0, 0], [7, 7]])],
+                 image=blocks(small[1]), name="b", folder=folder, embed=True)
+    # 8x12 -> 4x6; the hole 3.7..5.3 -> 1.6..2.4 erases column 2 of row 2.
+    make_labelme([("obj", "rectangle", [[1.7, 1.7], [9.3, 5.3]]),
+                  ("hole", "rectangle", [[3.7, 3.7], [5.3, 5.3]])],
+                 image=blocks(small[2]), name="c", folder=folder)
+    return folder, small
+
+
+def read(path):
+    with h5py.File(path, "r") as h5:
+        return {key: h5[key][()] for key in h5}, dict(h5.attrs)
+
+
+def test_round_trip_of_hand_made_files(folder, tmp_path, caplog):
+    (folder, small), output = folder, tmp_path / "out" / "cache.h5"
+    with caplog.at_level(logging.INFO):
+        build_cache(folder, output, size=(4, 6), background=["hole"], val_fraction=0.34)
+    data, attrs = read(output)
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (3, 4, 6, 3)
+    np.testing.assert_array_equal(data["images"][2], small[2])
+    assert data["masks"].dtype == np.uint8 and data["masks"].shape == (3, 4, 6)
+    expected_c = np.zeros((4, 6), np.uint8)
+    expected_c[1:3, 1:5] = 1
+    expected_c[2, 2] = 0
+    np.testing.assert_array_equal(data["masks"][2], expected_c)
+    assert [n.decode() for n in data["names"]] == ["a", "b", "c"]
+    np.testing.assert_array_equal(data["orig_size"], [[8, 8], [8, 8], [8, 12]])
+    assert data["orig_size"].dtype == np.int32
+    assert data["is_val"].dtype == bool and data["is_val"].sum() == 1  # round(0.34 * 3)
+    assert attrs["segpipe_version"] == __version__ and attrs["count"] == 3
+    assert attrs["source"] == str(folder.resolve())
+    assert json.loads(attrs["foreground"]) is None and json.loads(attrs["background"]) == ["hole"]
+    assert attrs["size"].tolist() == [4, 6] and attrs["val_fraction"] == 0.34
+    assert attrs["split_seed"] == 0
+    with h5py.File(output, "r") as h5:
+        assert h5["images"].chunks == (1, 4, 6, 3) and h5["masks"].chunks == (1, 4, 6)
+    assert "3 images (2 train, 1 val)" in caplog.text
+    assert "shapes: hole 1, obj 3" in caplog.text and "skipped (no area): line 1" in caplog.text
+
+
+def test_square_images_at_their_masks(folder, tmp_path):
+    (folder, small), output = folder, tmp_path / "cache.h5"
+    build_cache(folder, output, size=(4, 4), foreground=["obj"])
+    data, _ = read(output)
+    np.testing.assert_array_equal(data["images"][0], small[0])
+    np.testing.assert_array_equal(data["images"][1], small[1])  # from embedded imageData
+    square = np.zeros((4, 4), np.uint8)
+    square[1:3, 1:3] = 1
+    np.testing.assert_array_equal(data["masks"][0], square)
+    np.testing.assert_array_equal(data["masks"][1], np.triu(square))  # below the line y = 1.08 x - 0.05
+    assert not data["is_val"].any()
+
+
+def test_same_input_same_cache(labelme_folder, tmp_path):
+    for name in ("one.h5", "two.h5"):
+        build_cache(labelme_folder, tmp_path / name, (12, 16), None, ["grass"], 0.5, 3)
+    one, two = read(tmp_path / "one.h5")[0], read(tmp_path / "two.h5")[0]
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key])
+    assert one["masks"].any() and one["is_val"].sum() == 3
+
+
+def test_split_counts_and_seed():
+    assert split_validation(10, 0.2, 0).sum() == 2
+    assert split_validation(10, 0.01, 0).sum() == 1  # at least one validation image
+    assert split_validation(10, 0.99, 0).sum() == 9  # at least one training image
+    assert split_validation(10, 0.0, 0).sum() == 0
+    np.testing.assert_array_equal(split_validation(10, 0.5, 7), split_validation(10, 0.5, 7))
+    assert not np.array_equal(split_validation(10, 0.5, 7), split_validation(10, 0.5, 8))
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegpipeError, match="empty: no LabelMe .json files"):
+        build_cache(tmp_path / "empty", tmp_path / "out.h5", size=(4, 4))
+    with pytest.raises(SegpipeError, match="missing: not a folder"):
+        build_cache(tmp_path / "missing", tmp_path / "out.h5", size=(4, 4))
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_bad_file_leaves_no_output_and_keeps_the_old_one(folder, tmp_path):
+    (folder, _), output = folder, tmp_path / "cache" / "out.h5"
+    build_cache(folder, output, size=(4, 4))
+    before = output.read_bytes()
+    (folder / "d.json").write_text("{not json")
+    with pytest.raises(SegpipeError, match=r"d\.json: not valid JSON"):
+        build_cache(folder, output, size=(2, 2))
+    assert output.read_bytes() == before
+    assert [p.name for p in output.parent.iterdir()] == ["out.h5"]  # no partial file left
+
+
+def test_unknown_foreground_label_is_an_error(folder, tmp_path):
+    with pytest.raises(SegpipeError, match=r"no shape is foreground .*found: hole, obj"):
+        build_cache(folder[0], tmp_path / "out.h5", size=(4, 4), foreground=["ob"])
+    assert list(tmp_path.glob("*out.h5*")) == []
+
+
+def test_labels_that_never_occur_are_logged(folder, tmp_path, caplog):
+    build_cache(folder[0], tmp_path / "out.h5", (4, 4), foreground=["obj", "ob"], background=["grass"])
+    assert "labels ['grass', 'ob'] occur in no filled shape" in caplog.text
+
+
+def test_only_background_labels_is_an_error(make_labelme, tmp_path):
+    make_labelme([("hole", "rectangle", [[1, 1], [2, 2]])], folder=tmp_path / "in")
+    with pytest.raises(SegpipeError, match="no shape is foreground"):
+        build_cache(tmp_path / "in", tmp_path / "out.h5", size=(4, 4), background=["hole"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"size": (0, 4)}, "size must be positive"),
+        ({"size": (4, 4), "val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"size": (4, 4), "foreground": ["obj"], "background": ["obj"]}, "listed both"),
+    ],
+)
+def test_bad_arguments(folder, tmp_path, arguments, message):
+    with pytest.raises(SegpipeError, match=message):
+        build_cache(folder[0], tmp_path / "out.h5", **arguments)
+
+
+def test_validation_split_needs_two_images(make_labelme, tmp_path):
+    make_labelme([("obj", "rectangle", [[1, 1], [2, 2]])], folder=tmp_path / "one")
+    with pytest.raises(SegpipeError, match="at least 2 images"):
+        build_cache(tmp_path / "one", tmp_path / "out.h5", size=(4, 4), val_fraction=0.5)
