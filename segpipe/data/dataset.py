@@ -1,0 +1,86 @@
+"""Training dataset over the HDF5 cache written by :mod:`segpipe.data.cache`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segpipe import SegpipeError
+
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+class SegmentationH5Dataset(Dataset):
+    """Items ``(image uint8 (3, H, W), mask uint8 (1, H, W))`` of the cache rows ``indices``.
+
+    The file is opened lazily, once per process (a DataLoader worker opens its own handle).
+    ``transform(image_hwc, mask_hw, rng)`` receives ``rng = np.random.default_rng([seed,
+    epoch, row])`` with ``row`` the cache row, so augmentation depends neither on the worker
+    count nor on resuming. Call :meth:`set_epoch` before each epoch; with DataLoader workers
+    keep ``persistent_workers=False`` so the workers see the new epoch.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        indices: Sequence[int] | np.ndarray | None = None,
+        transform: Transform | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.path = Path(path)
+        with _open_cache(self.path) as h5:
+            count = len(h5["images"])
+        self.indices = np.arange(count) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices.size and not (0 <= self.indices.min() and self.indices.max() < count):
+            raise SegpipeError(f"{self.path}: indices out of range for {count} images")
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pid != os.getpid():
+            self._file, self._pid = _open_cache(self.path), os.getpid()
+        row = int(self.indices[item])
+        image, mask = self._file["images"][row], self._file["masks"][row]
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, row])
+            image, mask = self.transform(image, mask, rng)
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return image, torch.from_numpy(np.ascontiguousarray(mask)[None])
+
+    def __getstate__(self) -> dict:
+        # An open h5py handle cannot be pickled (spawned workers): each process reopens.
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+def split_indices(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Cache rows of the training and the validation split, from ``is_val``."""
+    with _open_cache(Path(path)) as h5:
+        is_val = h5["is_val"][()]
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _open_cache(path: Path) -> h5py.File:
+    try:
+        h5 = h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as exc:
+        raise SegpipeError(f"{path}: cannot open HDF5 cache ({exc})") from None
+    missing = {"images", "masks", "is_val"} - set(h5)
+    if missing:
+        h5.close()
+        raise SegpipeError(f"{path}: not a segpipe cache (missing {sorted(missing)})")
+    return h5
