@@ -296,6 +296,10 @@ def _estimate(mean: float, ci: float) -> str:
     return f"{mean:.3f} ± {'—' if math.isnan(ci) else f'{ci:.3f}'}"
 
 
+def _count(parameters: float) -> str:
+    return f"{parameters / 1e6:.2f} M" if parameters >= 1e6 else f"{parameters / 1e3:.1f} k"
+
+
 def _experiment_section(folder: Path, output: Path) -> str:
     path = folder / "summary.csv"
     numeric = ["n_seeds", "parameters", "train_seconds_mean", "best_run_val_dice",
@@ -318,7 +322,7 @@ def _experiment_section(folder: Path, output: Path) -> str:
         group = f"**{row['group']}**" if i == best else row["group"]
         cells = [group, str(int(row["n_seeds"])),
                  *(_estimate(row[f"{m}_mean"], row[f"{m}_ci95"]) for m in SUMMARY_COLUMNS),
-                 f"{row['parameters'] / 1e6:.2f} M", f"{row['train_seconds_mean']:.0f}"]
+                 _count(row["parameters"]), f"{row['train_seconds_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if best is None:

@@ -102,9 +102,9 @@ def _legend_rows(n: int, width: float) -> int:
 
 
 def _clip_to_unit(ax) -> None:
-    """Keep a score axis within [0, 1] even where a CI band reaches beyond."""
+    """Keep a score axis within [0, 1] (and a margin) even where a CI band reaches beyond."""
     bottom, top = ax.get_ylim()
-    ax.set_ylim(max(bottom, 0.0), min(top, 1.02))
+    ax.set_ylim(max(bottom, -0.02), min(top, 1.02))
 
 
 def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence,
