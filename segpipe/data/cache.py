@@ -15,6 +15,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import h5py
@@ -31,8 +32,8 @@ def build_cache(
     input_dir: str | Path,
     output: str | Path,
     size: tuple[int, int],
-    foreground: list[str] | None = None,
-    background: list[str] | tuple[str, ...] = (),
+    foreground: Iterable[str] | None = None,
+    background: Iterable[str] = (),
     val_fraction: float = 0.0,
     split_seed: int = 0,
 ) -> None:
@@ -44,7 +45,9 @@ def build_cache(
     in the whole folder; foreground or background labels that never occur are logged.
     """
     input_dir, output = Path(input_dir), Path(output)
-    height, width = size
+    size = height, width = int(size[0]), int(size[1])
+    foreground = None if foreground is None else list(foreground)
+    background = list(background)
     if height < 1 or width < 1:
         raise SegpipeError(f"size must be positive, got {height}x{width}")
     if not 0.0 <= val_fraction < 1.0:
@@ -58,49 +61,46 @@ def build_cache(
     if val_fraction > 0 and len(files) < 2:
         raise SegpipeError(f"{input_dir}: a validation split needs at least 2 images")
 
+    n = len(files)
+    is_val = split_validation(n, val_fraction, split_seed)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     labels, skipped, foreground_pixels = Counter(), Counter(), 0
     try:
         with h5py.File(partial, "w") as h5:
-            n = len(files)
-            images = h5.create_dataset(
-                "images", (n, height, width, 3), np.uint8, chunks=(1, height, width, 3)
-            )
-            masks = h5.create_dataset("masks", (n, height, width), np.uint8, chunks=(1, height, width))
+            images = h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
+            masks = h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
             orig_size = h5.create_dataset("orig_size", (n, 2), np.int32)
             for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
                 annotation = load_annotation(path)
-                images[i] = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
-                mask = rasterise(annotation, (height, width), foreground, background)
-                masks[i] = mask
+                image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
+                images[i] = image
+                masks[i] = mask = rasterise(annotation, size, foreground, background)
                 orig_size[i] = annotation.size
                 foreground_pixels += int(mask.sum())
                 labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
                 skipped.update(annotation.skipped)
             _check_labels(input_dir, labels, foreground, background)
             h5.create_dataset("names", data=[p.stem for p in files], dtype=h5py.string_dtype())
-            h5.create_dataset("is_val", data=split_validation(n, val_fraction, split_seed))
+            h5.create_dataset("is_val", data=is_val)
             h5.attrs.update(
                 segpipe_version=__version__,
                 source=str(input_dir.resolve()),
                 foreground=json.dumps(foreground),
-                background=json.dumps(list(background)),
-                size=np.array([height, width]),
+                background=json.dumps(background),
+                size=np.array(size),
                 count=n,
                 val_fraction=val_fraction,
                 split_seed=split_seed,
             )
-            n_val = int(h5["is_val"][()].sum())
         os.replace(partial, output)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    split = f" ({n - is_val.sum()} train, {is_val.sum()} val)" if is_val.any() else ""
     log.info(
-        "%s: %d images (%d train, %d val) at %dx%d, foreground %.1f%% of pixels; shapes: %s; "
-        "skipped (no area): %s",
-        output, n, n - n_val, n_val, height, width,
-        100.0 * foreground_pixels / (n * height * width),
+        "%s: %d images%s at %dx%d, foreground %.1f%% of pixels; shapes: %s; skipped (no area): %s",
+        output, n, split, height, width, 100.0 * foreground_pixels / (n * height * width),
         _counts(labels), _counts(skipped),
     )
 
@@ -117,10 +117,13 @@ def split_validation(count: int, val_fraction: float, seed: int) -> np.ndarray:
 
 
 def _check_labels(
-    input_dir: Path, labels: Counter, foreground: list[str] | None, background
+    input_dir: Path, labels: Counter, foreground: list[str] | None, background: list[str]
 ) -> None:
     found = ", ".join(sorted(labels)) or "none"
-    selected = set(labels) - set(background) if foreground is None else set(foreground) & set(labels)
+    if foreground is None:
+        selected = set(labels) - set(background)
+    else:
+        selected = set(foreground) & set(labels)
     if not selected:
         rule = "any label not in background" if foreground is None else f"labels {foreground}"
         raise SegpipeError(
@@ -128,7 +131,9 @@ def _check_labels(
         )
     missing = (set(foreground or ()) | set(background)) - set(labels)
     if missing:
-        log.warning("%s: labels %s occur in no filled shape (found: %s)", input_dir, sorted(missing), found)
+        log.warning(
+            "%s: labels %s occur in no filled shape (found: %s)", input_dir, sorted(missing), found
+        )
 
 
 def _counts(counter: Counter) -> str:

@@ -289,4 +289,5 @@ def _patch_region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int
     cols = np.floor((np.arange(size[1]) + 0.5) * orig_size[1] / size[1]).astype(int) - x0
     patch_h, patch_w = shape.patch.shape
     inside = ((rows >= 0) & (rows < patch_h))[:, None] & ((cols >= 0) & (cols < patch_w))
-    return inside & shape.patch[np.clip(rows, 0, patch_h - 1)[:, None], np.clip(cols, 0, patch_w - 1)]
+    pixels = shape.patch[np.clip(rows, 0, patch_h - 1)[:, None], np.clip(cols, 0, patch_w - 1)]
+    return inside & pixels

@@ -116,7 +116,8 @@ def synthesise(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndar
     if rng.random() < GRASS_PROBABILITY:
         target = shapes[rng.integers(len(shapes))]["points"][0]
         for _ in range(rng.integers(1, 4)):
-            points = np.clip(_grass_blade(rng, np.array(target), min(size)), 0, [width - 1, height - 1])
+            points = _grass_blade(rng, np.array(target), min(size))
+            points = np.clip(points, 0, [width - 1, height - 1])
             alpha = _coverage("polygon", points, size)
             image = image * (1 - alpha[..., None]) + background * alpha[..., None]
             shapes.append(_labelme_shape("grass", "polygon", points))
@@ -210,7 +211,8 @@ def _grass_blade(rng: np.random.Generator, near: np.ndarray, side: int) -> np.nd
     base = near + rng.normal(0, 0.08 * side, 2)
     angle = -np.pi / 2 + rng.uniform(-0.6, 0.6)
     length, half = rng.uniform(0.25, 0.45) * side, rng.uniform(0.03, 0.05) * side
-    axis, normal = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    axis = np.array([np.cos(angle), np.sin(angle)])
+    normal = np.array([-axis[1], axis[0]])
     bend = normal * rng.uniform(-0.15, 0.15) * length
     points = [
         base - half * normal,
@@ -250,7 +252,8 @@ def _stone_texture(rng, size, alpha, colours, centre) -> np.ndarray:
     depth = cv2.distanceTransform(inside, cv2.DIST_L2, 3) / (0.04 * min(size))
     light = rng.normal(size=2)
     y, x = np.mgrid[: size[0], : size[1]]
-    side = ((x - centre[0]) * light[0] + (y - centre[1]) * light[1]) / (np.hypot(*light) * min(size))
+    side = ((x - centre[0]) * light[0] + (y - centre[1]) * light[1]) / np.hypot(*light)
+    side /= min(size)
     shade = 0.7 + 0.4 * np.sqrt(np.clip(depth, 0, 1)) - 0.6 * side
     return colour * shade[..., None]
 
