@@ -167,8 +167,8 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members)}
         for metric in (*METRICS, "val_dice"):
             row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean_ci95(members[metric])
-        best = members.loc[members["val_dice"].idxmax()] if members["val_dice"].notna().any() \
-            else None
+        val_dice = members["val_dice"]
+        best = members.loc[val_dice.idxmax()] if val_dice.notna().any() else None
         rows.append({**row, "parameters": int(members["parameters"].iloc[0]),
                      "train_seconds_mean": members["train_seconds"].mean(),
                      "epochs_mean": members["epochs"].mean(),
@@ -336,8 +336,9 @@ def _experiment_section(folder: Path, output: Path) -> str:
             f"{_estimate(row['iou_mean'], row['iou_ci95'])}, mAP "
             f"{_estimate(row['map_mean'], row['map_ci95'])}. Its best run: `{row['best_run']}` "
             f"(val Dice {row['best_run_val_dice']:.3f}).")
-    links = [f"[{figure}]({Path(os.path.relpath(folder / f'{figure}.png', output.parent)).as_posix()})"
-             for figure in FIGURES if (folder / f"{figure}.png").is_file()]
+    figures = [folder / f"{figure}.png" for figure in FIGURES]
+    links = [f"[{path.stem}]({Path(os.path.relpath(path, output.parent)).as_posix()})"
+             for path in figures if path.is_file()]
     lines += ["", "Figures: " + " · ".join(links), ""]
     return "\n".join(lines)
 

@@ -85,20 +85,26 @@ def _dice(truth: np.ndarray, prediction: np.ndarray) -> float:
 
 
 def _wrap(label: str, width: int = 16) -> str:
-    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+    """Break a long group label at spaces (e.g. around " / "), never inside a name."""
+    return "\n".join(textwrap.wrap(label, width, break_long_words=False,
+                                   break_on_hyphens=False)) or label
 
 
-LEGEND_ENTRY_INCHES = 1.8  # width of one legend column
+def _legend_columns(labels: Sequence[str], width: float) -> int:
+    """Legend columns that fit ``width`` inches: a 9 pt character is about 0.075 in wide,
+    the marker and spacing about 0.7 in."""
+    entry = 0.7 + 0.075 * max(map(len, labels))
+    return max(1, min(len(labels), int(width // entry)))
+
+
+def _legend_height(labels: Sequence[str], width: float) -> float:
+    """Inches the legend below a ``width``-inch figure takes."""
+    return 0.25 * -(-len(labels) // _legend_columns(labels, width))
 
 
 def _legend_below(fig: Figure, handles: list, labels: list[str]) -> None:
-    columns = max(1, min(len(labels), int(fig.get_figwidth() // LEGEND_ENTRY_INCHES)))
-    fig.legend(handles, labels, loc="outside lower center", ncols=columns, frameon=False,
-               fontsize=9)
-
-
-def _legend_rows(n: int, width: float) -> int:
-    return -(-n // int(width // LEGEND_ENTRY_INCHES))
+    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=9,
+               ncols=_legend_columns(labels, fig.get_figwidth()))
 
 
 def _clip_to_unit(ax) -> None:
@@ -114,8 +120,7 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
 
     ``by_epoch`` has columns ``group, epoch, map_mean, map_ci95, dice_mean, dice_ci95``.
     """
-    fig = Figure(figsize=(11, 4 + 0.25 * _legend_rows(len(groups), 11)), dpi=DPI,
-                 layout="constrained")
+    fig = Figure(figsize=(11, 4 + _legend_height(groups, 11)), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
         for group, colour in zip(groups, colours):
@@ -141,7 +146,8 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
 def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
     """Grouped bars of the main test metrics, one bar per group, 95 % CI error bars."""
     n = len(summary)
-    fig = Figure(figsize=(11, 4.2 + 0.25 * _legend_rows(n, 11)), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(11, 4.2 + _legend_height(summary["group"], 11)), dpi=DPI,
+                 layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(BAR_METRICS))
     width = 0.8 / n
