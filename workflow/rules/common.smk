@@ -131,7 +131,7 @@ def experiment_spec(wildcards):
 
 
 def experiment_inputs(wildcards):
-    files = ("metrics.csv", "metrics_by_epoch.csv", "per_image.csv", "history.csv", "evolution.npz")
+    files = ("metrics.csv", "metrics_by_epoch.csv", "history.csv", "evolution.npz")
     return [f"{run_dir(r)}/{f}" for r in EXPERIMENTS[wildcards.experiment] for f in files]
 
 
