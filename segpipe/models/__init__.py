@@ -113,7 +113,8 @@ def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:
-    """Parameters of ``model`` and its forward GFLOPs (eval mode) for one size×size image:
+    """Parameters of ``model`` and its forward GFLOPs for one size×size image (the model is
+    put in eval mode):
     2 FLOPs per multiply-accumulate of convolutions and matrix products, as counted by
     ``torch.utils.flop_counter``. On the meta device nothing is computed."""
     device = next(model.parameters()).device

@@ -16,9 +16,9 @@ class UNetDecoder(nn.Module):
     """U-Net's expanding path over any encoder's features ``[f_0, …, f_D]``.
 
     From the deepest feature down to level 0: upsample ×2 to ``width·2**i`` channels,
-    concatenate the skip ``f_i`` (after an :class:`AttentionGate` gated by the coarser decoder
-    feature when ``attention``), apply ``block(c_in, width·2**i)``; a 1×1 convolution makes
-    the logits.
+    concatenate the skip ``f_i`` (after an :class:`AttentionGate` of ``width·2**i / 2``
+    intermediate channels, gated by the coarser decoder feature, when ``attention``), apply
+    ``block(c_in, width·2**i)``; a 1×1 convolution makes the logits.
     """
 
     def __init__(self, encoder_channels: list[int], width: int,
