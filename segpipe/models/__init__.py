@@ -25,8 +25,8 @@ from segpipe.models.r2unet import AttentionR2UNet, R2UNet
 from segpipe.models.unet import UNet
 from segpipe.models.unetpp import UNetPlusPlus
 
-__all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost", "model_table",
-           "print_model_table"]
+__all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost",
+           "model_table", "print_model_table"]
 
 ARCHITECTURES: dict[str, type[SegmentationModel]] = {
     "unet": UNet,

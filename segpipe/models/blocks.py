@@ -106,7 +106,8 @@ class RRCNNBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, t: int = 2) -> None:
         super().__init__()
         self.project = nn.Conv2d(in_channels, out_channels, 1)
-        self.recurrent = nn.Sequential(RecurrentConv(out_channels, t), RecurrentConv(out_channels, t))
+        self.recurrent = nn.Sequential(RecurrentConv(out_channels, t),
+                                       RecurrentConv(out_channels, t))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.project(x)
