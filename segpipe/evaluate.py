@@ -1,0 +1,166 @@
+"""Evaluation of a trained run on the test cache (never used for model selection).
+
+``evaluate_run(run_dir, cache)`` scores ``model.pt`` (the best epoch on validation) and every
+``snapshots/epoch_<k>.pt`` on every image of the test cache, with the metrics of
+:mod:`segpipe.metrics` at ``threshold``, and writes into the run directory (docs/formats.md):
+
+- ``metrics.csv``: one row: run, wildcards, per-image means ``accuracy, dice, iou, precision,
+  recall, map`` (mean per-image AP), pooled ``pooled_accuracy … pooled_ap``, then
+  ``parameters, train_seconds, epochs, best_epoch, peak_memory_mb`` from the checkpoint;
+- ``per_image.csv``: ``name`` and the per-image metrics of the best model;
+- ``metrics_by_epoch.csv``: ``epoch`` and the metric columns above, one row per snapshot;
+- ``evolution.npz``: the snapshots' probabilities on the first ``n_examples`` test images;
+- ``predictions.png``: image, truth, prediction and probability for those images.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from segpipe import SegpipeError
+from segpipe.metrics import METRICS, PooledMetrics, per_image_metrics
+from segpipe.predict import load_checkpoint
+from segpipe.train import acquire_device, atomic_path, forward_logits
+
+log = logging.getLogger(__name__)
+
+MEAN_COLUMNS = [("map" if m == "ap" else m) for m in METRICS]
+POOLED_COLUMNS = [f"pooled_{m}" for m in METRICS]
+RUN_COLUMNS = ["parameters", "train_seconds", "epochs", "best_epoch", "peak_memory_mb"]
+WILDCARDS = ("architecture", "backbone", "loss", "augmentation")
+
+
+def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4) -> None:
+    """Score a run's best model and snapshots on the test cache (see the module docstring)."""
+    from segpipe.data.dataset import SegmentationH5Dataset
+
+    run_dir, cache = Path(run_dir), Path(cache)
+    if not 0 < threshold < 1:
+        raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
+    if n_examples < 1:
+        raise SegpipeError(f"examples {n_examples}: expected at least 1")
+    all_names, images, masks = _read_test_cache(cache, n_examples)
+    names = all_names[: len(images)]
+    device = acquire_device("auto")
+    model, ckpt = load_checkpoint(run_dir / "model.pt", device)
+    if list(images.shape[1:3]) != list(ckpt["size"]):
+        raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
+                           f"{run_dir / 'model.pt'} was trained at {ckpt['size'][0]}x{ckpt['size'][1]}")
+    loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache), batch_size=8)
+
+    per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
+    spec = ckpt["spec"]
+    row = {"run": spec["run"], **{k: spec["names"][k] for k in WILDCARDS}, "seed": spec["seed"],
+           **{col: per_image[m].mean() for col, m in zip(MEAN_COLUMNS, METRICS)},
+           **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)},
+           **{k: ckpt[k] for k in RUN_COLUMNS}}
+    _write_csv(pd.DataFrame([row]), run_dir / "metrics.csv")
+    _write_csv(pd.DataFrame({"name": all_names, **per_image}), run_dir / "per_image.csv")
+
+    epochs, by_epoch, evolution = [], [], []
+    for path in _snapshots(run_dir):
+        snapshot, snap_ckpt = load_checkpoint(path, device)
+        snap_per_image, snap_pooled, snap_probs = score(snapshot, snap_ckpt, loader, device,
+                                                        threshold, len(names))
+        epochs.append(snap_ckpt["epoch"])
+        by_epoch.append({"epoch": snap_ckpt["epoch"],
+                         **{c: snap_per_image[m].mean() for c, m in zip(MEAN_COLUMNS, METRICS)},
+                         **{c: snap_pooled[m] for c, m in zip(POOLED_COLUMNS, METRICS)}})
+        evolution.append(snap_probs)
+    _write_csv(pd.DataFrame(by_epoch, columns=["epoch", *MEAN_COLUMNS, *POOLED_COLUMNS]),
+               run_dir / "metrics_by_epoch.csv")
+    height, width = images.shape[1:3]
+    with atomic_path(run_dir / "evolution.npz") as tmp:
+        np.savez_compressed(
+            tmp, epochs=np.array(epochs, dtype=np.int64),
+            probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), len(names), height, width),
+            images=images, masks=masks, names=np.array(names, dtype=str))
+    plot_predictions(names, images, masks, probs, threshold, run_dir / "predictions.png",
+                     title=f"{spec['run']} (epoch {ckpt['best_epoch']}) on {cache.name}")
+    log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
+             row["pooled_dice"], len(epochs))
+
+
+@torch.no_grad()
+def score(model: nn.Module, checkpoint: dict, loader: torch.utils.data.DataLoader,
+          device: torch.device, threshold: float, keep: int
+          ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray]:
+    """Per-image metrics ``{name: (N,)}``, pooled metrics, and the probabilities float32
+    (keep, H, W) of the first ``keep`` images."""
+    pooled = PooledMetrics(threshold)
+    per_image: dict[str, list] = {m: [] for m in METRICS}
+    kept: list[torch.Tensor] = []
+    for images, masks in loader:
+        logits = forward_logits(model, images, device, checkpoint["mean"], checkpoint["std"])
+        probs = torch.sigmoid(logits.float())
+        masks = masks.to(device)
+        pooled.update(probs, masks)
+        for name, values in per_image_metrics(probs, masks, threshold).items():
+            per_image[name].append(values.cpu())
+        if sum(map(len, kept)) < keep:
+            kept.append(probs[:keep, 0].cpu())
+    return ({m: torch.cat(v).numpy() for m, v in per_image.items()}, pooled.compute(),
+            torch.cat(kept)[:keep].numpy())
+
+
+def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
+                     probs: np.ndarray, threshold: float, path: Path, title: str) -> None:
+    """A figure with one row per image: image, truth, prediction (``prob >= threshold``),
+    probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(names)
+    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    for r in range(rows):
+        panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
+                  (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
+                  (probs[r], "viridis", "probability")]
+        for ax, (data, cmap, label) in zip(axes[r], panels):
+            shown = ax.imshow(data, cmap=cmap, vmin=0, vmax=1 if cmap else None,
+                              interpolation="nearest")
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(names[r], fontsize=9)
+        fig.colorbar(shown, ax=axes[r][3], fraction=0.046)
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def _snapshots(run_dir: Path) -> list[Path]:
+    """``snapshots/epoch_<k>.pt`` sorted by epoch."""
+    paths = (run_dir / "snapshots").glob("epoch_*.pt")
+    found = [(int(m.group(1)), p) for p in paths if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _read_test_cache(cache: Path, count: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """All image names, and images (K,H,W,3) and masks (K,H,W) of the first ``count``."""
+    try:
+        with h5py.File(cache, "r") as f:
+            names, images, masks = list(f["names"].asstr()[:]), f["images"][:count], f["masks"][:count]
+    except (OSError, KeyError) as exc:
+        raise SegpipeError(f"{cache}: not a segpipe HDF5 cache ({exc})") from None
+    if not names:
+        raise SegpipeError(f"{cache}: the test cache holds no images")
+    return names, images, masks
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

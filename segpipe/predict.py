@@ -1,0 +1,103 @@
+"""Inference from a self-describing checkpoint: ``segpipe predict`` on a folder of new images.
+
+A checkpoint (``model.pt`` or a snapshot, see :func:`segpipe.train.make_checkpoint`) holds the
+architecture and backbone definitions, the input size and the normalisation, so no config is
+needed. Each image is resized to the model size with area interpolation, the foreground
+probability is resized back to the original size bilinearly, and pixels with
+``probability >= threshold`` are foreground: 255 in the written PNG mask, else 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from segpipe import SegpipeError
+from segpipe.train import acquire_device, atomic_path, forward_logits
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+CHECKPOINT_KEYS = ("state_dict", "architecture", "backbone", "size", "mean", "std")
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The model of a checkpoint (eval mode, on ``device``; channels_last on CUDA) and the
+    checkpoint dict. Pretrained backbones are rebuilt with ``weights: none`` (nothing is
+    downloaded) before the stored weights are loaded."""
+    from segpipe.models import build_model
+
+    path, device = Path(path), torch.device(device)
+    if not path.is_file():
+        raise SegpipeError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
+        raise SegpipeError(f"{path}: not a readable checkpoint ({exc})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise SegpipeError(f"{path}: not a segpipe checkpoint (missing {', '.join(missing)})")
+    backbone = dict(checkpoint["backbone"])
+    if "weights" in backbone:
+        backbone["weights"] = "none"
+    model = build_model(checkpoint["architecture"], backbone)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model, checkpoint
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of an image file (grey and 16-bit images are converted)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SegpipeError(f"{path}: not a readable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@torch.no_grad()
+def predict_probability(model: nn.Module, checkpoint: dict, image: np.ndarray,
+                        device: torch.device) -> np.ndarray:
+    """Foreground probability float32 (H, W) at the size of the RGB uint8 ``image``."""
+    height, width = checkpoint["size"]
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    batch = torch.from_numpy(resized).permute(2, 0, 1)[None]
+    logits = forward_logits(model, batch, device, checkpoint["mean"], checkpoint["std"])
+    prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    return cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
+                   threshold: float = 0.5) -> None:
+    """Write ``output_dir/<stem>.png`` (0/255 mask at the original size) for every image
+    (jpg, jpeg, png, bmp, tif, tiff) in ``input_dir``."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not 0 < threshold < 1:
+        raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
+    if not input_dir.is_dir():
+        raise SegpipeError(f"{input_dir}: input folder not found")
+    images = sorted(p for p in input_dir.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SegpipeError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems: dict[str, Path] = {}
+    for path in images:
+        if path.stem in stems:
+            raise SegpipeError(f"{stems[path.stem]} and {path} would both be written as "
+                               f"{output_dir / (path.stem + '.png')}")
+        stems[path.stem] = path
+    device = acquire_device("auto")
+    model, ckpt = load_checkpoint(checkpoint, device)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        prob = predict_probability(model, ckpt, read_image(path), device)
+        mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
+        with atomic_path(output_dir / f"{path.stem}.png") as tmp:
+            tmp.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
+    log.info("wrote %d masks to %s", len(images), output_dir)

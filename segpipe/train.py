@@ -1,0 +1,517 @@
+"""Training of one run: HDF5 cache + run specification → run directory.
+
+``train_run(spec, cache, out_dir)`` trains ``build_model(architecture, backbone)`` on the
+training split of the cache and selects the model on the validation split only (``is_val``);
+the test cache is never seen here. It writes (docs/formats.md):
+
+- ``model.pt``: the checkpoint of the epoch with the best validation Dice (mean over images at
+  threshold 0.5; the first epoch wins ties), self-describing (see :func:`make_checkpoint`);
+- ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`);
+- ``snapshots/epoch_<k>.pt``: the model at the end of each reached ``snapshot_epochs`` epoch;
+- ``train.log``: one line per epoch (also on stderr).
+
+Resuming: after every epoch the full training state is written atomically to ``state.pt``, and
+snapshots to ``state_snapshots/``; neither is a workflow output, so Snakemake does not delete
+them when a job fails. The final outputs are written only when the run ends, then both are
+removed. A state whose fingerprint (spec + cache file) differs is ignored and the run starts
+over. The data order depends only on (seed, epoch): the shuffling generator is re-seeded every
+epoch and the dataset draws its augmentation from ``rng(seed, epoch, index)``, so a run killed
+at any moment and started again ends with the same weights as an uninterrupted run (on CPU).
+
+Images enter the model as ``(x/255 − mean)/std`` (ImageNet mean/std), computed on the device
+from the uint8 batch. On CUDA: channels_last, and with ``amp`` autocast to bf16 where supported,
+else fp16 with a gradient scaler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from segpipe import SegpipeError, __version__
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy",
+                   "val_ap", "lr", "seconds"]
+PLATEAU_FACTOR = 0.5
+PLATEAU_PATIENCE = 5
+GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "segpipe-gpu-locks"
+GPU_WAIT_S = 600.0
+
+SPEC_KEYS = ("run", "seed", "names", "architecture", "backbone", "loss", "augmentation", "train")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+TRAIN_SETTINGS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "optimizer": (lambda v: v in ("adam", "adamw"), "'adam' or 'adamw'"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "encoder_lr_mult": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "scheduler": (lambda v: v in ("plateau", "cosine", "none"), "'plateau', 'cosine' or 'none'"),
+    "early_stop_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "snapshot_epochs": (lambda v: isinstance(v, list) and all(_is_int(k) and k >= 1 for k in v),
+                        "a list of epoch numbers >= 1"),
+    "amp": (lambda v: isinstance(v, bool), "true or false"),
+    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
+}
+"""The keys of ``spec["train"]`` (all required; the workflow fills in the schema defaults)."""
+
+
+def check_spec(spec: dict) -> None:
+    """Raise :class:`SegpipeError` naming the key when the run specification is malformed."""
+    if not isinstance(spec, dict):
+        raise SegpipeError("run spec: expected a JSON object")
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise SegpipeError(f"run spec: missing key(s) {', '.join(missing)}")
+    if not _is_int(spec["seed"]) or spec["seed"] < 0:
+        raise SegpipeError(f"run spec: seed = {spec['seed']!r}: expected an integer >= 0")
+    train = spec["train"]
+    if not isinstance(train, dict):
+        raise SegpipeError("run spec: train must be an object")
+    unknown = sorted(set(train) - set(TRAIN_SETTINGS))
+    if unknown:
+        raise SegpipeError(f"run spec: unknown key(s) train.{', train.'.join(unknown)} "
+                           f"(known: {', '.join(TRAIN_SETTINGS)})")
+    missing = [k for k in TRAIN_SETTINGS if k not in train]
+    if missing:
+        raise SegpipeError(f"run spec: missing key(s) train.{', train.'.join(missing)}")
+    for key, (valid, expected) in TRAIN_SETTINGS.items():
+        if not valid(train[key]):
+            raise SegpipeError(f"run spec: train.{key} = {train[key]!r}: expected {expected}")
+
+
+# ----------------------------------------------------------------------------- devices
+
+_held_gpu_locks: dict[Path, int] = {}  # lock file -> descriptor, held until the process exits
+
+
+def lock_free_gpu(uuids: Sequence[str], lock_dir: Path = GPU_LOCK_DIR,
+                  wait_s: float = GPU_WAIT_S, poll_s: float = 5.0) -> int:
+    """Index in ``uuids`` of a GPU this process holds the lock of.
+
+    Each physical GPU has a lock file ``lock_dir/<uuid>.lock``; the first one on which an
+    exclusive non-blocking ``flock`` succeeds is taken and held until the process exits
+    (the kernel releases it, also on a crash). Keying by UUID, not index, keeps jobs that see
+    different GPUs as index 0 (SLURM) apart. A lock already held by this process is reused.
+    When every GPU is taken, polls every ``poll_s`` s, then raises :class:`SegpipeError`
+    after ``wait_s`` s.
+    """
+    lock_dir = Path(lock_dir)
+    paths = [lock_dir / f"{uuid}.lock" for uuid in uuids]
+    for i, path in enumerate(paths):
+        if path in _held_gpu_locks:
+            return i
+    if not lock_dir.exists():
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # other users' jobs share the GPUs and the locks
+            lock_dir.chmod(0o1777)
+    start = time.monotonic()
+    next_log = start
+    while True:
+        for i, path in enumerate(paths):
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _held_gpu_locks[path] = fd
+            return i
+        waited = time.monotonic() - start
+        if waited >= wait_s:
+            raise SegpipeError(
+                f"all {len(uuids)} GPU(s) are in use by other segpipe jobs (locks in {lock_dir}) "
+                f"after waiting {waited:.0f} s; limit concurrent jobs with "
+                f"`snakemake --resources gpu=<number of GPUs>`")
+        if time.monotonic() >= next_log:
+            log.info("all %d GPU(s) are in use by other segpipe jobs; waiting (%.0f of %.0f s)",
+                     len(uuids), waited, wait_s)
+            next_log += 60
+        time.sleep(min(poll_s, max(wait_s - waited, 0.0)))
+
+
+def acquire_device(setting: str = "auto") -> torch.device:
+    """The device of a job: ``cpu``; or ``cuda``/``auto`` (``auto`` falls back to the CPU when
+    CUDA is not available): a free GPU, taken with :func:`lock_free_gpu`."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SegpipeError("run spec: train.device is 'cuda' but CUDA is not available")
+    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    index = lock_free_gpu(uuids)
+    log.info("using GPU %d (%s, uuid %s)", index, torch.cuda.get_device_name(index), uuids[index])
+    return torch.device("cuda", index)
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU supports it, else fp16; None (fp32) on CPU."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x/255 − mean)/std`` of a uint8 batch (N,3,H,W), as float32 on the batch's device."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+def forward_logits(model: nn.Module, images: Tensor, device: torch.device,
+                   mean: Sequence[float], std: Sequence[float],
+                   autocast: torch.dtype | None = None) -> Tensor | list[Tensor]:
+    """The model's output for a uint8 batch (N,3,H,W): moved to ``device``, normalised,
+    channels_last on CUDA, under autocast when ``autocast`` is a dtype."""
+    x = normalise(images.to(device, non_blocking=True), mean, std)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        return model(x)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) that replaces ``path`` when the block
+    succeeds and is removed when it fails, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _check_split(cache: Path, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+    if len(val_idx) == 0:
+        raise SegpipeError(f"{cache}: no validation images (is_val is all false); "
+                           "rasterise with --val-fraction > 0")
+    if len(train_idx) == 0:
+        raise SegpipeError(f"{cache}: every image is in the validation split")
+
+
+def fingerprint(spec: dict, cache: Path) -> str:
+    """SHA-256 of the spec (canonical JSON) and the cache file's size and mtime: a resumable
+    state is only valid for the same run on the same data."""
+    st = Path(cache).stat()
+    text = json.dumps([spec, st.st_size, st.st_mtime_ns], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max memory allocated by tensors; CPU: max resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int], **meta: object) -> dict:
+    """A self-describing checkpoint (docs/formats.md): everything :mod:`segpipe.predict` needs
+    to rebuild the model, plus ``meta`` (epoch, val_dice, parameters, train_seconds, epochs,
+    best_epoch, peak_memory_mb)."""
+    return {"state_dict": state_dict, "architecture": spec["architecture"],
+            "backbone": spec["backbone"], "spec": spec, "size": list(size),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "segpipe_version": __version__, **meta}
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker: python/numpy seeded from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_optimizer(model: nn.Module, train: dict, pretrained: bool) -> torch.optim.Optimizer:
+    """Adam (Kingma & Ba 2015) or AdamW (Loshchilov & Hutter 2019) over the model's parameter
+    groups ``encoder`` and ``decoder``: learning rate ``lr``, times ``encoder_lr_mult`` for the
+    encoder when it is pretrained."""
+    mult = {"encoder": train["encoder_lr_mult"] if pretrained else 1.0, "decoder": 1.0}
+    kind = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
+    return kind([{"params": params, "lr": train["lr"] * mult[name], "name": name}
+                 for name, params in model.parameter_groups().items() if params],
+                lr=train["lr"], weight_decay=train["weight_decay"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> object | None:
+    """Per-epoch schedule: ``plateau`` multiplies the learning rates by
+    :data:`PLATEAU_FACTOR` after :data:`PLATEAU_PATIENCE` epochs without validation-Dice gain;
+    ``cosine`` anneals them to 0 over ``epochs`` (Loshchilov & Hutter 2017, SGDR); ``none``."""
+    if train["scheduler"] == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
+    if train["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, train["epochs"])
+    return None
+
+
+def train_run(spec: dict, cache: Path, out_dir: Path) -> None:
+    """Train one run (see the module docstring); resumes from ``out_dir/state.pt``."""
+    check_spec(spec)
+    cache, out_dir = Path(cache), Path(out_dir)
+    if not cache.is_file():
+        raise SegpipeError(f"{cache}: training cache not found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    level = log.level
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log always gets the epochs
+    log.addHandler(handler)
+    try:
+        _train(spec, cache, out_dir)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
+
+
+def _train(spec: dict, cache: Path, out_dir: Path) -> None:
+    from segpipe.data.augment import build_augmentation
+    from segpipe.data.dataset import SegmentationH5Dataset, split_indices
+    from segpipe.losses import build_loss
+    from segpipe.models import build_model
+
+    run, seed, cfg = spec["run"], spec["seed"], spec["train"]
+    train_idx, val_idx = split_indices(cache)
+    _check_split(cache, train_idx, val_idx)
+    device = acquire_device(cfg["device"])
+    autocast = amp_dtype(device, cfg["amp"])
+
+    _seed_everything(seed)
+    model = build_model(spec["architecture"], spec["backbone"]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_loss(spec["loss"])
+    optimizer = build_optimizer(model, cfg, pretrained=spec["backbone"].get("weights", "none") != "none")
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+
+    val_set = SegmentationH5Dataset(cache, indices=val_idx)
+    size = list(val_set[0][0].shape[1:])
+    augment = build_augmentation(spec["augmentation"], tuple(size))
+    train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
+    shuffle = torch.Generator()
+    loader_options = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                          worker_init_fn=_seed_worker, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=shuffle,
+                                               **loader_options)
+    val_loader = torch.utils.data.DataLoader(val_set, generator=torch.Generator().manual_seed(0),
+                                             **loader_options)
+
+    state_path, pending = out_dir / "state.pt", out_dir / "state_snapshots"
+    key = fingerprint(spec, cache)
+    state = _load_state(state_path, key)
+    if state is None:
+        shutil.rmtree(pending, ignore_errors=True)
+        progress = {"epoch": 0, "history": [], "best_dice": -math.inf, "best_epoch": 0,
+                    "best_state": None, "stale": 0, "peak_memory_mb": 0.0}
+    else:
+        progress = _restore(state, model, optimizer, scheduler, scaler, device)
+        log.info("%s: resuming after epoch %d from %s", run, progress["epoch"], state_path)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    patience = cfg["early_stop_patience"]
+    log.info("%s: %d train / %d val images %s, %s parameters, device %s%s", run, len(train_idx),
+             len(val_idx), "x".join(map(str, size)), f"{parameters:,}", device,
+             f", autocast {autocast}" if autocast else "")
+    while progress["epoch"] < cfg["epochs"] and not (patience and progress["stale"] >= patience):
+        epoch = progress["epoch"] + 1
+        start = time.perf_counter()
+        lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")
+        train_set.set_epoch(epoch)
+        shuffle.manual_seed(_epoch_seed(seed, epoch))
+        train_loss = _train_epoch(model, train_loader, criterion, optimizer, scaler, device,
+                                  autocast, desc=f"{run} epoch {epoch}/{cfg['epochs']}")
+        if not math.isfinite(train_loss):
+            raise SegpipeError(f"run {run}: the training loss is {train_loss} in epoch {epoch}; "
+                               "lower train.lr or check the loss definition")
+        val = validate(model, val_loader, criterion, device, autocast)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val["dice"])
+        elif scheduler is not None:
+            scheduler.step()
+        progress["history"].append({
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+            "val_dice": val["dice"], "val_iou": val["iou"], "val_accuracy": val["accuracy"],
+            "val_ap": val["ap"], "lr": lr, "seconds": time.perf_counter() - start})
+        progress["epoch"] = epoch
+        progress["peak_memory_mb"] = max(progress["peak_memory_mb"], peak_memory_mb(device))
+        if val["dice"] > progress["best_dice"]:
+            progress.update(best_dice=val["dice"], best_epoch=epoch, stale=0,
+                            best_state=_cpu_state_dict(model))
+        else:
+            progress["stale"] += 1
+        meta = _meta(progress, parameters)
+        if epoch in cfg["snapshot_epochs"]:
+            save_atomic(make_checkpoint(spec, _cpu_state_dict(model), size, epoch=epoch,
+                                        val_dice=val["dice"], **meta),
+                        pending / f"epoch_{epoch}.pt")
+        save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, key), state_path)
+        log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val dice %.4f, lr %.2e, %.1f s%s",
+                 run, epoch, cfg["epochs"], train_loss, val["loss"], val["dice"], lr,
+                 progress["history"][-1]["seconds"],
+                 " *" if progress["best_epoch"] == epoch else "")
+
+    if patience and progress["stale"] >= patience:
+        log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
+                 run, progress["epoch"], patience)
+    meta = _meta(progress, parameters)
+    save_atomic(make_checkpoint(spec, progress["best_state"], size, epoch=progress["best_epoch"],
+                                val_dice=progress["best_dice"], **meta), out_dir / "model.pt")
+    with atomic_path(out_dir / "history.csv") as tmp:
+        pd.DataFrame(progress["history"], columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
+    # The state goes first: killed after this, a re-run starts over instead of finishing
+    # without the pending snapshots.
+    state_path.unlink()
+    shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
+    pending.mkdir(exist_ok=True)
+    os.replace(pending, out_dir / "snapshots")
+    log.info("%s: best val dice %.4f at epoch %d of %d; %.0f s training, peak memory %.0f MiB",
+             run, progress["best_dice"], progress["best_epoch"], progress["epoch"],
+             meta["train_seconds"], meta["peak_memory_mb"])
+
+
+def _meta(progress: dict, parameters: int) -> dict:
+    return {"parameters": parameters,
+            "train_seconds": sum(row["seconds"] for row in progress["history"]),
+            "epochs": progress["epoch"], "best_epoch": progress["best_epoch"],
+            "peak_memory_mb": progress["peak_memory_mb"]}
+
+
+def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 device: torch.device, autocast: torch.dtype | None, desc: str) -> float:
+    """One pass over the training data; the mean loss over images."""
+    model.train()
+    total, count = torch.zeros((), device=device), 0
+    for images, masks in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        target = masks.to(device, non_blocking=True).float()
+        logits = forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
+        loss = criterion(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.detach() * len(images)
+        count += len(images)
+    return total.item() / count
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
+             device: torch.device, autocast: torch.dtype | None) -> dict[str, float]:
+    """Mean loss over images and per-image means of Dice, IoU, accuracy and AP (threshold 0.5,
+    :mod:`segpipe.metrics`) on the validation data."""
+    from segpipe.metrics import per_image_metrics
+
+    model.eval()
+    losses, metrics = [], []
+    for images, masks in loader:
+        target = masks.to(device, non_blocking=True).float()
+        logits = forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
+        losses.append(criterion(logits, target).double() * len(images))
+        metrics.append(per_image_metrics(torch.sigmoid(logits.float()), target))
+    count = sum(len(m["dice"]) for m in metrics)
+    means = {k: torch.cat([m[k] for m in metrics]).mean().item()
+             for k in ("dice", "iou", "accuracy", "ap")}
+    return {"loss": torch.stack(losses).sum().item() / count, **means}
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
+           scaler: torch.amp.GradScaler, device: torch.device, progress: dict, key: str) -> dict:
+    return {"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "progress": progress}
+
+
+def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: object, scaler: torch.amp.GradScaler, device: torch.device) -> dict:
+    """Load a saved state into the training objects and RNGs; returns its progress."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    return state["progress"]
+
+
+def _load_state(path: Path, key: str) -> dict | None:
+    """The resumable state at ``path`` if it exists and belongs to this run (``key``)."""
+    if not path.exists():
+        return None
+    try:  # our own file, holding numpy/python RNG states: not loadable with weights_only
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state means: start over
+        log.warning("ignoring unreadable %s (%s); starting over", path, exc)
+        return None
+    if state.get("fingerprint") != key:
+        log.warning("ignoring %s: it belongs to another spec or cache; starting over", path)
+        return None
+    return state

@@ -1,0 +1,181 @@
+"""`segpipe evaluate` on a tiny trained run: every file and column, and metrics that agree
+with a computation from scratch on the test images."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from segpipe import SegpipeError
+from segpipe.data.cache import build_cache
+from segpipe.data.synthetic import write_dataset
+from segpipe.evaluate import evaluate_run
+from segpipe.models import build_model
+from segpipe.train import train_run
+
+METRICS = ["accuracy", "dice", "iou", "precision", "recall"]
+SPEC = {
+    "run": "unet__scratch__bcedice_0.5__plain__s3",
+    "seed": 3,
+    "names": {"architecture": "unet", "backbone": "scratch", "loss": "bcedice_0.5",
+              "augmentation": "plain"},
+    "architecture": {"model": "unet", "width": 16, "depth": 3},
+    "backbone": {},
+    "loss": {"bce": 0.5, "dice": 0.5},
+    "augmentation": {},
+    "train": {"epochs": 6, "batch_size": 4, "lr": 0.003, "optimizer": "adamw",
+              "weight_decay": 0.01, "encoder_lr_mult": 0.1, "scheduler": "plateau",
+              "early_stop_patience": 0, "snapshot_epochs": [1, 2, 3, 4, 5, 6], "amp": False,
+              "num_workers": 0, "device": "cpu"},
+}
+EPOCHS = [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one thread is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root / "train", count=48, seed=0, size=(64, 64))
+    write_dataset(root / "test", count=5, seed=1, size=(64, 64))
+    build_cache(root / "train", root / "train.h5", size=(32, 32), val_fraction=0.25)
+    build_cache(root / "test", root / "test.h5", size=(32, 32))
+    train_run(SPEC, root / "train.h5", root / "run")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(data) -> Path:
+    evaluate_run(data / "run", data / "test.h5", n_examples=3)
+    return data / "run"
+
+
+def scratch_metrics(run_dir: Path, cache: Path, threshold: float) -> tuple[pd.DataFrame, dict]:
+    """Per-image and pooled metrics of model.pt on the test cache, computed here from the
+    definitions (docs/formats.md) with numpy."""
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    model = build_model(checkpoint["architecture"], checkpoint["backbone"]).eval()
+    model.load_state_dict(checkpoint["state_dict"])
+    with h5py.File(cache) as f:
+        images, masks = f["images"][:], f["masks"][:].astype(bool)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0
+    x = (x - torch.tensor(checkpoint["mean"]).view(1, 3, 1, 1)) / torch.tensor(checkpoint["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pred = (torch.sigmoid(model(x))[:, 0] >= threshold).numpy()
+
+    def ratios(tp, fp, fn, tn):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"accuracy": (tp + tn) / (tp + fp + fn + tn), "dice": 2 * tp / (2 * tp + fp + fn),
+                    "iou": tp / (tp + fp + fn), "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
+
+    counts = [(pred & masks).sum((1, 2)), (pred & ~masks).sum((1, 2)),
+              (~pred & masks).sum((1, 2)), (~pred & ~masks).sum((1, 2))]
+    per_image = pd.DataFrame(ratios(*[c.astype(float) for c in counts]))
+    pooled = ratios(*[np.float64(c.sum()) for c in counts])
+    return per_image, pooled
+
+
+def test_metrics_csv_has_every_column(run):
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns) == [
+        "run", "architecture", "backbone", "loss", "augmentation", "seed",
+        "accuracy", "dice", "iou", "precision", "recall", "map",
+        "pooled_accuracy", "pooled_dice", "pooled_iou", "pooled_precision", "pooled_recall",
+        "pooled_ap", "parameters", "train_seconds", "epochs", "best_epoch", "peak_memory_mb"]
+    row = metrics.iloc[0]
+    assert len(metrics) == 1 and row["run"] == SPEC["run"] and row["seed"] == 3
+    assert (row["architecture"], row["loss"]) == ("unet", "bcedice_0.5")
+    checkpoint = torch.load(run / "model.pt", weights_only=True)
+    for key in ("parameters", "epochs", "best_epoch"):
+        assert row[key] == checkpoint[key]
+    assert row["train_seconds"] == pytest.approx(checkpoint["train_seconds"])
+    assert row["epochs"] == 6 and 1 <= row["best_epoch"] <= 6
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_metrics_agree_with_a_computation_from_scratch(data, run, tmp_path, threshold):
+    if threshold != 0.5:  # evaluate a copy of the run at another threshold
+        shutil.copytree(run, tmp_path / "run")
+        evaluate_run(tmp_path / "run", data / "test.h5", threshold=threshold, n_examples=3)
+        run = tmp_path / "run"
+    expected_per_image, expected_pooled = scratch_metrics(run, data / "test.h5", threshold)
+    assert 0 < expected_pooled["dice"] < 1  # a model that finds some of the foreground
+    per_image = pd.read_csv(run / "per_image.csv")
+    assert list(per_image.columns) == ["name", *METRICS, "ap"]
+    with h5py.File(data / "test.h5") as f:
+        assert list(per_image["name"]) == list(f["names"].asstr()[:])
+    # Zero denominators (nothing predicted or nothing true) follow metrics.py's rule; compare
+    # where the ratio is defined.
+    defined = expected_per_image.notna()
+    np.testing.assert_allclose(per_image[METRICS][defined].fillna(0), expected_per_image[defined].fillna(0))
+    metrics = pd.read_csv(run / "metrics.csv").iloc[0]
+    for name in METRICS:
+        assert metrics[name] == pytest.approx(per_image[name].mean())
+        if np.isfinite(expected_pooled[name]):
+            assert metrics[f"pooled_{name}"] == pytest.approx(expected_pooled[name])
+    assert metrics["map"] == pytest.approx(per_image["ap"].mean())
+
+
+def test_average_precision_does_not_depend_on_the_threshold(data, run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    evaluate_run(tmp_path / "run", data / "test.h5", threshold=0.2, n_examples=1)
+    before = pd.read_csv(run / "metrics.csv").iloc[0]
+    after = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[0]
+    assert after["pooled_ap"] == before["pooled_ap"] and after["map"] == before["map"]
+
+
+def test_snapshots_are_scored_on_test(run):
+    by_epoch = pd.read_csv(run / "metrics_by_epoch.csv")
+    metrics = pd.read_csv(run / "metrics.csv").iloc[0]
+    assert list(by_epoch["epoch"]) == EPOCHS
+    assert list(by_epoch.columns) == ["epoch", *metrics.index[6:18]]
+    # model.pt is the snapshot of its best epoch: the same scores.
+    best = by_epoch.set_index("epoch").loc[metrics["best_epoch"]]
+    np.testing.assert_allclose(best.to_numpy(float), metrics.iloc[6:18].to_numpy(float))
+
+
+def test_evolution_holds_the_snapshots_probabilities(data, run):
+    evolution = np.load(run / "evolution.npz")
+    assert list(evolution["epochs"]) == EPOCHS
+    assert evolution["probs"].shape == (6, 3, 32, 32) and evolution["probs"].dtype == np.float16
+    assert ((0 <= evolution["probs"]) & (evolution["probs"] <= 1)).all()
+    with h5py.File(data / "test.h5") as f:
+        np.testing.assert_array_equal(evolution["images"], f["images"][:3])
+        np.testing.assert_array_equal(evolution["masks"], f["masks"][:3])
+        assert list(evolution["names"]) == list(f["names"].asstr()[:3])
+    best = int(pd.read_csv(run / "metrics.csv")["best_epoch"][0])
+    per_image = pd.read_csv(run / "per_image.csv")
+    pred = evolution["probs"][best - 1].astype(np.float32) >= 0.5
+    truth = evolution["masks"].astype(bool)
+    dice = 2 * (pred & truth).sum((1, 2)) / (pred.sum((1, 2)) + truth.sum((1, 2)))
+    np.testing.assert_allclose(dice, per_image["dice"][:3], atol=0.02)  # float16 rounding
+
+
+def test_predictions_figure(run):
+    figure = matplotlib.image.imread(run / "predictions.png")
+    height, width, _ = figure.shape
+    assert width == 1000 and height > 3 * 200  # 4 panels per row, one row per example
+
+
+def test_missing_model_and_size_mismatch(data, run, tmp_path):
+    with pytest.raises(SegpipeError, match=r"empty/model.pt: checkpoint not found"):
+        (tmp_path / "empty").mkdir()
+        evaluate_run(tmp_path / "empty", data / "test.h5")
+    build_cache(data / "test", tmp_path / "test48.h5", size=(48, 48))
+    shutil.copytree(run, tmp_path / "run")
+    with pytest.raises(SegpipeError, match=r"test48.h5: images are 48x48, but .* trained at 32x32"):
+        evaluate_run(tmp_path / "run", tmp_path / "test48.h5")

@@ -1,0 +1,258 @@
+"""Training on tiny synthetic data (32×32, U-Net of width 8): it learns, it resumes exactly
+after being killed, it selects on validation only, and it rejects bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from segpipe import SegpipeError
+from segpipe.data.cache import build_cache
+from segpipe.data.synthetic import write_dataset
+from segpipe.models import build_model
+from segpipe.train import (HISTORY_COLUMNS, build_optimizer, fingerprint, lock_free_gpu,
+                           train_run)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def make_spec(architecture: dict | None = None, augmentation: dict | None = None,
+              **train: object) -> dict:
+    """A small run: U-Net of width 8, flips, 3 epochs, snapshots at epochs 1 and 3."""
+    return {
+        "run": "unet__scratch__bcedice_0.5__flips__s0",
+        "seed": 0,
+        "names": {"architecture": "unet", "backbone": "scratch", "loss": "bcedice_0.5",
+                  "augmentation": "flips"},
+        "architecture": architecture or {"model": "unet", "width": 8, "depth": 2},
+        "backbone": {},
+        "loss": {"bce": 0.5, "dice": 0.5},
+        "augmentation": {"hflip": 0.5, "vflip": 0.5} if augmentation is None else augmentation,
+        "train": {"epochs": 3, "batch_size": 8, "lr": 0.01, "optimizer": "adam",
+                  "weight_decay": 0.0, "encoder_lr_mult": 0.1, "scheduler": "cosine",
+                  "early_stop_patience": 0, "snapshot_epochs": [1, 3, 99], "amp": True,
+                  "num_workers": 0, "device": "auto", **train},
+    }
+
+
+# The learning run: a wider and deeper U-Net, no augmentation, 12 epochs (~5 s on one core).
+LEARNING = dict(architecture={"model": "unet", "width": 16, "depth": 3}, augmentation={},
+                epochs=12, batch_size=4, lr=0.003)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one thread is faster (subprocesses get
+    OMP_NUM_THREADS=1, so their results are bitwise those of this process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """48 synthetic images at 32×32, 12 of them in the validation split."""
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root / "labelme", count=48, seed=0, size=(64, 64))
+    build_cache(root / "labelme", root / "train.h5", size=(SIZE, SIZE), val_fraction=0.25)
+    return root / "train.h5"
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train_run(make_spec(**LEARNING), cache, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def short_run(cache, tmp_path_factory) -> Path:
+    """The reference for the exactness tests: an uninterrupted 3-epoch run."""
+    out = tmp_path_factory.mktemp("short_run")
+    train_run(make_spec(), cache, out)
+    return out
+
+
+def history_without_time(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "history.csv").drop(columns="seconds")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa = torch.load(a, weights_only=True)["state_dict"]
+    sb = torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_learns_beyond_all_foreground(cache, trained):
+    with h5py.File(cache) as f:
+        masks = f["masks"][:][f["is_val"][:]].reshape(-1, SIZE * SIZE).astype(float)
+    all_foreground = np.mean(2 * masks.sum(1) / (masks.sum(1) + SIZE * SIZE))
+    history = pd.read_csv(trained / "history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert list(history["epoch"]) == list(range(1, 13))
+    assert history["train_loss"].iloc[-3:].mean() < history["train_loss"].iloc[:3].mean()
+    assert history["val_dice"].max() > all_foreground + 0.15, (history, all_foreground)
+
+
+def test_outputs_and_self_describing_checkpoint(trained):
+    history = pd.read_csv(trained / "history.csv")
+    checkpoint = torch.load(trained / "model.pt", weights_only=True)
+    best = int(history["val_dice"].idxmax()) + 1  # the first epoch of the maximum
+    assert checkpoint["epoch"] == checkpoint["best_epoch"] == best
+    assert checkpoint["val_dice"] == pytest.approx(history["val_dice"].max())
+    assert checkpoint["epochs"] == 12
+    assert checkpoint["train_seconds"] == pytest.approx(history["seconds"].sum())
+    assert checkpoint["size"] == [SIZE, SIZE]
+    assert checkpoint["mean"] == [0.485, 0.456, 0.406]
+    assert checkpoint["std"] == [0.229, 0.224, 0.225]
+    assert checkpoint["architecture"] == LEARNING["architecture"]
+    assert checkpoint["spec"] == make_spec(**LEARNING) and checkpoint["peak_memory_mb"] > 0
+    model = build_model(checkpoint["architecture"], checkpoint["backbone"])
+    assert checkpoint["parameters"] == sum(p.numel() for p in model.parameters())
+    model.load_state_dict(checkpoint["state_dict"])  # strict: every key matches
+    # The cosine schedule: lr_e = lr/2 · (1 + cos(π (e − 1) / epochs)).
+    expected_lr = [0.0015 * (1 + np.cos(np.pi * e / 12)) for e in range(12)]
+    np.testing.assert_allclose(history["lr"], expected_lr, rtol=1e-12)
+    # Snapshots at the reached configured epochs (99 is never reached), state removed.
+    assert sorted(p.name for p in (trained / "snapshots").iterdir()) == ["epoch_1.pt", "epoch_3.pt"]
+    snapshot = torch.load(trained / "snapshots" / "epoch_3.pt", weights_only=True)
+    assert snapshot["epoch"] == 3 and snapshot["val_dice"] == pytest.approx(history["val_dice"][2])
+    assert not (trained / "state.pt").exists() and not (trained / "state_snapshots").exists()
+    log = (trained / "train.log").read_text().splitlines()
+    assert [int(re.search(r" epoch (\d+)/12: ", line)[1]) for line in log
+            if " epoch " in line and "/12: " in line] == list(range(1, 13))
+
+
+def test_same_result_with_dataloader_workers(cache, short_run, tmp_path):
+    train_run(make_spec(num_workers=2), cache, tmp_path)
+    pd.testing.assert_frame_equal(history_without_time(tmp_path), history_without_time(short_run))
+    assert_same_weights(tmp_path / "model.pt", short_run / "model.pt")
+
+
+def test_kill_and_resume_equals_uninterrupted(cache, short_run, tmp_path):
+    """A `segpipe train` process killed (SIGKILL) once an epoch's state is saved, then run
+    again, ends with the weights and history of the uninterrupted run."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(make_spec()))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "segpipe", "train", "--cache", str(cache),
+               "--spec", f"@{spec}", "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr
+    assert (out / "state.pt").exists() and not (out / "model.pt").exists()
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming after epoch" in (out / "train.log").read_text()
+    pd.testing.assert_frame_equal(history_without_time(out), history_without_time(short_run))
+    assert_same_weights(out / "model.pt", short_run / "model.pt")
+    for name in ("epoch_1.pt", "epoch_3.pt"):
+        assert_same_weights(out / "snapshots" / name, short_run / "snapshots" / name)
+    assert not (out / "state.pt").exists()
+
+
+def test_state_of_another_spec_is_ignored(cache, short_run, tmp_path):
+    spec, other = make_spec(), make_spec(lr=0.02)
+    assert fingerprint(other, cache) != fingerprint(spec, cache)
+    # The state of a finished run of the other spec: if it were used, nothing would be trained.
+    torch.save({"fingerprint": fingerprint(other, cache), "progress": {"epoch": 3}},
+               tmp_path / "state.pt")
+    train_run(spec, cache, tmp_path)
+    assert "ignoring" in (tmp_path / "train.log").read_text()
+    pd.testing.assert_frame_equal(history_without_time(tmp_path), history_without_time(short_run))
+    assert_same_weights(tmp_path / "model.pt", short_run / "model.pt")
+
+
+def test_early_stopping_on_validation_dice(cache, tmp_path):
+    train_run(make_spec(epochs=12, early_stop_patience=1, lr=0.05, scheduler="none"), cache, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    best = int(history["val_dice"].idxmax()) + 1
+    assert len(history) == best + 1 < 12  # stopped after 1 epoch without a gain
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["best_epoch"] == best
+
+
+def test_non_finite_loss_names_run_and_epoch(cache, tmp_path):
+    # Adam's first step moves every weight by ~lr: activations overflow to inf, then NaN.
+    with pytest.raises(SegpipeError, match=r"run unet__scratch__bcedice_0.5__flips__s0: "
+                                           r"the training loss is nan in epoch 1"):
+        train_run(make_spec(epochs=3, lr=1e30), cache, tmp_path)
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "history.csv").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimiser": "adam"}, r"unknown key\(s\) train.optimiser"),
+    ({"lr": "fast"}, r"train.lr = 'fast': expected a number > 0"),
+    ({"epochs": 2.0}, r"train.epochs = 2.0: expected an integer >= 1"),
+    ({"amp": 1}, r"train.amp = 1: expected true or false"),
+    ({"snapshot_epochs": [0]}, r"train.snapshot_epochs"),
+    ({"device": "tpu"}, r"train.device = 'tpu'"),
+])
+def test_bad_train_settings(cache, tmp_path, change, message):
+    with pytest.raises(SegpipeError, match=message):
+        train_run(make_spec(**change), cache, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_setting_and_cache_without_validation(cache, tmp_path):
+    spec = make_spec()
+    del spec["train"]["scheduler"]
+    with pytest.raises(SegpipeError, match="missing key.* train.scheduler"):
+        train_run(spec, cache, tmp_path / "a")
+    no_val = tmp_path / "no_val.h5"
+    shutil.copy(cache, no_val)
+    with h5py.File(no_val, "r+") as f:
+        f["is_val"][...] = False
+    with pytest.raises(SegpipeError, match="no_val.h5: no validation images"):
+        train_run(make_spec(), no_val, tmp_path / "b")
+
+
+def test_encoder_learning_rate_multiplier_only_for_pretrained_encoders():
+    model = build_model({"model": "unet", "width": 4, "depth": 2}, {})
+    train = make_spec(lr=0.01, encoder_lr_mult=0.1)["train"]
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(model, train, pretrained=True).param_groups}
+    assert lrs == {"encoder": pytest.approx(0.001), "decoder": 0.01}
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(model, train, pretrained=False).param_groups}
+    assert lrs == {"encoder": 0.01, "decoder": 0.01}
+
+
+def test_gpu_locks_give_concurrent_jobs_different_gpus(tmp_path):
+    """The lock per GPU UUID: a second process gets the next free GPU, waits boundedly when
+    all are taken, and gets a GPU back once its holder exits."""
+    a, b = f"GPU-{uuid.uuid4()}", f"GPU-{uuid.uuid4()}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from segpipe.train import lock_free_gpu; "
+         f"print(lock_free_gpu({[a, b]!r}, {str(tmp_path)!r}), flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        assert lock_free_gpu([a, b], tmp_path, wait_s=0) == 1  # a is taken by the other process
+        assert lock_free_gpu([a, b], tmp_path, wait_s=0) == 1  # this process keeps its GPU
+        with pytest.raises(SegpipeError, match="all 1 GPU.* in use"):
+            lock_free_gpu([a], tmp_path, wait_s=0.3, poll_s=0.1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_free_gpu([a], tmp_path, wait_s=0) == 0  # released when its holder died
