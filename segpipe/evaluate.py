@@ -9,7 +9,8 @@
   ``parameters, train_seconds, epochs, best_epoch, peak_memory_mb`` from the checkpoint;
 - ``per_image.csv``: ``name`` and the per-image metrics of the best model;
 - ``metrics_by_epoch.csv``: ``epoch`` and the metric columns above, one row per snapshot;
-- ``evolution.npz``: the snapshots' probabilities on the first ``n_examples`` test images;
+- ``evolution.npz``: on the first ``n_examples`` test images, the probabilities of each
+  snapshot (``probs``) and of the best model (``probs_best``);
 - ``predictions.png``: image, truth, prediction and probability for those images.
 """
 
@@ -82,7 +83,8 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), len(names), height, width),
-            images=images, masks=masks, names=np.array(names, dtype=str))
+            probs_best=probs.astype(np.float16), images=images, masks=masks,
+            names=np.array(names, dtype=str))
     plot_predictions(names, images, masks, probs, threshold, run_dir / "predictions.png",
                      title=f"{spec['run']} (epoch {ckpt['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],

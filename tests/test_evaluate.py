@@ -158,6 +158,7 @@ def test_evolution_holds_the_snapshots_probabilities(data, run):
         np.testing.assert_array_equal(evolution["masks"], f["masks"][:3])
         assert list(evolution["names"]) == list(f["names"].asstr()[:3])
     best = int(pd.read_csv(run / "metrics.csv")["best_epoch"][0])
+    np.testing.assert_array_equal(evolution["probs_best"], evolution["probs"][best - 1])
     per_image = pd.read_csv(run / "per_image.csv")
     pred = evolution["probs"][best - 1].astype(np.float32) >= 0.5
     truth = evolution["masks"].astype(bool)
