@@ -54,15 +54,14 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
     model, ckpt = load_checkpoint(run_dir / "model.pt", device)
     if list(images.shape[1:3]) != list(ckpt["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
-                           f"{run_dir / 'model.pt'} was trained at {ckpt['size'][0]}x{ckpt['size'][1]}")
+                           f"{run_dir / 'model.pt'} was trained at "
+                           f"{ckpt['size'][0]}x{ckpt['size'][1]}")
     loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache), batch_size=8)
 
     per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
     spec = ckpt["spec"]
     row = {"run": spec["run"], **{k: spec["names"][k] for k in WILDCARDS}, "seed": spec["seed"],
-           **{col: per_image[m].mean() for col, m in zip(MEAN_COLUMNS, METRICS)},
-           **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)},
-           **{k: ckpt[k] for k in RUN_COLUMNS}}
+           **_metric_columns(per_image, pooled), **{k: ckpt[k] for k in RUN_COLUMNS}}
     _write_csv(pd.DataFrame([row]), run_dir / "metrics.csv")
     _write_csv(pd.DataFrame({"name": all_names, **per_image}), run_dir / "per_image.csv")
 
@@ -73,16 +72,14 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
                                                         threshold, len(names))
         epochs.append(snap_ckpt["epoch"])
         by_epoch.append({"epoch": snap_ckpt["epoch"],
-                         **{c: snap_per_image[m].mean() for c, m in zip(MEAN_COLUMNS, METRICS)},
-                         **{c: snap_pooled[m] for c, m in zip(POOLED_COLUMNS, METRICS)}})
+                         **_metric_columns(snap_per_image, snap_pooled)})
         evolution.append(snap_probs)
     _write_csv(pd.DataFrame(by_epoch, columns=["epoch", *MEAN_COLUMNS, *POOLED_COLUMNS]),
                run_dir / "metrics_by_epoch.csv")
-    height, width = images.shape[1:3]
     with atomic_path(run_dir / "evolution.npz") as tmp:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
-            probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), len(names), height, width),
+            probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
             probs_best=probs.astype(np.float16), images=images, masks=masks,
             names=np.array(names, dtype=str))
     plot_predictions(names, images, masks, probs, threshold, run_dir / "predictions.png",
@@ -144,6 +141,12 @@ def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
     plt.close(fig)
 
 
+def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float]) -> dict[str, float]:
+    """The metric columns: per-image means, then pooled values."""
+    return {**{col: float(per_image[m].mean()) for col, m in zip(MEAN_COLUMNS, METRICS)},
+            **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)}}
+
+
 def _snapshots(run_dir: Path) -> list[Path]:
     """``snapshots/epoch_<k>.pt`` sorted by epoch."""
     paths = (run_dir / "snapshots").glob("epoch_*.pt")
@@ -155,7 +158,8 @@ def _read_test_cache(cache: Path, count: int) -> tuple[list[str], np.ndarray, np
     """All image names, and images (K,H,W,3) and masks (K,H,W) of the first ``count``."""
     try:
         with h5py.File(cache, "r") as f:
-            names, images, masks = list(f["names"].asstr()[:]), f["images"][:count], f["masks"][:count]
+            names = list(f["names"].asstr()[:])
+            images, masks = f["images"][:count], f["masks"][:count]
     except (OSError, KeyError) as exc:
         raise SegpipeError(f"{cache}: not a segpipe HDF5 cache ({exc})") from None
     if not names:

@@ -39,7 +39,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
         raise SegpipeError(f"{path}: not a readable checkpoint ({exc})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [k for k in CHECKPOINT_KEYS
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise SegpipeError(f"{path}: not a segpipe checkpoint (missing {', '.join(missing)})")
     backbone = dict(checkpoint["backbone"])

@@ -170,7 +170,8 @@ def acquire_device(setting: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SegpipeError("run spec: train.device is 'cuda' but CUDA is not available")
-    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    uuids = [str(torch.cuda.get_device_properties(i).uuid)
+             for i in range(torch.cuda.device_count())]
     index = lock_free_gpu(uuids)
     log.info("using GPU %d (%s, uuid %s)", index, torch.cuda.get_device_name(index), uuids[index])
     return torch.device("cuda", index)
@@ -341,7 +342,8 @@ def _train(spec: dict, cache: Path, out_dir: Path) -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = build_loss(spec["loss"])
-    optimizer = build_optimizer(model, cfg, pretrained=spec["backbone"].get("weights", "none") != "none")
+    pretrained = spec["backbone"].get("weights", "none") != "none"
+    optimizer = build_optimizer(model, cfg, pretrained)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 

@@ -72,15 +72,16 @@ def scratch_metrics(run_dir: Path, cache: Path, threshold: float) -> tuple[pd.Da
     model.load_state_dict(checkpoint["state_dict"])
     with h5py.File(cache) as f:
         images, masks = f["images"][:], f["masks"][:].astype(bool)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0
-    x = (x - torch.tensor(checkpoint["mean"]).view(1, 3, 1, 1)) / torch.tensor(checkpoint["std"]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(checkpoint[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - mean) / std
     with torch.no_grad():
         pred = (torch.sigmoid(model(x))[:, 0] >= threshold).numpy()
 
     def ratios(tp, fp, fn, tn):
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {"accuracy": (tp + tn) / (tp + fp + fn + tn), "dice": 2 * tp / (2 * tp + fp + fn),
-                    "iou": tp / (tp + fp + fn), "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
+            return {"accuracy": (tp + tn) / (tp + fp + fn + tn),
+                    "dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn),
+                    "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
 
     counts = [(pred & masks).sum((1, 2)), (pred & ~masks).sum((1, 2)),
               (~pred & masks).sum((1, 2)), (~pred & ~masks).sum((1, 2))]
@@ -121,7 +122,8 @@ def test_metrics_agree_with_a_computation_from_scratch(data, run, tmp_path, thre
     # Zero denominators (nothing predicted or nothing true) follow metrics.py's rule; compare
     # where the ratio is defined.
     defined = expected_per_image.notna()
-    np.testing.assert_allclose(per_image[METRICS][defined].fillna(0), expected_per_image[defined].fillna(0))
+    np.testing.assert_allclose(per_image[METRICS][defined].fillna(0),
+                               expected_per_image[defined].fillna(0))
     metrics = pd.read_csv(run / "metrics.csv").iloc[0]
     for name in METRICS:
         assert metrics[name] == pytest.approx(per_image[name].mean())

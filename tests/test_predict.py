@@ -53,7 +53,8 @@ def test_masks_have_the_original_sizes_and_follow_the_threshold(tmp_path):
     checkpoint = save_checkpoint(constant_model(2.0), tmp_path / "model.pt", backbone={})
     sizes = write_images(tmp_path / "in")
     predict_folder(checkpoint, tmp_path / "in", tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{s}.png" for s in sorted(sizes)]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [f"{stem}.png" for stem in sorted(sizes)]
     for stem, size in sizes.items():
         mask = cv2.imread(str(tmp_path / "out" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == size and mask.dtype == np.uint8 and (mask == 255).all()

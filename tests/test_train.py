@@ -187,7 +187,8 @@ def test_state_of_another_spec_is_ignored(cache, short_run, tmp_path):
 
 
 def test_early_stopping_on_validation_dice(cache, tmp_path):
-    train_run(make_spec(epochs=12, early_stop_patience=1, lr=0.05, scheduler="none"), cache, tmp_path)
+    spec = make_spec(epochs=12, early_stop_patience=1, lr=0.05, scheduler="none")
+    train_run(spec, cache, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     best = int(history["val_dice"].idxmax()) + 1
     assert len(history) == best + 1 < 12  # stopped after 1 epoch without a gain
