@@ -24,6 +24,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# The tiny study on a real one-node SLURM cluster (needs root: apt-installs Debian's SLURM).
+test-slurm: $(VENV)/.installed
+	tests/slurm/cluster.sh install
+	$(BIN)/pip install --quiet -e '.[test,slurm]'
+	$(BIN)/python -m pytest -q -m slurm tests/slurm
+
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint
 
