@@ -29,6 +29,8 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
+        # Every run's evaluation is a target too, so a deleted run is re-created.
+        [f"{run_dir(run)}/metrics.csv" for run in RUNS],
         "results/summary.md",
         [figure for name in config["experiments"] for figure in experiment_figures(name)],
     default_target: True

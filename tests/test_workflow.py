@@ -46,10 +46,10 @@ def planned(workdir: Path) -> dict[str, set[str]]:
     """Jobs a dry run would execute: rule -> set of its first outputs."""
     out = snakemake(workdir, "--dry-run").stdout
     jobs: dict[str, set[str]] = {}
-    for rule, output in re.findall(r"^rule (\w+):\n(?:    .*\n)*?    output: ([^,\n]+)", out, re.M):
-        jobs.setdefault(rule, set()).add(output)
-    for rule in re.findall(r"^localrule (\w+):", out, re.M):
-        jobs.setdefault(rule, set())
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", out, flags=re.M)[1:]:
+        rule = re.match(r"(?:local)?rule (\w+):", block).group(1)
+        output = re.search(r"^    output: ([^,\n]+)", block, re.M)
+        jobs.setdefault(rule, set()).update([output.group(1)] if output else [])
     return jobs
 
 

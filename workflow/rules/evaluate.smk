@@ -19,6 +19,8 @@ rule evaluate:
     benchmark:
         f"results/benchmarks/evaluate/{RUN}.tsv"
     threads: 1
+    resources:
+        gpu=config["resources"]["train_gpus"],
     conda:
         ENV
     shell:
