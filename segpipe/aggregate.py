@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, plots
+from segpipe.files import atomic_path
 
 METRICS = (
     "accuracy", "dice", "iou", "precision", "recall", "map",
@@ -194,19 +194,8 @@ def summarise_by_epoch(by_epoch: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- writing outputs
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it when the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save(fig: Figure, path: Path) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi="figure")
 
 
@@ -260,7 +249,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     colours = plots.group_colours(len(groups), x)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    with _atomic(output_dir / "summary.csv") as tmp:
+    with atomic_path(output_dir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
     _save(plots.plot_curves(summarise_by_epoch(by_epoch), groups, colours,
                             f"{name}: test metrics during training"), output_dir / "curves.png")
@@ -350,5 +339,5 @@ def write_summary(experiment_dirs: list[Path], output: Path) -> None:
         raise SegpipeError("summary: no experiment folders given")
     sections = [_experiment_section(Path(folder), output) for folder in experiment_dirs]
     output.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic(output) as tmp:
+    with atomic_path(output) as tmp:
         tmp.write_text("# segpipe results\n\n" + "\n".join(sections))

@@ -29,7 +29,8 @@ from torch import nn
 from segpipe import SegpipeError
 from segpipe.metrics import METRICS, PooledMetrics, per_image_metrics
 from segpipe.predict import load_checkpoint
-from segpipe.train import acquire_device, atomic_path, forward_logits
+from segpipe.files import atomic_path
+from segpipe.train import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
 

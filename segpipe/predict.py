@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError
-from segpipe.train import acquire_device, atomic_path, forward_logits
+from segpipe.files import atomic_path
+from segpipe.train import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
 

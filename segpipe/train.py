@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
+from segpipe.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -204,20 +205,6 @@ def forward_logits(model: nn.Module, images: Tensor, device: torch.device,
 
 
 # ----------------------------------------------------------------------------- files
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix) that replaces ``path`` when the block
-    succeeds and is removed when it fails, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_atomic(obj: object, path: Path) -> None:

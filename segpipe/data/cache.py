@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
+from segpipe.files import atomic_path
 from segpipe.data.labelme import FILLED_TYPES, check_label_rule, load_annotation, rasterise
 
 log = logging.getLogger(__name__)
@@ -63,40 +63,33 @@ def build_cache(
 
     n = len(files)
     is_val = split_validation(n, val_fraction, split_seed)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     labels, skipped, foreground_pixels = Counter(), Counter(), 0
-    try:
-        with h5py.File(partial, "w") as h5:
-            images = h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
-            masks = h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
-            orig_size = h5.create_dataset("orig_size", (n, 2), np.int32)
-            for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
-                annotation = load_annotation(path)
-                image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
-                images[i] = image
-                masks[i] = mask = rasterise(annotation, size, foreground, background)
-                orig_size[i] = annotation.size
-                foreground_pixels += int(mask.sum())
-                labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
-                skipped.update(annotation.skipped)
-            _check_labels(input_dir, labels, foreground, background)
-            h5.create_dataset("names", data=[p.stem for p in files], dtype=h5py.string_dtype())
-            h5.create_dataset("is_val", data=is_val)
-            h5.attrs.update(
-                segpipe_version=__version__,
-                source=str(input_dir.resolve()),
-                foreground=json.dumps(foreground),
-                background=json.dumps(background),
-                size=np.array(size),
-                count=n,
-                val_fraction=val_fraction,
-                split_seed=split_seed,
-            )
-        os.replace(partial, output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_path(output) as partial, h5py.File(partial, "w") as h5:
+        images = h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
+        masks = h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
+        orig_size = h5.create_dataset("orig_size", (n, 2), np.int32)
+        for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
+            annotation = load_annotation(path)
+            image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
+            images[i] = image
+            masks[i] = mask = rasterise(annotation, size, foreground, background)
+            orig_size[i] = annotation.size
+            foreground_pixels += int(mask.sum())
+            labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
+            skipped.update(annotation.skipped)
+        _check_labels(input_dir, labels, foreground, background)
+        h5.create_dataset("names", data=[p.stem for p in files], dtype=h5py.string_dtype())
+        h5.create_dataset("is_val", data=is_val)
+        h5.attrs.update(
+            segpipe_version=__version__,
+            source=str(input_dir.resolve()),
+            foreground=json.dumps(foreground),
+            background=json.dumps(background),
+            size=np.array(size),
+            count=n,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+        )
     split = f" ({n - is_val.sum()} train, {is_val.sum()} val)" if is_val.any() else ""
     log.info(
         "%s: %d images%s at %dx%d, foreground %.1f%% of pixels; shapes: %s; skipped (no area): %s",
