@@ -4,7 +4,8 @@
 #   cluster.sh install        apt-get the Debian packages (slurmctld slurmd slurm-client munge)
 #   cluster.sh start DIR      start munged, slurmctld, slurmd with all state under DIR; prints
 #                             the SLURM_CONF to export; fails (and cleans up) within ~60 s
-#   cluster.sh stop DIR       kill the daemons recorded in DIR/pids, wait until they are gone
+#   cluster.sh stop DIR       cancel leftover jobs, kill the daemons recorded in DIR/pids
+#                             (waiting until they are gone), remove the /etc/slurm link
 #
 # Needs root (slurmd runs jobs as any user). Ports are the first free pair from 6817 upwards.
 set -euo pipefail
@@ -54,6 +55,9 @@ stop() {
     [[ -d $dir ]] || return 0
     dir=$(cd "$dir" && pwd)
     if [[ -f $dir/pids ]]; then
+        # Jobs outlive slurmd: cancel what is left, then stop the daemons.
+        SLURM_CONF=$dir/etc/slurm.conf scancel --user "$(id -un)" 2>/dev/null || true
+        SLURM_CONF=$dir/etc/slurm.conf wait_for 30 "jobs to end" queue_empty || true
         # In reverse order: slurmd (it ends running jobs), slurmctld, munged (the others need it).
         for pid in $(tac "$dir/pids"); do
             kill "$pid" 2>/dev/null || continue
@@ -85,6 +89,8 @@ link_default_conf() {
 unlink_default_conf() {
     [[ $(readlink "$default_conf" 2>/dev/null) != "$1/etc/slurm.conf" ]] || rm -f "$default_conf"
 }
+
+queue_empty() { [[ -z $(squeue -h -t PENDING,RUNNING,COMPLETING -o %i) ]]; }
 
 node_idle() { sinfo -h -n "$node" -o %T | grep -qx idle; }
 

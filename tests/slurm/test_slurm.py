@@ -88,9 +88,14 @@ def studies(cluster, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("studies")
     slurm_dir, local_dir = new_study(root / "slurm"), new_study(root / "local")
     local = start_snakemake(cluster, local_dir, "--cores", "1")
-    slurm = start_snakemake(cluster, slurm_dir, *SLURM_ARGS)
-    assert finish(slurm, cluster, 400) == 0, output(slurm_dir)[-5000:]
-    assert finish(local, cluster, 400) == 0, output(local_dir)[-5000:]
+    try:
+        slurm = start_snakemake(cluster, slurm_dir, *SLURM_ARGS)
+        assert finish(slurm, cluster, 400) == 0, output(slurm_dir)[-5000:]
+        assert finish(local, cluster, 400) == 0, output(local_dir)[-5000:]
+    finally:
+        if local.poll() is None:
+            os.killpg(local.pid, signal.SIGKILL)
+            local.wait()
     return slurm_dir, local_dir
 
 
@@ -108,28 +113,30 @@ def test_every_job_ran_as_a_slurm_job(studies):
     submitted = set(SUBMITTED.findall(output(slurm_dir)))
     logs = sorted((slurm_dir / "results" / "logs").rglob("*.log"))
     # 2 synthesise, 2 rasterise, 4 train, 4 evaluate, 2 aggregate, 1 summary; `all` is local.
-    assert len(submitted) == len(logs) == 15
+    assert len(logs) == 15
     logged = {re.search(r"SLURM_JOB_ID=(\d+)", log.read_text()).group(1) for log in logs}
-    assert logged == submitted
+    assert len(logged) == 15 and logged <= submitted  # (a retried job logs its last attempt)
 
 
-def test_training_jobs_got_a_gpu(studies, cluster):
+def test_training_and_evaluation_jobs_got_a_gpu(studies, cluster):
     slurm_dir, _ = studies
     calls = sbatch_lines(slurm_dir)
-    assert len(calls["train"]) == 4
+    assert len(calls["train"]) >= 4 and len(calls["evaluate"]) >= 4
     for rule, lines in calls.items():
         for line in lines:
             if rule == "train":
                 assert " -p gpu " in line and " --gpus=1" in line and "--cpus-per-gpu=8" in line
+            elif rule == "evaluate":
+                assert " -p gpu " in line and " --gpus=1" in line and "--cpus-per-task=1" in line
             else:
                 assert " -p cpu " in line and "--gpus" not in line and "--gres" not in line
-    train_ids = [log.read_text() for log in (slurm_dir / "results" / "logs" / "train").iterdir()]
-    for text in train_ids:
-        job = re.search(r"SLURM_JOB_ID=(\d+)", text).group(1)
-        shown = subprocess.run(["scontrol", "show", "job", job], env=cluster, capture_output=True,
-                               text=True, timeout=30).stdout
-        assert "JobState=COMPLETED" in shown and "Partition=gpu" in shown
-        assert "TresPerJob=gres:gpu:1" in shown
+    for rule in ("train", "evaluate"):
+        for log in (slurm_dir / "results" / "logs" / rule).iterdir():
+            job = re.search(r"SLURM_JOB_ID=(\d+)", log.read_text()).group(1)
+            shown = subprocess.run(["scontrol", "show", "job", job], env=cluster,
+                                   capture_output=True, text=True, timeout=30).stdout
+            assert "JobState=COMPLETED" in shown and "Partition=gpu" in shown
+            assert "TresPerJob=gres:gpu:1" in shown
 
 
 def timing_free(frame: pd.DataFrame) -> pd.DataFrame:
