@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -37,7 +38,7 @@ SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> dict[str, str]:
+def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A running cluster; yields the environment for snakemake and the SLURM commands."""
     if os.geteuid() != 0 or shutil.which("slurmctld") is None:
         pytest.skip("needs root and the SLURM packages: run `make test-slurm`")
@@ -53,12 +54,12 @@ def cluster(tmp_path_factory) -> dict[str, str]:
 
 def start_snakemake(env: dict[str, str], workdir: Path, *args: str) -> subprocess.Popen:
     """Snakemake on the repo's Snakefile in `workdir`, output to workdir/snakemake.out."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", workdir,
-         "--configfile", workdir / "config.yaml", *args],
-        stdout=(workdir / "snakemake.out").open("w"), stderr=subprocess.STDOUT, env=env,
-        start_new_session=True,
-    )
+    with (workdir / "snakemake.out").open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "-d", workdir,
+             "--configfile", workdir / "config.yaml", *args],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
 
 
 def finish(proc: subprocess.Popen, env: dict[str, str], timeout: float) -> int:
@@ -69,7 +70,7 @@ def finish(proc: subprocess.Popen, env: dict[str, str], timeout: float) -> int:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         subprocess.run(["scancel", "--user", "root"], env=env, timeout=30)
-        pytest.fail(f"snakemake {proc.args[-1]!r} did not finish within {timeout} s")
+        pytest.fail(f"snakemake did not finish within {timeout} s: {proc.args}")
 
 
 def output(workdir: Path) -> str:
