@@ -56,3 +56,15 @@ def labelme_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "labelme"
     write_dataset(folder, count=6, seed=0, size=(48, 64))
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests run with one torch thread: the two CI cores are shared, and subprocesses
+    get OMP_NUM_THREADS=1, so their results are bitwise those of the test process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

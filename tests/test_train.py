@@ -55,14 +55,7 @@ LEARNING = dict(architecture={"model": "unet", "width": 16, "depth": 3}, augment
                 epochs=12, batch_size=4, lr=0.003)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: one thread is faster (subprocesses get
-    OMP_NUM_THREADS=1, so their results are bitwise those of this process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
