@@ -96,12 +96,16 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU, {torch.get_num_threads()} threads"
     print(f"forward+backward, {args.size}x{args.size}, batch {args.batch}, {args.iters} steps "
           f"on {device}")
-    print(f"{'model':<28} {'parameters':>12} {'images/s':>10} {'peak MB':>9}")
+    print(f"{'model':<28} {'parameters':>12} {'images/s':>10} {'peak MB':>9}   "
+          f"vs {models[0]} (speed, memory)")
+    baseline = None
     for name in models:
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             row = pool.submit(measure, name, args.size, args.batch, args.iters).result()
+        baseline = baseline or row
         print(f"{row['model']:<28} {row['parameters']:>12,} {row['images_per_s']:>10.2f} "
-              f"{row['peak_mb']:>9.0f}", flush=True)
+              f"{row['peak_mb']:>9.0f}   {row['images_per_s'] / baseline['images_per_s']:.2f}x, "
+              f"{row['peak_mb'] / baseline['peak_mb']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
