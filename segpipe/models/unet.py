@@ -53,8 +53,11 @@ class UNet(SegmentationModel):
     ``depth`` and ``down`` are the encoder's and ``width`` sets the decoder widths.
     """
 
+    attention = False
+
     def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
                  up: str = "transpose", encoder: Encoder | None = None) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
-        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, DoubleConv, up))
+        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, DoubleConv, up,
+                                              attention=self.attention))
