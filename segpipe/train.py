@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -185,10 +186,16 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+@functools.lru_cache(maxsize=8)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """(1, C, 1, 1) tensor on ``device``, made once: no host-to-device copy per batch."""
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+
 def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(x/255 − mean)/std`` of a uint8 batch (N,3,H,W), as float32 on the batch's device."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    m = _per_channel(tuple(mean), images.device)
+    s = _per_channel(tuple(std), images.device)
     return (images.float() / 255 - m) / s
 
 
