@@ -181,5 +181,16 @@ def figure(name, title):
     )
 
 
+def experiment_outputs():
+    """The outputs of every experiment's aggregation (a sweep adds sweep.png)."""
+    return {
+        "summary": f"{EXPERIMENT_DIR}/summary.csv",
+        "curves": figure("curves", "test metrics vs epoch"),
+        "bars": figure("bars", "test metrics"),
+        "evolution": figure("evolution", "mask evolution"),
+        "samples": figure("samples", "sample predictions"),
+    }
+
+
 def names_regex(names):
     return "|".join(re.escape(n) for n in names) or "(?!)"  # (?!) matches nothing

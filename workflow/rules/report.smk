@@ -3,11 +3,7 @@ rule aggregate:
     input:
         experiment_inputs,
     output:
-        summary=f"{EXPERIMENT_DIR}/summary.csv",
-        curves=figure("curves", "test metrics vs epoch"),
-        bars=figure("bars", "test metrics"),
-        evolution=figure("evolution", "mask evolution"),
-        samples=figure("samples", "sample predictions"),
+        **experiment_outputs(),
     params:
         spec=experiment_spec,
         dir=lambda wc, output: os.path.dirname(output.summary),
@@ -24,11 +20,7 @@ rule aggregate:
 
 use rule aggregate as aggregate_sweep with:
     output:
-        summary=f"{EXPERIMENT_DIR}/summary.csv",
-        curves=figure("curves", "test metrics vs epoch"),
-        bars=figure("bars", "test metrics"),
-        evolution=figure("evolution", "mask evolution"),
-        samples=figure("samples", "sample predictions"),
+        **experiment_outputs(),
         sweep=figure("sweep", "test metrics vs swept parameter"),
     wildcard_constraints:
         experiment=names_regex(sweep_experiments()),
