@@ -15,7 +15,7 @@ $(BIN)/python:
 # Re-install whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python -c "import torch, torchvision, cv2, h5py, snakemake"
+	$(BIN)/python -c "import torch, torchvision, cv2, h5py, scipy, snakemake"
 	touch $@
 
 demo: $(VENV)/.installed
