@@ -60,19 +60,21 @@ def _cmd_models(a: argparse.Namespace) -> None:
 def _cmd_train(a: argparse.Namespace) -> None:
     from segpipe.train import train_run
 
-    train_run(a.spec, cache=a.cache, out_dir=a.output_dir)
+    train_run(a.spec, cache=a.cache, out_dir=a.output_dir, device=a.device,
+              num_workers=a.num_workers)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from segpipe.evaluate import evaluate_run
 
-    evaluate_run(a.run_dir, cache=a.cache, threshold=a.threshold, n_examples=a.examples)
+    evaluate_run(a.run_dir, cache=a.cache, threshold=a.threshold, n_examples=a.examples,
+                 device=a.device)
 
 
 def _cmd_predict(a: argparse.Namespace) -> None:
     from segpipe.predict import predict_folder
 
-    predict_folder(a.checkpoint, a.input, a.output, threshold=a.threshold)
+    predict_folder(a.checkpoint, a.input, a.output, threshold=a.threshold, device=a.device)
 
 
 def _cmd_aggregate(a: argparse.Namespace) -> None:
@@ -85,6 +87,11 @@ def _cmd_summary(a: argparse.Namespace) -> None:
     from segpipe.aggregate import write_summary
 
     write_summary(a.experiments, a.output)
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                        help="auto (default): a free GPU when CUDA is available, else the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json_arg, required=True,
                    help="run specification: JSON object or @file.json")
     s.add_argument("--output-dir", type=Path, required=True, help="the run directory")
+    _add_device(s)
+    s.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes (0: load in this process)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("evaluate", help="score a trained run on the test cache")
@@ -129,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", type=Path, required=True, help="test HDF5 cache")
     s.add_argument("--threshold", type=float, default=0.5)
     s.add_argument("--examples", type=int, default=4, help="test images in predictions.png")
+    _add_device(s)
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("predict", help="write PNG masks for a folder of images")
@@ -136,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", type=Path, required=True, help="folder of images")
     s.add_argument("--output", type=Path, required=True, help="folder for the masks")
     s.add_argument("--threshold", type=float, default=0.5)
+    _add_device(s)
     s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("aggregate", help="tables and figures for one experiment")

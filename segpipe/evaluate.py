@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError
-from segpipe.metrics import METRICS, PooledMetrics, per_image_metrics
-from segpipe.predict import load_checkpoint
+from segpipe.checkpoint import load_checkpoint
 from segpipe.files import atomic_path
-from segpipe.train import acquire_device, forward_logits
+from segpipe.metrics import METRICS, PooledMetrics, per_image_metrics
+from segpipe.runtime import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ RUN_COLUMNS = ["parameters", "train_seconds", "epochs", "best_epoch", "peak_memo
 WILDCARDS = ("architecture", "backbone", "loss", "augmentation")
 
 
-def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4) -> None:
-    """Score a run's best model and snapshots on the test cache (see the module docstring)."""
+def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
+                 device: str = "auto") -> None:
+    """Score a run's best model and snapshots on the test cache (see the module docstring) on
+    ``device`` (:data:`segpipe.runtime.DEVICES`)."""
     from segpipe.data.dataset import SegmentationH5Dataset
 
     run_dir, cache = Path(run_dir), Path(cache)
@@ -51,7 +53,7 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
         raise SegpipeError(f"examples {n_examples}: expected at least 1")
     all_names, images, masks = _read_test_cache(cache, n_examples)
     names = all_names[: len(images)]
-    device = acquire_device("auto")
+    device = acquire_device(device)
     model, ckpt = load_checkpoint(run_dir / "model.pt", device)
     if list(images.shape[1:3]) != list(ckpt["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "

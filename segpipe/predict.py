@@ -1,6 +1,6 @@
 """Inference from a self-describing checkpoint: ``segpipe predict`` on a folder of new images.
 
-A checkpoint (``model.pt`` or a snapshot, see :func:`segpipe.train.make_checkpoint`) holds the
+A checkpoint (``model.pt`` or a snapshot, :mod:`segpipe.checkpoint`) holds the
 architecture and backbone definitions, the input size and the normalisation, so no config is
 needed. Each image is resized to the model size with area interpolation, the foreground
 probability is resized back to the original size bilinearly, and pixels with
@@ -18,41 +18,13 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError
+from segpipe.checkpoint import load_checkpoint
 from segpipe.files import atomic_path
-from segpipe.train import acquire_device, forward_logits
+from segpipe.runtime import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-CHECKPOINT_KEYS = ("state_dict", "architecture", "backbone", "size", "mean", "std")
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The model of a checkpoint (eval mode, on ``device``; channels_last on CUDA) and the
-    checkpoint dict. Pretrained backbones are rebuilt with ``weights: none`` (nothing is
-    downloaded) before the stored weights are loaded."""
-    from segpipe.models import build_model
-
-    path, device = Path(path), torch.device(device)
-    if not path.is_file():
-        raise SegpipeError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
-        raise SegpipeError(f"{path}: not a readable checkpoint ({exc})") from None
-    missing = [k for k in CHECKPOINT_KEYS
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise SegpipeError(f"{path}: not a segpipe checkpoint (missing {', '.join(missing)})")
-    backbone = dict(checkpoint["backbone"])
-    if "weights" in backbone:
-        backbone["weights"] = "none"
-    model = build_model(checkpoint["architecture"], backbone)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model, checkpoint
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -76,7 +48,7 @@ def predict_probability(model: nn.Module, checkpoint: dict, image: np.ndarray,
 
 
 def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
-                   threshold: float = 0.5) -> None:
+                   threshold: float = 0.5, device: str = "auto") -> None:
     """Write ``output_dir/<stem>.png`` (0/255 mask at the original size) for every image
     (jpg, jpeg, png, bmp, tif, tiff) in ``input_dir``."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -94,7 +66,7 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
             raise SegpipeError(f"{stems[path.stem]} and {path} would both be written as "
                                f"{output_dir / (path.stem + '.png')}")
         stems[path.stem] = path
-    device = acquire_device("auto")
+    device = acquire_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in images:

@@ -5,7 +5,7 @@ training split of the cache and selects the model on the validation split only (
 the test cache is never seen here. It writes (docs/formats.md):
 
 - ``model.pt``: the checkpoint of the epoch with the best validation Dice (mean over images at
-  threshold 0.5; the first epoch wins ties), self-describing (see :func:`make_checkpoint`);
+  threshold 0.5; the first epoch wins ties), self-describing (:mod:`segpipe.checkpoint`);
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`);
 - ``snapshots/epoch_<k>.pt``: the model at the end of each reached ``snapshot_epochs`` epoch;
 - ``train.log``: one line per epoch (also on stderr).
@@ -18,28 +18,23 @@ over. The data order depends only on (seed, epoch): the shuffling generator is r
 epoch and the dataset draws its augmentation from ``rng(seed, epoch, index)``, so a run killed
 at any moment and started again ends with the same weights as an uninterrupted run (on CPU).
 
-Images enter the model as ``(x/255 − mean)/std`` (ImageNet mean/std), computed on the device
-from the uint8 batch. On CUDA: channels_last, and with ``amp`` autocast to bf16 where supported,
-else fp16 with a gradient scaler.
+Device, mixed precision, input normalisation and the forward pass are those of
+:mod:`segpipe.runtime`, shared with evaluation and prediction; with ``amp`` on CUDA, fp16
+autocast trains with a gradient scaler. ``device`` and ``num_workers`` are execution settings:
+they are not part of the spec, so changing them neither re-runs nor invalidates a state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-import resource
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,168 +43,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from segpipe import SegpipeError, __version__
+from segpipe import SegpipeError
+from segpipe.checkpoint import save_checkpoint
 from segpipe.files import atomic_path
+from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
+                             forward_logits, peak_memory_mb)
+from segpipe.spec import check_spec
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_accuracy",
                    "val_ap", "lr", "seconds"]
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 5
-GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "segpipe-gpu-locks"
-GPU_WAIT_S = 600.0
-
-SPEC_KEYS = ("run", "seed", "names", "architecture", "backbone", "loss", "augmentation", "train")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-TRAIN_SETTINGS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "optimizer": (lambda v: v in ("adam", "adamw"), "'adam' or 'adamw'"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "encoder_lr_mult": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "scheduler": (lambda v: v in ("plateau", "cosine", "none"), "'plateau', 'cosine' or 'none'"),
-    "early_stop_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
-    "snapshot_epochs": (lambda v: isinstance(v, list) and all(_is_int(k) and k >= 1 for k in v),
-                        "a list of epoch numbers >= 1"),
-    "amp": (lambda v: isinstance(v, bool), "true or false"),
-    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
-}
-"""The keys of ``spec["train"]`` (all required; the workflow fills in the schema defaults)."""
-
-
-def check_spec(spec: dict) -> None:
-    """Raise :class:`SegpipeError` naming the key when the run specification is malformed."""
-    if not isinstance(spec, dict):
-        raise SegpipeError("run spec: expected a JSON object")
-    missing = [k for k in SPEC_KEYS if k not in spec]
-    if missing:
-        raise SegpipeError(f"run spec: missing key(s) {', '.join(missing)}")
-    if not _is_int(spec["seed"]) or spec["seed"] < 0:
-        raise SegpipeError(f"run spec: seed = {spec['seed']!r}: expected an integer >= 0")
-    train = spec["train"]
-    if not isinstance(train, dict):
-        raise SegpipeError("run spec: train must be an object")
-    unknown = sorted(set(train) - set(TRAIN_SETTINGS))
-    if unknown:
-        raise SegpipeError(f"run spec: unknown key(s) train.{', train.'.join(unknown)} "
-                           f"(known: {', '.join(TRAIN_SETTINGS)})")
-    missing = [k for k in TRAIN_SETTINGS if k not in train]
-    if missing:
-        raise SegpipeError(f"run spec: missing key(s) train.{', train.'.join(missing)}")
-    for key, (valid, expected) in TRAIN_SETTINGS.items():
-        if not valid(train[key]):
-            raise SegpipeError(f"run spec: train.{key} = {train[key]!r}: expected {expected}")
-
-
-# ----------------------------------------------------------------------------- devices
-
-_held_gpu_locks: dict[Path, int] = {}  # lock file -> descriptor, held until the process exits
-
-
-def lock_free_gpu(uuids: Sequence[str], lock_dir: Path = GPU_LOCK_DIR,
-                  wait_s: float = GPU_WAIT_S, poll_s: float = 5.0) -> int:
-    """Index in ``uuids`` of a GPU this process holds the lock of.
-
-    Each physical GPU has a lock file ``lock_dir/<uuid>.lock``; the first one on which an
-    exclusive non-blocking ``flock`` succeeds is taken and held until the process exits
-    (the kernel releases it, also on a crash). Keying by UUID, not index, keeps jobs that see
-    different GPUs as index 0 (SLURM) apart. A lock already held by this process is reused.
-    When every GPU is taken, polls every ``poll_s`` s, then raises :class:`SegpipeError`
-    after ``wait_s`` s.
-    """
-    lock_dir = Path(lock_dir)
-    paths = [lock_dir / f"{uuid}.lock" for uuid in uuids]
-    for i, path in enumerate(paths):
-        if path in _held_gpu_locks:
-            return i
-    if not lock_dir.exists():
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):  # other users' jobs share the GPUs and the locks
-            lock_dir.chmod(0o1777)
-    start = time.monotonic()
-    next_log = start
-    while True:
-        for i, path in enumerate(paths):
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            _held_gpu_locks[path] = fd
-            return i
-        waited = time.monotonic() - start
-        if waited >= wait_s:
-            raise SegpipeError(
-                f"all {len(uuids)} GPU(s) are in use by other segpipe jobs (locks in {lock_dir}) "
-                f"after waiting {waited:.0f} s; limit concurrent jobs with "
-                f"`snakemake --resources gpu=<number of GPUs>`")
-        if time.monotonic() >= next_log:
-            log.info("all %d GPU(s) are in use by other segpipe jobs; waiting (%.0f of %.0f s)",
-                     len(uuids), waited, wait_s)
-            next_log += 60
-        time.sleep(min(poll_s, max(wait_s - waited, 0.0)))
-
-
-def acquire_device(setting: str = "auto") -> torch.device:
-    """The device of a job: ``cpu``; or ``cuda``/``auto`` (``auto`` falls back to the CPU when
-    CUDA is not available): a free GPU, taken with :func:`lock_free_gpu`."""
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SegpipeError("run spec: train.device is 'cuda' but CUDA is not available")
-    uuids = [str(torch.cuda.get_device_properties(i).uuid)
-             for i in range(torch.cuda.device_count())]
-    index = lock_free_gpu(uuids)
-    log.info("using GPU %d (%s, uuid %s)", index, torch.cuda.get_device_name(index), uuids[index])
-    return torch.device("cuda", index)
-
-
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the GPU supports it, else fp16; None (fp32) on CPU."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-@functools.lru_cache(maxsize=8)
-def _per_channel(values: tuple[float, ...], device: torch.device) -> Tensor:
-    """(1, C, 1, 1) tensor on ``device``, made once: no host-to-device copy per batch."""
-    return torch.tensor(values, device=device).view(1, -1, 1, 1)
-
-
-def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """``(x/255 − mean)/std`` of a uint8 batch (N,3,H,W), as float32 on the batch's device."""
-    m = _per_channel(tuple(mean), images.device)
-    s = _per_channel(tuple(std), images.device)
-    return (images.float() / 255 - m) / s
-
-
-def forward_logits(model: nn.Module, images: Tensor, device: torch.device,
-                   mean: Sequence[float], std: Sequence[float],
-                   autocast: torch.dtype | None = None) -> Tensor | list[Tensor]:
-    """The model's output for a uint8 batch (N,3,H,W): moved to ``device``, normalised,
-    channels_last on CUDA, under autocast when ``autocast`` is a dtype."""
-    x = normalise(images.to(device, non_blocking=True), mean, std)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        return model(x)
-
 
 # ----------------------------------------------------------------------------- files
 
@@ -233,23 +79,6 @@ def fingerprint(spec: dict, cache: Path) -> str:
     st = Path(cache).stat()
     text = json.dumps([spec, st.st_size, st.st_mtime_ns], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max memory allocated by tensors; CPU: max resident set size of this process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int], **meta: object) -> dict:
-    """A self-describing checkpoint (docs/formats.md): everything :mod:`segpipe.predict` needs
-    to rebuild the model, plus ``meta`` (epoch, val_dice, parameters, train_seconds, epochs,
-    best_epoch, peak_memory_mb)."""
-    return {"state_dict": state_dict, "architecture": spec["architecture"],
-            "backbone": spec["backbone"], "spec": spec, "size": list(size),
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "segpipe_version": __version__, **meta}
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -299,8 +128,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> object | N
     return None
 
 
-def train_run(spec: dict, cache: Path, out_dir: Path) -> None:
-    """Train one run (see the module docstring); resumes from ``out_dir/state.pt``."""
+def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
+              num_workers: int = 0) -> None:
+    """Train one run (see the module docstring) on ``device`` (:data:`segpipe.runtime.DEVICES`)
+    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``."""
     check_spec(spec)
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
@@ -312,14 +143,15 @@ def train_run(spec: dict, cache: Path, out_dir: Path) -> None:
     log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log always gets the epochs
     log.addHandler(handler)
     try:
-        _train(spec, cache, out_dir)
+        _train(spec, cache, out_dir, device, num_workers)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
         handler.close()
 
 
-def _train(spec: dict, cache: Path, out_dir: Path) -> None:
+def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
+           num_workers: int) -> None:
     from segpipe.data.augment import build_augmentation
     from segpipe.data.dataset import SegmentationH5Dataset, split_indices
     from segpipe.losses import build_loss
@@ -328,7 +160,7 @@ def _train(spec: dict, cache: Path, out_dir: Path) -> None:
     run, seed, cfg = spec["run"], spec["seed"], spec["train"]
     train_idx, val_idx = split_indices(cache)
     _check_split(cache, train_idx, val_idx)
-    device = acquire_device(cfg["device"])
+    device = acquire_device(device_setting)
     autocast = amp_dtype(device, cfg["amp"])
 
     _seed_everything(seed)
@@ -346,7 +178,7 @@ def _train(spec: dict, cache: Path, out_dir: Path) -> None:
     augment = build_augmentation(spec["augmentation"], tuple(size))
     train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
     shuffle = torch.Generator()
-    loader_options = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+    loader_options = dict(batch_size=cfg["batch_size"], num_workers=num_workers,
                           worker_init_fn=_seed_worker, pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=shuffle,
                                                **loader_options)
@@ -398,9 +230,8 @@ def _train(spec: dict, cache: Path, out_dir: Path) -> None:
             progress["stale"] += 1
         meta = _meta(progress, parameters)
         if epoch in cfg["snapshot_epochs"]:
-            save_atomic(make_checkpoint(spec, _cpu_state_dict(model), size, epoch=epoch,
-                                        val_dice=val["dice"], **meta),
-                        pending / f"epoch_{epoch}.pt")
+            save_checkpoint(pending / f"epoch_{epoch}.pt", spec, _cpu_state_dict(model), size,
+                            epoch=epoch, val_dice=val["dice"], **meta)
         save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, key), state_path)
         log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val dice %.4f, lr %.2e, %.1f s%s",
                  run, epoch, cfg["epochs"], train_loss, val["loss"], val["dice"], lr,
@@ -411,8 +242,8 @@ def _train(spec: dict, cache: Path, out_dir: Path) -> None:
         log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
                  run, progress["epoch"], patience)
     meta = _meta(progress, parameters)
-    save_atomic(make_checkpoint(spec, progress["best_state"], size, epoch=progress["best_epoch"],
-                                val_dice=progress["best_dice"], **meta), out_dir / "model.pt")
+    save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size,
+                    epoch=progress["best_epoch"], val_dice=progress["best_dice"], **meta)
     with atomic_path(out_dir / "history.csv") as tmp:
         pd.DataFrame(progress["history"], columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
     # The state goes first: killed after this, a re-run starts over instead of finishing

@@ -32,8 +32,7 @@ SPEC = {
     "augmentation": {},
     "train": {"epochs": 6, "batch_size": 4, "lr": 0.003, "optimizer": "adamw",
               "weight_decay": 0.01, "encoder_lr_mult": 0.1, "scheduler": "plateau",
-              "early_stop_patience": 0, "snapshot_epochs": [1, 2, 3, 4, 5, 6], "amp": False,
-              "num_workers": 0, "device": "cpu"},
+              "early_stop_patience": 0, "snapshot_epochs": [1, 2, 3, 4, 5, 6], "amp": False},
 }
 EPOCHS = [1, 2, 3, 4, 5, 6]
 

@@ -12,7 +12,7 @@ import torch
 from segpipe import SegpipeError
 from segpipe.models import build_model
 from segpipe.predict import predict_folder
-from segpipe.train import make_checkpoint
+from segpipe.checkpoint import make_checkpoint
 
 ARCHITECTURE = {"model": "unet", "width": 4, "depth": 2}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -25,4 +25,5 @@ rule evaluate:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m segpipe evaluate --run-dir {params.dir} --cache {input.cache}"
-        " --threshold {params.threshold} --examples {params.examples} > {log} 2>&1"
+        " --threshold {params.threshold} --examples {params.examples} --device {config[resources][device]}"
+        " > {log} 2>&1"

@@ -23,4 +23,6 @@ rule train:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m segpipe train --cache {input.cache}"
-        " --spec {params.spec:q} --output-dir {params.dir} > {log} 2>&1"
+        " --spec {params.spec:q} --output-dir {params.dir} --device {config[resources][device]}"
+        # Execution settings, read here rather than as params: changing them re-runs nothing.
+        " --num-workers {config[resources][num_workers]} > {log} 2>&1"

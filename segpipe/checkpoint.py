@@ -1,0 +1,66 @@
+"""The checkpoint format of ``model.pt`` and ``snapshots/epoch_<k>.pt`` (docs/formats.md).
+
+A checkpoint is self-describing: a dict holding the weights and everything needed to rebuild and
+feed the model without a config (:data:`REQUIRED_KEYS`), plus the training ``meta`` data (epoch,
+val_dice, parameters, train_seconds, epochs, best_epoch, peak_memory_mb). Written by training
+with :func:`save_checkpoint`, read by evaluation and prediction with :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segpipe import SegpipeError, __version__
+from segpipe.files import atomic_path
+from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD
+
+REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean", "std")
+"""What a reader needs: weights, the architecture and backbone definitions, the run spec, the
+input size [H, W] and the normalisation mean/std."""
+
+
+def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int], **meta: object) -> dict:
+    """The checkpoint of a model trained from run ``spec`` at input ``size`` [H, W]."""
+    return {"state_dict": state_dict, "architecture": spec["architecture"],
+            "backbone": spec["backbone"], "spec": spec, "size": list(size),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "segpipe_version": __version__, **meta}
+
+
+def save_checkpoint(path: Path, spec: dict, state_dict: dict, size: Sequence[int],
+                    **meta: object) -> None:
+    """Write :func:`make_checkpoint` to ``path`` atomically."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(make_checkpoint(spec, state_dict, size, **meta), tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The model of a checkpoint (eval mode, on ``device``; channels_last on CUDA) and the
+    checkpoint dict. Pretrained backbones are rebuilt with ``weights: none`` (nothing is
+    downloaded) before the stored weights are loaded."""
+    from segpipe.models import build_model
+
+    path, device = Path(path), torch.device(device)
+    if not path.is_file():
+        raise SegpipeError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
+        raise SegpipeError(f"{path}: not a readable checkpoint ({exc})") from None
+    missing = [k for k in REQUIRED_KEYS
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise SegpipeError(f"{path}: not a segpipe checkpoint (missing {', '.join(missing)})")
+    backbone = dict(checkpoint["backbone"])
+    if "weights" in backbone:
+        backbone["weights"] = "none"
+    model = build_model(checkpoint["architecture"], backbone)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model, checkpoint
