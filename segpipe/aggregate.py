@@ -186,9 +186,8 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
     ``TEST_METRIC`` (n_resamples, groups) in the same group order."""
     rows = []
     for group, members in runs.groupby("group", sort=False):
-        test_scores = scores[TEST_METRIC][group]
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
-               "n_images": test_scores.values.shape[1]}
+               "n_images": scores[TEST_METRIC][group].values.shape[1]}
         for metric in METRICS:
             if metric in scores:
                 image_scores = scores[metric][group]
