@@ -181,7 +181,7 @@ def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
                yerr=[means[i] - lows[i], highs[i] - means[i]], color=colour, label=group,
                capsize=min(3, 12 / n), error_kw={"linewidth": 0.8})
     ax.set_xticks(x, list(BAR_METRICS.values()))
-    ax.set(ylim=(0, 1.05), ylabel="test score (mean ± 95 % CI)")
+    ax.set(ylim=(0, 1.05), ylabel="test score (mean, 95 % CI)")
     ax.grid(axis="y", alpha=0.3)
     _legend_below(fig, *ax.get_legend_handles_labels())
     fig.suptitle(title)
@@ -200,7 +200,7 @@ def plot_sweep(summary: pd.DataFrame, x: Sequence[float], xlabel: str, title: st
                         linewidth=0)
     if len(table) <= 12:
         ax.set_xticks(table["x"], [f"{v:g}" for v in table["x"]])
-    ax.set(xlabel=xlabel, ylabel="test score (mean ± 95 % CI)")
+    ax.set(xlabel=xlabel, ylabel="test score (mean, 95 % CI)")
     _clip_to_unit(ax)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
