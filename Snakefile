@@ -32,5 +32,5 @@ rule all:
         # Every run's evaluation is a target too, so a deleted run is re-created.
         [f"{run_dir(run)}/metrics.csv" for run in RUNS],
         "results/summary.md",
-        [figure for name in config["experiments"] for figure in experiment_figures(name)],
+        [path for name in config["experiments"] for path in experiment_files(name)],
     default_target: True

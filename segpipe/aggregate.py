@@ -2,15 +2,19 @@
 into ``results/summary.md``.
 
 Groups are the distinct combinations of the experiment's varied axes, in the order the runs
-are listed; the replicates of a group are its seeds. Each statistic is the mean over seeds
-with the half-width of its 95 % confidence interval from Student's t distribution:
+are listed; the replicates of a group are its seeds; the cases are the test images, the same
+for every run (``per_image.csv``), so groups are compared image by image. The statistics are
+those of :mod:`segpipe.stats`:
 
-    mean ± t_{0.975, n−1} · s / √n,    s = sample standard deviation (ddof = 1).
-
-With one seed the interval is undefined: NaN in ``summary.csv``, "—" in ``summary.md``.
-The test split is never used for model selection: the best group is the one with the
-highest mean validation Dice (each run's best epoch in ``history.csv``); its test metrics
-are reported.
+* Dice and IoU: mean per-image score with a two-level bootstrap percentile interval over test
+  images and seeds (``<metric>_lo``, ``<metric>_hi``);
+* the other metrics, validation Dice: mean over seeds ± the Student t 95 % half-width
+  (``<metric>_ci95``; NaN with one seed, "—" in ``summary.md``);
+* the reference is the group with the highest mean validation Dice (each run's best epoch in
+  ``history.csv``) — the test split is never used to choose it; every other group gets ΔDice
+  and ΔIoU with bootstrap intervals, a Holm-adjusted two-sided Wilcoxon p and a verdict;
+* ranks by mean test Dice with their bootstrap distribution (``ranking.png``) and the pairwise
+  significance map (``significance.png``).
 """
 
 from __future__ import annotations
@@ -25,50 +29,26 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from segpipe import SegpipeError, plots
+from segpipe import SegpipeError, plots, stats
 from segpipe.files import atomic_path
+from segpipe.stats import mean_ci95
 
 METRICS = (
     "accuracy", "dice", "iou", "precision", "recall", "map",
     "pooled_accuracy", "pooled_dice", "pooled_iou", "pooled_precision", "pooled_recall",
     "pooled_ap",
 )
+PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from per_image.csv
+TEST_METRIC = "dice"  # the metric of the tests, verdicts, ranks and the significance map
+COMPARISON_COLUMNS = ("reference",
+                      *(f"delta_{m}{end}" for m in PER_IMAGE_METRICS for end in ("", "_lo", "_hi")),
+                      "p_wilcoxon", "p_holm", "verdict")
 RUN_COLUMNS = ("parameters", "train_seconds", "epochs")
 EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names")
+# The figures aggregate_experiment writes (sweep.png only with a sweep), in summary.md's order.
+FIGURES = ("curves", "bars", "sweep", "significance", "ranking", "evolution", "samples")
 MAX_EVOLUTION_ROWS = 9
 MAX_SAMPLES = 3
-
-# t_{0.975, ν} for ν = 1..30, from standard tables (e.g. NIST/SEMATECH e-Handbook of
-# Statistical Methods, §1.3.6.7.2); tests check each value by integrating the t density.
-_T975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)
-_Z975 = 1.959964
-
-
-def t_quantile_975(dof: int) -> float:
-    """The 0.975 quantile of Student's t with ``dof`` ≥ 1 degrees of freedom.
-
-    Tabulated up to 30; beyond, the Cornish–Fisher expansion (Abramowitz & Stegun 26.7.5)
-    z + (z³ + z)/(4ν) + (5z⁵ + 16z³ + 3z)/(96ν²), whose error there is below 1e-4."""
-    if dof < 1:
-        raise ValueError(f"degrees of freedom must be ≥ 1, got {dof}")
-    if dof <= len(_T975):
-        return _T975[dof - 1]
-    z = _Z975
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95 % CI half-width t_{0.975, n−1} · s / √n of ``values`` (NaN when n = 1)."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise ValueError("no values")
-    if x.size == 1:
-        return float(x[0]), math.nan
-    return float(x.mean()), t_quantile_975(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -137,10 +117,11 @@ def _check_spec(name: str, spec: dict) -> tuple[list[str], list[dict]]:
     return list(axes), runs
 
 
-def _load_runs(name: str, axes: list[str], runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per run (group, seed, test metrics, best validation Dice) and the per-snapshot
-    test metrics of every run (group, seed, epoch, metrics)."""
-    rows, by_epoch = [], []
+def _load_runs(name: str, axes: list[str], runs: list[dict]
+               ) -> tuple[pd.DataFrame, pd.DataFrame, list[pd.DataFrame]]:
+    """One row per run (group, seed, test metrics, best validation Dice), the per-snapshot
+    test metrics of every run (group, seed, epoch, metrics) and each run's per_image.csv."""
+    rows, by_epoch, per_image = [], [], []
     for run in runs:
         folder = Path(run["dir"])
         group = " / ".join(str(run[axis]) for axis in axes) or name
@@ -148,25 +129,73 @@ def _load_runs(name: str, axes: list[str], runs: list[dict]) -> tuple[pd.DataFra
         history = _read_csv(folder / "history.csv", ("val_dice",))
         snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS),
                               allow_empty=True)
+        per_image.append(_read_csv(folder / "per_image.csv", PER_IMAGE_METRICS, text=("name",)))
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
                      "seed": run["seed"], "run": run["run"], "dir": folder,
                      **metrics[[*METRICS, *RUN_COLUMNS]].to_dict(),
                      "val_dice": history["val_dice"].max()})
         by_epoch.append(snapshots.assign(group=group, seed=run["seed"]))
-    return pd.DataFrame(rows), pd.concat(by_epoch, ignore_index=True)
+    return pd.DataFrame(rows), pd.concat(by_epoch, ignore_index=True), per_image
+
+
+def _image_scores(name: str, runs: pd.DataFrame, per_image: list[pd.DataFrame]
+                  ) -> dict[str, dict[str, stats.Scores]]:
+    """``{metric: {group: Scores}}`` of ``PER_IMAGE_METRICS`` (seeds ascending, images in the
+    order of the first run). Every run must have scored the same test images, and all groups
+    must share a seed, for the comparisons to be paired."""
+    first = runs["dir"].iloc[0] / "per_image.csv"
+    names = list(per_image[0]["name"].astype(str))
+    aligned = []
+    for folder, table in zip(runs["dir"], per_image):
+        path, table = folder / "per_image.csv", table.assign(name=table["name"].astype(str))
+        if table["name"].duplicated().any():
+            raise SegpipeError(f"{path}: an image is listed twice")
+        missing, extra = (sorted(set(names) - set(table["name"])),
+                          sorted(set(table["name"]) - set(names)))
+        if missing or extra:
+            raise SegpipeError(f"{path}: scored other test images than {first} (missing: "
+                               f"{', '.join(missing) or 'none'}; extra: "
+                               f"{', '.join(extra) or 'none'}); the runs of an experiment "
+                               "must be evaluated on the same test set")
+        values = table.set_index("name").loc[names, list(PER_IMAGE_METRICS)]
+        if not np.isfinite(values.to_numpy()).all():
+            raise SegpipeError(f"{path}: missing or non-finite {', '.join(PER_IMAGE_METRICS)}")
+        aligned.append(values)
+    groups = [(group, members.sort_values("seed", kind="stable"))
+              for group, members in runs.groupby("group", sort=False)]
+    if not set.intersection(*(set(members["seed"]) for _, members in groups)):
+        seeds = "; ".join(f"{group}: {', '.join(map(str, members['seed']))}"
+                          for group, members in groups)
+        raise SegpipeError(f"experiment '{name}': no seed is shared by all groups ({seeds}); "
+                           "paired comparisons need the same seeds in every group")
+    return {metric: {group: stats.Scores(tuple(members["seed"]),
+                                         np.stack([aligned[i][metric].to_numpy(float)
+                                                   for i in members.index]))
+                     for group, members in groups}
+            for metric in PER_IMAGE_METRICS}
 
 
 # --------------------------------------------------------------------------- statistics
 
-def summarise(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
-    """summary.csv: one row per group in order of appearance — ``group``, the axes,
-    ``n_seeds``, ``<metric>_mean``/``<metric>_ci95`` for each test metric and ``val_dice``,
-    ``parameters``, ``train_seconds_mean``, ``epochs_mean``, ``best_run``, ``best_run_val_dice``."""
+def summarise(runs: pd.DataFrame, axes: Sequence[str],
+              scores: dict[str, dict[str, stats.Scores]], bootstrap: stats.Bootstrap,
+              ranks: np.ndarray) -> pd.DataFrame:
+    """summary.csv: one row per group in order of appearance (columns in docs/outputs.md).
+
+    ``scores``: per-image scores as from ``_image_scores``; ``ranks``: bootstrap ranks by
+    ``TEST_METRIC`` (n_resamples, groups) in the same group order."""
     rows = []
     for group, members in runs.groupby("group", sort=False):
-        row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members)}
-        for metric in (*METRICS, "val_dice"):
-            row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean_ci95(members[metric])
+        row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
+               "n_images": scores[TEST_METRIC][group].values.shape[1]}
+        for metric in METRICS:
+            if metric in scores:
+                image_scores = scores[metric][group]
+                row[f"{metric}_mean"] = image_scores.mean()
+                row[f"{metric}_lo"], row[f"{metric}_hi"] = bootstrap.interval(image_scores)
+            else:
+                row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean_ci95(members[metric])
+        row["val_dice_mean"], row["val_dice_ci95"] = mean_ci95(members["val_dice"])
         val_dice = members["val_dice"]
         best = members.loc[val_dice.idxmax()] if val_dice.notna().any() else None
         rows.append({**row, "parameters": int(members["parameters"].iloc[0]),
@@ -174,7 +203,20 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
                      "epochs_mean": members["epochs"].mean(),
                      "best_run": None if best is None else best["run"],
                      "best_run_val_dice": math.nan if best is None else best["val_dice"]})
-    return pd.DataFrame(rows)
+    summary = pd.DataFrame(rows)
+
+    reference = (summary.loc[summary["val_dice_mean"].idxmax(), "group"]
+                 if summary["val_dice_mean"].notna().any() else None)
+    compared = ({**stats.compare_with_reference(reference, scores, bootstrap, TEST_METRIC),
+                 reference: {"verdict": "reference"}} if reference is not None else {})
+    comparisons = pd.DataFrame([{"reference": reference, **compared.get(group, {})}
+                                for group in summary["group"]], columns=COMPARISON_COLUMNS)
+    summary = pd.concat([summary, comparisons], axis=1)
+
+    low, high = stats.rank_interval(ranks)
+    return summary.assign(
+        rank=stats.rank_descending(summary[f"{TEST_METRIC}_mean"].to_numpy()),
+        rank_mean=ranks.mean(axis=0), rank_lo=low, rank_hi=high)
 
 
 def summarise_by_epoch(by_epoch: pd.DataFrame) -> pd.DataFrame:
@@ -234,19 +276,25 @@ def _final_prediction(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, 
 
 
 def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
-    """Write summary.csv, curves.png, bars.png, evolution.png, samples.png and, when
-    ``spec["sweep"]`` is set, sweep.png for experiment ``name`` into ``output_dir``.
+    """Write summary.csv and the figures of ``FIGURES`` for experiment ``name`` into
+    ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set).
 
     ``spec``: ``{"axes": [...], "sweep": null | {"axis", "param", "values": {value: number}},
     "runs": [{"run", "dir", "seed", <axis>: value, ...}]}`` (docs/formats.md)."""
     axes, run_specs = _check_spec(name, spec)
-    runs, by_epoch = _load_runs(name, axes, run_specs)
-    summary = summarise(runs, axes)
+    runs, by_epoch, per_image = _load_runs(name, axes, run_specs)
+    scores = _image_scores(name, runs, per_image)
+    test_scores = list(scores[TEST_METRIC].values())
+    bootstrap = stats.Bootstrap(n_images=test_scores[0].values.shape[1])
+    ranks = bootstrap.ranks(test_scores)
+    summary = summarise(runs, axes, scores, bootstrap, ranks)
     groups = list(summary["group"])
     sweep = spec.get("sweep")
     x = _sweep_values(name, sweep, axes, summary) if sweep else None
     evolution = _representatives(runs)
     colours = plots.group_colours(len(groups), x)
+    order = np.argsort(summary["rank"].to_numpy(), kind="stable")  # best first
+    ranked = summary.iloc[order]
 
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(output_dir / "summary.csv") as tmp:
@@ -258,6 +306,14 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
         _save(plots.plot_sweep(summary, x, f"{sweep['axis']} {sweep['param']}",
                                f"{name}: test metrics vs {sweep['axis']} {sweep['param']}"),
               output_dir / "sweep.png")
+
+    _save(plots.plot_significance(list(ranked["group"]), ranked[f"{TEST_METRIC}_mean"],
+                                  stats.significance([test_scores[i] for i in order]),
+                                  stats.ALPHA, f"{name}: pairwise significance (test Dice)"),
+          output_dir / "significance.png")
+    _save(plots.plot_ranking(list(ranked["group"]), ranks[:, order], ranked["rank"],
+                             ranked["rank_lo"], ranked["rank_hi"], [colours[i] for i in order],
+                             f"{name}: rank stability (test Dice)"), output_dir / "ranking.png")
 
     per_group = max(1, min(MAX_SAMPLES, MAX_EVOLUTION_ROWS // len(groups)))
     examples = [(group, data, k) for group, data in evolution.items()
@@ -278,39 +334,87 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
 
 SUMMARY_COLUMNS = {"dice": "Dice", "iou": "IoU", "map": "mAP", "pooled_dice": "pooled Dice",
                    "val_dice": "val Dice"}
-FIGURES = ("curves", "bars", "sweep", "evolution", "samples")
 
 
-def _estimate(mean: float, ci: float) -> str:
+def _estimate(row: pd.Series, metric: str) -> str:
+    """``mean [low, high]`` for a bootstrap interval, ``mean ± half-width`` for a t interval."""
+    mean = row[f"{metric}_mean"]
+    if f"{metric}_lo" in row:
+        return f"{mean:.3f} [{row[f'{metric}_lo']:.3f}, {row[f'{metric}_hi']:.3f}]"
+    ci = row[f"{metric}_ci95"]
     return f"{mean:.3f} ± {'—' if math.isnan(ci) else f'{ci:.3f}'}"
+
+
+def _signed(x: float) -> str:
+    """``x`` with its sign and a true minus; −0.000 shows as +0.000."""
+    return f"{round(x, 3) + 0.0:+.3f}".replace("-", "−")
 
 
 def _count(parameters: float) -> str:
     return f"{parameters / 1e6:.2f} M" if parameters >= 1e6 else f"{parameters / 1e3:.1f} k"
 
 
+def _verdict(row: pd.Series) -> str:
+    """One comparison in words, e.g. "b: worse than a: ΔDice −0.040 [−0.070, −0.010], Holm
+    p = 0.003" or "b: no detectable difference (ΔDice … , Holm p = 0.41)"."""
+    delta = (f"ΔDice {_signed(row['delta_dice'])} [{_signed(row['delta_dice_lo'])}, "
+             f"{_signed(row['delta_dice_hi'])}], Holm p {_p_value(row['p_holm'])}")
+    if row["verdict"] in ("better", "worse"):
+        return f"{row['group']}: {row['verdict']} than {row['reference']}: {delta}"
+    return f"{row['group']}: {row['verdict']} ({delta})"
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3g}"
+
+
+def _comparisons(summary: pd.DataFrame) -> list[str]:
+    """The paragraph on the comparisons with the reference, one verdict per line."""
+    if len(summary) == 1:
+        return ["One group: nothing to compare."]
+    if summary["reference"].isna().all():
+        return ["No comparison: no validation Dice was recorded to choose a reference."]
+    others = summary[summary["verdict"] != "reference"]
+    reference = summary["reference"].iloc[0]
+    return [f"Compared with **{reference}** image by image: ΔDice = group − {reference}, the "
+            "mean paired difference over test images and shared seeds [95 % paired bootstrap "
+            "interval]; p: two-sided Wilcoxon signed-rank test on the per-image Dice "
+            "differences (averaged over shared seeds), Holm-adjusted over the "
+            f"{len(others)} comparison(s); better or worse where p < {stats.ALPHA:g}.", "",
+            *(f"- {_verdict(row)}" for _, row in others.iterrows())]
+
+
 def _experiment_section(folder: Path, output: Path) -> str:
     path = folder / "summary.csv"
-    numeric = ["n_seeds", "parameters", "train_seconds_mean", "best_run_val_dice",
-               *(f"{m}_{s}" for m in SUMMARY_COLUMNS for s in ("mean", "ci95"))]
-    summary = _read_csv(path, numeric, text=("group", "best_run"))
+    intervals = {m: ("lo", "hi") if m in PER_IMAGE_METRICS else ("ci95",)
+                 for m in SUMMARY_COLUMNS}
+    numeric = ["n_seeds", "n_images", "parameters", "train_seconds_mean", "best_run_val_dice",
+               "delta_dice", "delta_dice_lo", "delta_dice_hi", "p_holm", "rank", "rank_lo",
+               "rank_hi", *(f"{m}_{s}" for m, ends in intervals.items()
+                            for s in ("mean", *ends))]
+    summary = _read_csv(path, numeric, text=("group", "best_run", "reference", "verdict"))
     axes = list(summary.columns[1:list(summary.columns).index("n_seeds")])
-    best = summary["val_dice_mean"].idxmax() if summary["val_dice_mean"].notna().any() else None
+    is_reference = summary["verdict"] == "reference"
+    best = summary.index[is_reference][0] if is_reference.any() else None
 
     fewest, most = int(summary["n_seeds"].min()), int(summary["n_seeds"].max())
     seeds = str(most) if fewest == most else f"{fewest}–{most}"
 
-    header = ["group", "n", *SUMMARY_COLUMNS.values(), "parameters", "train s"]
+    header = ["group", "n", *SUMMARY_COLUMNS.values(), "rank", "parameters", "train s"]
     lines = [f"## {folder.name}", "",
              f"Varied: {', '.join(axes) or 'nothing'}; {len(summary)} group(s), "
-             f"{seeds} seed(s) each.", "",
-             "Test-split metrics, mean ± 95 % CI over seeds. **Bold**: the best group by "
-             "mean validation Dice — the test split is never used to choose it.", "",
+             f"{seeds} seed(s) each, {int(summary['n_images'].iloc[0])} test images.", "",
+             "Test-split metrics. Dice and IoU: mean per-image score [95 % bootstrap percentile "
+             f"interval, {stats.N_RESAMPLES} resamples of the test images and the seeds, "
+             f"generator seed {stats.SEED}]; mAP, pooled Dice, val Dice: mean ± 95 % CI over "
+             "seeds (Student t). Rank: by mean test Dice [95 % bootstrap interval]. **Bold**: "
+             "the reference, the group with the best mean validation Dice — the test split is "
+             "never used to choose it.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in summary.iterrows():
         group = f"**{row['group']}**" if i == best else row["group"]
-        cells = [group, str(int(row["n_seeds"])),
-                 *(_estimate(row[f"{m}_mean"], row[f"{m}_ci95"]) for m in SUMMARY_COLUMNS),
+        cells = [group, str(int(row["n_seeds"])), *(_estimate(row, m) for m in SUMMARY_COLUMNS),
+                 f"{int(row['rank'])} [{int(row['rank_lo'])}, {int(row['rank_hi'])}]",
                  _count(row["parameters"]), f"{row['train_seconds_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -320,11 +424,10 @@ def _experiment_section(folder: Path, output: Path) -> str:
         row = summary.loc[best]
         lines.append(
             f"Best by validation Dice: **{row['group']}** (val Dice "
-            f"{_estimate(row['val_dice_mean'], row['val_dice_ci95'])}); its test Dice "
-            f"{_estimate(row['dice_mean'], row['dice_ci95'])}, IoU "
-            f"{_estimate(row['iou_mean'], row['iou_ci95'])}, mAP "
-            f"{_estimate(row['map_mean'], row['map_ci95'])}. Its best run: `{row['best_run']}` "
-            f"(val Dice {row['best_run_val_dice']:.3f}).")
+            f"{_estimate(row, 'val_dice')}); its test Dice {_estimate(row, 'dice')}, IoU "
+            f"{_estimate(row, 'iou')}, mAP {_estimate(row, 'map')}. Its best run: "
+            f"`{row['best_run']}` (val Dice {row['best_run_val_dice']:.3f}).")
+    lines += ["", *_comparisons(summary)]
     figures = [folder / f"{figure}.png" for figure in FIGURES]
     links = [f"[{path.stem}]({Path(os.path.relpath(path, output.parent)).as_posix()})"
              for path in figures if path.is_file()]

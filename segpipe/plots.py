@@ -25,7 +25,9 @@ from collections.abc import Sequence
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -47,6 +49,10 @@ PALETTE = np.array(
 EVOLUTION_LEGEND = ("background", "foreground", "newly correct", "newly wrong",
                     "still missed", "still false positive")
 SAMPLES_LEGEND = ("background", "foreground", None, None, "missed", "false positive")
+
+SIGNIFICANCE_COLOURS = {True: "#2b6cb0", False: "#e8edf3"}
+DIAGONAL_COLOUR = "white"
+BLOB_AREA = 700  # points² of a blob holding every resample
 
 CURVE_METRICS = {"map": "test mAP", "dice": "test Dice"}
 BAR_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP", "precision": "precision",
@@ -113,6 +119,22 @@ def _clip_to_unit(ax) -> None:
     ax.set_ylim(max(bottom, -0.02), min(top, 1.02))
 
 
+def interval(table: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper end of the 95 % CI of ``metric`` in each row of a summary table: its
+    bootstrap interval (``<metric>_lo``, ``<metric>_hi``) where the table has one, else
+    ``<metric>_mean`` ∓ ``<metric>_ci95``."""
+    if f"{metric}_lo" in table:
+        return table[f"{metric}_lo"].to_numpy(float), table[f"{metric}_hi"].to_numpy(float)
+    mean, ci = table[f"{metric}_mean"].to_numpy(float), table[f"{metric}_ci95"].to_numpy(float)
+    return mean - ci, mean + ci
+
+
+def _caption(ax, text: str, inches: float) -> None:
+    """A caption-like explanation above the axes, wrapped to ``inches`` (about 13 characters
+    of 8 pt per inch)."""
+    ax.set_title(textwrap.fill(text, int(13 * inches)), fontsize=8, color="0.25", loc="left")
+
+
 def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence,
                 title: str) -> Figure:
     """Test mAP and Dice vs epoch: one line per group (mean over seeds), shaded 95 % CI
@@ -151,13 +173,15 @@ def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
     ax = fig.subplots()
     x = np.arange(len(BAR_METRICS))
     width = 0.8 / n
-    for i, (row, colour) in enumerate(zip(summary.to_dict("records"), colours)):
-        means = [row[f"{m}_mean"] for m in BAR_METRICS]
-        cis = [row[f"{m}_ci95"] for m in BAR_METRICS]
-        ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=cis, color=colour,
-               label=row["group"], capsize=min(3, 12 / n), error_kw={"linewidth": 0.8})
+    means = summary[[f"{m}_mean" for m in BAR_METRICS]].to_numpy(float)
+    # (metrics, low/high, groups) -> low and high, each (groups, metrics)
+    lows, highs = np.array([interval(summary, m) for m in BAR_METRICS]).transpose(1, 2, 0)
+    for i, (group, colour) in enumerate(zip(summary["group"], colours)):
+        ax.bar(x + (i - (n - 1) / 2) * width, means[i], width,
+               yerr=[means[i] - lows[i], highs[i] - means[i]], color=colour, label=group,
+               capsize=min(3, 12 / n), error_kw={"linewidth": 0.8})
     ax.set_xticks(x, list(BAR_METRICS.values()))
-    ax.set(ylim=(0, 1.05), ylabel="test score (mean ± 95 % CI)")
+    ax.set(ylim=(0, 1.05), ylabel="test score (mean, 95 % CI)")
     ax.grid(axis="y", alpha=0.3)
     _legend_below(fig, *ax.get_legend_handles_labels())
     fig.suptitle(title)
@@ -170,15 +194,100 @@ def plot_sweep(summary: pd.DataFrame, x: Sequence[float], xlabel: str, title: st
     ax = fig.subplots()
     table = summary.assign(x=np.asarray(x, dtype=float)).sort_values("x")
     for (metric, label), colour in zip(SWEEP_METRICS.items(), group_colours(3)):
-        mean, ci = table[f"{metric}_mean"], table[f"{metric}_ci95"]
-        ax.plot(table["x"], mean, marker="o", markersize=4, color=colour, label=label)
-        ax.fill_between(table["x"], mean - ci, mean + ci, color=colour, alpha=0.15, linewidth=0)
+        ax.plot(table["x"], table[f"{metric}_mean"], marker="o", markersize=4, color=colour,
+                label=label)
+        ax.fill_between(table["x"], *interval(table, metric), color=colour, alpha=0.15,
+                        linewidth=0)
     if len(table) <= 12:
         ax.set_xticks(table["x"], [f"{v:g}" for v in table["x"]])
-    ax.set(xlabel=xlabel, ylabel="test score (mean ± 95 % CI)")
+    ax.set(xlabel=xlabel, ylabel="test score (mean, 95 % CI)")
     _clip_to_unit(ax)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_significance(groups: Sequence[str], means: Sequence[float], p_values: np.ndarray,
+                      alpha: float, title: str) -> Figure:
+    """challengeR's pairwise significance map (Wiesenfarth et al. 2021): cell (i, j) filled
+    where group i is significantly better than group j (``p_values[i, j] < alpha``), groups in
+    the given order (by mean Dice, best first) on both axes, each cell labelled with its p.
+
+    ``p_values``: (G, G) Holm-adjusted one-sided p-values, NaN on the diagonal."""
+    n = len(groups)
+    side = min(11.0, 3.2 + 0.75 * n)
+    fig = Figure(figsize=(side + 1.5, side + 0.6), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    better = np.where(np.isnan(p_values), np.nan, p_values < alpha)
+    colours = ListedColormap([SIGNIFICANCE_COLOURS[False], SIGNIFICANCE_COLOURS[True]]
+                             ).with_extremes(bad=DIAGONAL_COLOUR)
+    ax.imshow(np.ma.masked_invalid(better), cmap=colours, vmin=0, vmax=1)
+    labels = [f"{_wrap(group)}\n{mean:.3f}" for group, mean in zip(groups, means)]
+    ax.set_xticks(range(n), labels, fontsize=8, rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("… than this group (column; mean test Dice below the name)")
+    ax.set_ylabel("is this group (row) significantly better …")
+    for i, j in zip(*np.nonzero(~np.isnan(p_values))):
+        p = p_values[i, j]
+        ax.text(j, i, _p_text(p), ha="center", va="center", fontsize=8 if n <= 8 else 6,
+                color="white" if p < alpha else "0.35")
+    if n == 1:
+        ax.text(0, 0, "one group:\nnothing to compare", ha="center", va="center", fontsize=9)
+    handles = [Patch(facecolor=SIGNIFICANCE_COLOURS[True],
+                     label=f"row better than column (Holm p < {alpha:g})"),
+               Patch(facecolor=SIGNIFICANCE_COLOURS[False], label="not significant")]
+    _legend_below(fig, handles, [h.get_label() for h in handles])
+    _caption(ax, "Filled: the row group is significantly better than the column group — "
+                 "one-sided Wilcoxon signed-rank test on the per-image differences of test "
+                 "Dice (averaged over shared seeds), Holm-adjusted over all ordered pairs; "
+                 "numbers are the adjusted p-values. Groups ordered by mean test Dice, best "
+                 "first.", side - 0.4)
+    fig.suptitle(title)
+    return fig
+
+
+def _p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def plot_ranking(groups: Sequence[str], ranks: np.ndarray, full_rank: Sequence[int],
+                 rank_low: Sequence[int], rank_high: Sequence[int], colours: Sequence,
+                 title: str) -> Figure:
+    """Rank stability as a blob plot (challengeR, Wiesenfarth et al. 2021): for each group
+    (x, in the given order: by rank on all data), a blob at every rank it takes in the
+    bootstrap ``ranks`` (n_resamples, G) with area ∝ its frequency, its 95 % rank interval
+    [``rank_low``, ``rank_high``] as a line and its rank on all data (``full_rank``) as ×."""
+    n_resamples, n = ranks.shape
+    fig = Figure(figsize=(max(7.5, 3.0 + 0.9 * n), 5.2), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    for x, (column, colour) in enumerate(zip(ranks.T, colours)):
+        rank, count = np.unique(column, return_counts=True)
+        ax.scatter(np.full(len(rank), x), rank, s=BLOB_AREA * count / n_resamples, color=colour,
+                   alpha=0.75, linewidths=0)
+    ax.vlines(range(n), rank_low, rank_high, color="black", linewidth=1.5)
+    ax.scatter(range(n), full_rank, marker="x", color="black", s=40, zorder=3)
+    ax.set_xticks(range(n), [_wrap(g) for g in groups], fontsize=8,
+                  rotation=90 if n > 6 else 0)
+    ax.set(xlim=(-0.6, n - 0.4), ylim=(n + 0.6, 0.4), yticks=range(1, n + 1),
+           ylabel="rank by mean test Dice (1 = best)")
+    ax.grid(axis="y", alpha=0.3)
+    shares = (0.1, 0.5, 1.0)
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=np.sqrt(BLOB_AREA * f),
+                      color="0.5", markeredgewidth=0) for f in shares]
+    handles += [Line2D([], [], linestyle="", marker="x", color="black"),
+                Line2D([], [], color="black", linewidth=1.5)]
+    fig.legend(handles, [*(f"{f:.0%} of resamples" for f in shares), "rank on all data",
+                         "95 % rank interval"], loc="outside right upper", frameon=False,
+               fontsize=8, labelspacing=2.0, borderpad=1.0)
+    _caption(ax, f"Rank by mean test Dice in each of {n_resamples} bootstrap resamples of the "
+                 "test images and seeds; blob area ∝ how often the group took that rank. Blobs "
+                 "spread over several ranks: an unstable rank.",
+             fig.get_figwidth() - 2.2)
     fig.suptitle(title)
     return fig
 

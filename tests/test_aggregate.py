@@ -1,4 +1,4 @@
-"""Aggregation: CI maths, summary.csv, figures and summary.md on small hand-made run folders.
+"""Aggregation: summary.csv, verdicts, figures and summary.md on small hand-made run folders.
 
 The run folders are written here with pandas/numpy in the formats of docs/formats.md
 ("Run directory"); those files are the interface between evaluate and aggregate.
@@ -15,8 +15,6 @@ from segpipe import SegpipeError
 from segpipe.aggregate import (
     METRICS,
     aggregate_experiment,
-    mean_ci95,
-    t_quantile_975,
     write_summary,
 )
 from segpipe.cli import main
@@ -26,9 +24,16 @@ SNAPSHOTS = (2, 4)
 
 
 def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b", "c"),
-              probs_best=False):
-    """A run folder whose every test metric is ``score`` and whose best val_dice is ``val_dice``."""
+              probs_best=False, dice=None):
+    """A run folder whose every test metric is ``score`` and whose best val_dice is ``val_dice``.
+
+    per_image.csv holds the per-image ``dice`` (default: score − 0.1, score, score + 0.1 on
+    images case0..case2) and IoU = Dice / (2 − Dice), the exact per-image relation."""
     folder.mkdir(parents=True)
+    dice = np.asarray([score - 0.1, score, score + 0.1] if dice is None else dice)
+    pd.DataFrame({"name": [f"case{i}" for i in range(len(dice))], "accuracy": 0.9, "dice": dice,
+                  "iou": dice / (2 - dice), "precision": 0.8, "recall": 0.7, "ap": 0.6}).to_csv(
+        folder / "per_image.csv", index=False)
     pd.DataFrame([{"run": folder.name, "seed": seed, **{m: score for m in METRICS},
                    "parameters": 1234567, "train_seconds": 10.0 + seed, "epochs": 4,
                    "best_epoch": 3, "peak_memory_mb": 0.0}]).to_csv(folder / "metrics.csv",
@@ -55,12 +60,13 @@ def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b
 
 
 def make_spec(root, groups, sweep=None):
-    """``groups``: {loss name: [(seed, test score, best val_dice), ...]} in config order."""
+    """``groups``: {loss name: [(seed, test score, best val_dice[, per-image dice]), ...]} in
+    config order."""
     runs = []
     for loss, seeds in groups.items():
-        for seed, score, val_dice in seeds:
+        for seed, score, val_dice, *dice in seeds:
             name = f"unet__scratch__{loss}__plain__s{seed}"
-            write_run(root / "runs" / name, seed, score, val_dice)
+            write_run(root / "runs" / name, seed, score, val_dice, dice=dice[0] if dice else None)
             runs.append({"run": name, "dir": str(root / "runs" / name), "architecture": "unet",
                          "backbone": "scratch", "loss": loss, "augmentation": "plain",
                          "seed": seed})
@@ -83,48 +89,120 @@ def experiment(tmp_path_factory):
     return root / "experiments" / "losses"
 
 
-def test_t_quantiles_match_the_t_distribution():
-    """Integrate the t density numerically: P(|T| ≤ t_{0.975,ν}) must be 0.95."""
-    for dof in [*range(1, 31), 31, 40, 60, 120, 1000]:
-        t = t_quantile_975(dof)
-        x = np.linspace(0.0, t, 200_001)
-        log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
-        density = np.exp(log_c - (dof + 1) / 2 * np.log1p(x**2 / dof))
-        coverage = 2 * np.sum((density[1:] + density[:-1]) / 2 * np.diff(x))
-        error_in_t = (coverage - 0.95) / (2 * density[-1])
-        assert abs(error_in_t) < 1e-4, (dof, t, coverage)
-
-
-def test_mean_ci95_hand_computed():
-    # s = 0.1, n = 3: 4.3027 · 0.1 / √3 = 0.2484165
-    mean, ci = mean_ci95([0.6, 0.7, 0.8])
-    assert mean == pytest.approx(0.7) and ci == pytest.approx(0.2484165, abs=1e-6)
-    # s = √0.02, n = 2: 12.7062 · √0.02 / √2 = 1.27062
-    assert mean_ci95([0.5, 0.7]) == pytest.approx((0.6, 1.27062))
-    mean, ci = mean_ci95([0.42])
-    assert mean == 0.42 and math.isnan(ci)
+def iou(dice):
+    return dice / (2 - dice)
 
 
 def test_summary_csv_columns_order_and_values(experiment):
     summary = pd.read_csv(experiment / "summary.csv")
-    metric_columns = [f"{m}_{s}" for m in (*METRICS, "val_dice") for s in ("mean", "ci95")]
-    assert list(summary.columns) == ["group", "loss", "n_seeds", *metric_columns, "parameters",
-                                     "train_seconds_mean", "epochs_mean", "best_run",
-                                     "best_run_val_dice"]
+    metric_columns = [f"{m}_{s}" for m in (*METRICS, "val_dice")
+                      for s in (("mean", "lo", "hi") if m in ("dice", "iou") else ("mean", "ci95"))]
+    assert list(summary.columns) == [
+        "group", "loss", "n_seeds", "n_images", *metric_columns, "parameters",
+        "train_seconds_mean", "epochs_mean", "best_run", "best_run_val_dice", "reference",
+        "delta_dice", "delta_dice_lo", "delta_dice_hi", "delta_iou", "delta_iou_lo",
+        "delta_iou_hi", "p_wilcoxon", "p_holm", "verdict", "rank", "rank_mean", "rank_lo",
+        "rank_hi"]
     assert list(summary["group"]) == ["dice", "bce", "focal"]
-    assert list(summary["n_seeds"]) == [3, 2, 1]
+    assert list(summary["n_seeds"]) == [3, 2, 1] and list(summary["n_images"]) == [3, 3, 3]
     dice, bce, focal = (row for _, row in summary.iterrows())
-    for metric in METRICS:
+    for metric in set(METRICS) - {"dice", "iou"}:  # Student t over seeds
         assert dice[f"{metric}_mean"] == pytest.approx(0.7)
-        assert dice[f"{metric}_ci95"] == pytest.approx(0.2484165, abs=1e-6)
-        assert bce[f"{metric}_ci95"] == pytest.approx(1.27062)
-    assert math.isnan(focal["dice_ci95"]) and focal["dice_mean"] == pytest.approx(0.42)
+        assert dice[f"{metric}_ci95"] == pytest.approx(0.2484138, abs=1e-6)
+        assert bce[f"{metric}_ci95"] == pytest.approx(1.2706205, abs=1e-6)
+    assert math.isnan(focal["map_ci95"]) and focal["map_mean"] == pytest.approx(0.42)
+    # Dice, IoU: per-image scores score − 0.1, score, score + 0.1, bootstrap over images and seeds
+    assert dice["dice_mean"] == pytest.approx(0.7) and 0.5 < dice["dice_lo"] < 0.7
+    assert 0.7 < dice["dice_hi"] < 0.9
+    assert dice["iou_mean"] == pytest.approx(iou(np.array([0.5, 0.6, 0.7, 0.6, 0.7, 0.8,
+                                                           0.7, 0.8, 0.9])).mean())
+    # one seed: images only; all three draws equal the lowest (highest) image with p = 1/27 >
+    # 2.5 %, so the interval is [0.32, 0.52]
+    assert (focal["dice_lo"], focal["dice_hi"]) == pytest.approx((0.32, 0.52))
     # val_dice is each run's best epoch: bce seeds 0.80 and 0.90
     assert bce["val_dice_mean"] == pytest.approx(0.85)
     assert bce["best_run"] == "unet__scratch__bce__plain__s1"
     assert bce["best_run_val_dice"] == pytest.approx(0.90)
     assert dice["train_seconds_mean"] == pytest.approx(11.0)
     assert dice["parameters"] == 1234567 and dice["epochs_mean"] == 4
+
+
+def test_comparisons_with_the_validation_chosen_reference(experiment):
+    """bce has the best validation Dice, so it is the reference, although dice scores higher on
+    test. dice − bce on the shared seeds 0, 1: seed 0 +0.1, seed 1 0 on every image, so each
+    image's difference averaged over seeds is +0.05: three tied positive differences, exact
+    permutation p = 2 · 1/8 = 0.25; resampling the 2 seeds gives Δ 0, 0.05, 0.1 with
+    probabilities 1/4, 1/2, 1/4, so the interval is [0, 0.1]. focal − bce on seed 0: −0.08 on
+    every image, p = 0.25, interval [−0.08, −0.08]. Holm over the two: 0.5 and 0.5."""
+    summary = pd.read_csv(experiment / "summary.csv").set_index("group")
+    assert (summary["reference"] == "bce").all()
+    assert list(summary["verdict"]) == ["no detectable difference", "reference",
+                                        "no detectable difference"]
+    dice, bce, focal = summary.loc["dice"], summary.loc["bce"], summary.loc["focal"]
+    assert math.isnan(bce["delta_dice"]) and math.isnan(bce["p_holm"])
+    assert (dice["delta_dice"], dice["delta_dice_lo"], dice["delta_dice_hi"]) == pytest.approx(
+        (0.05, 0.0, 0.1))
+    assert (focal["delta_dice"], focal["delta_dice_lo"], focal["delta_dice_hi"]) == \
+        pytest.approx((-0.08, -0.08, -0.08))
+    shared_dice = np.array([[0.5, 0.6, 0.7], [0.6, 0.7, 0.8]])
+    shared_bce = np.array([[0.4, 0.5, 0.6], [0.6, 0.7, 0.8]])
+    assert dice["delta_iou"] == pytest.approx((iou(shared_dice) - iou(shared_bce)).mean())
+    assert dice["p_wilcoxon"] == pytest.approx(0.25) and focal["p_wilcoxon"] == pytest.approx(0.25)
+    assert dice["p_holm"] == pytest.approx(0.5) and focal["p_holm"] == pytest.approx(0.5)
+
+
+def test_ranks_and_their_bootstrap_intervals(experiment):
+    """Images are resampled alike for all groups, so dice vs bce is decided by the seeds: bce's
+    2 seeds average 0.5, 0.6, 0.7 (1/4, 1/2, 1/4), dice's 3 seeds 0.6 … 0.8 (below 0.7 with
+    p = 10/27, exactly 0.7 with 7/27, 0.6 with 1/27). bce ranks first (ties share rank 1) with
+    p = 1/4 · 17/27 + 1/2 · 1/27 = 19/108, dice second with p = 1/4 · 10/27 = 5/54."""
+    summary = pd.read_csv(experiment / "summary.csv")
+    assert list(summary["rank"]) == [1, 2, 3]
+    assert list(summary["rank_lo"]) == [1, 1, 3] and list(summary["rank_hi"]) == [2, 2, 3]
+    assert summary["rank_mean"].tolist() == pytest.approx([1 + 5 / 54, 2 - 19 / 108, 3],
+                                                          abs=0.03)
+
+
+# Per-image test Dice of an architecture experiment with clear verdicts: 8 images, 2 seeds.
+REFERENCE = np.array([0.50, 0.60, 0.70, 0.80, 0.55, 0.65, 0.75, 0.85])
+STEPS = np.arange(1, 9) / 100
+
+
+def architecture_spec(root):
+    spec = make_spec(root, {
+        "unet": [(s, REFERENCE.mean(), 0.9, REFERENCE) for s in (0, 1)],
+        "attention_unet": [(s, REFERENCE.mean() - 0.045, 0.8, REFERENCE - STEPS) for s in (0, 1)],
+        "unetpp": [(s, REFERENCE.mean() + 0.045, 0.7, REFERENCE + STEPS) for s in (0, 1)],
+    })
+    for run in spec["runs"]:
+        run["architecture"] = run.pop("loss")
+    spec["axes"] = ["architecture"]
+    return spec
+
+
+def test_verdicts_in_words(tmp_path):
+    """unet is the reference (best validation Dice). attention_unet is worse on all 8 images,
+    unetpp better (exact p = 2/2⁸ each); Holm over two: 4/256 = 0.0156 for both."""
+    aggregate_experiment("architecture", architecture_spec(tmp_path), tmp_path / "architecture")
+    summary = pd.read_csv(tmp_path / "architecture" / "summary.csv").set_index("group")
+    assert summary.loc["attention_unet", "p_holm"] == pytest.approx(4 / 256)
+    assert list(summary["verdict"]) == ["reference", "worse", "better"]
+    assert list(summary["rank"]) == [2, 3, 1]
+    write_summary([tmp_path / "architecture"], tmp_path / "summary.md")
+    text = (tmp_path / "summary.md").read_text()
+
+    def interval(group):
+        lo, hi = summary.loc[group, ["delta_dice_lo", "delta_dice_hi"]]
+        return f"[{lo:+.3f}, {hi:+.3f}]".replace("-", "−")
+
+    assert (f"- attention_unet: worse than unet: ΔDice −0.045 {interval('attention_unet')}, "
+            "Holm p = 0.0156") in text
+    assert (f"- unetpp: better than unet: ΔDice +0.045 {interval('unetpp')}, Holm p = 0.0156"
+            in text)
+    assert "Varied: architecture; 3 group(s), 2 seed(s) each, 8 test images." in text
+    assert "2000 resamples of the test images and the seeds" in text
+    assert "Holm-adjusted over the 2 comparison(s)" in text
+    assert "| **unet** | 2 | 0.675 [" in text and "| 2 [2, 2] |" in text
 
 
 def _read_png(path):
@@ -134,7 +212,7 @@ def _read_png(path):
 
 
 def test_figures_are_png_and_not_blank(experiment):
-    for figure in ("curves", "bars", "evolution", "samples"):
+    for figure in ("curves", "bars", "significance", "ranking", "evolution", "samples"):
         path = experiment / f"{figure}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         image = _read_png(path)
@@ -142,7 +220,8 @@ def test_figures_are_png_and_not_blank(experiment):
         assert image[..., :3].std() > 0.05, figure
     assert not (experiment / "sweep.png").exists()
     assert sorted(p.name for p in experiment.iterdir()) == [
-        "bars.png", "curves.png", "evolution.png", "samples.png", "summary.csv"]
+        "bars.png", "curves.png", "evolution.png", "ranking.png", "samples.png",
+        "significance.png", "summary.csv"]
 
 
 def test_sweep_png_written_with_a_sweep(tmp_path):
@@ -199,6 +278,43 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_runs_scored_on_other_test_images_are_an_error(tmp_path):
+    spec = make_spec(tmp_path, GROUPS)
+    runs = tmp_path / "runs"
+    first = runs / "unet__scratch__dice__plain__s0" / "per_image.csv"
+    path = runs / "unet__scratch__bce__plain__s1" / "per_image.csv"
+    table = pd.read_csv(path)
+    table.loc[1, "name"] = "other"
+    table.to_csv(path, index=False)
+    with pytest.raises(SegpipeError, match=f"{path}: scored other test images than {first} "
+                                           r"\(missing: case1; extra: other\)"):
+        aggregate_experiment("losses", spec, tmp_path / "out")
+    table.loc[1, "name"] = "case0"
+    table.to_csv(path, index=False)
+    with pytest.raises(SegpipeError, match=f"{path}: an image is listed twice"):
+        aggregate_experiment("losses", spec, tmp_path / "out")
+    path.unlink()
+    with pytest.raises(SegpipeError, match=f"{path}: file not found"):
+        aggregate_experiment("losses", spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_in_another_order_are_matched_by_image_name(tmp_path):
+    spec = make_spec(tmp_path, GROUPS)
+    path = tmp_path / "runs" / "unet__scratch__focal__plain__s0" / "per_image.csv"
+    pd.read_csv(path).iloc[::-1].to_csv(path, index=False)
+    aggregate_experiment("losses", spec, tmp_path / "out")
+    focal = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("group").loc["focal"]
+    assert (focal["delta_dice_lo"], focal["delta_dice_hi"]) == pytest.approx((-0.08, -0.08))
+
+
+def test_groups_without_a_shared_seed_are_an_error(tmp_path):
+    spec = make_spec(tmp_path, {"dice": GROUPS["dice"][1:], "focal": GROUPS["focal"]})
+    with pytest.raises(SegpipeError, match=r"experiment 'losses': no seed is shared by all "
+                                           r"groups \(dice: 1, 2; focal: 0\)"):
+        aggregate_experiment("losses", spec, tmp_path / "out")
+
+
 def test_runs_that_reached_no_snapshot_epoch(tmp_path):
     """Early stopping before the first snapshot epoch: curves are empty, samples use the best
     model's probabilities; without those there is nothing to show, which is a clear error."""
@@ -208,8 +324,13 @@ def test_runs_that_reached_no_snapshot_epoch(tmp_path):
         write_run(folder, seed, 0.5, 0.6, snapshots=(), probs_best=True)
         runs.append({"run": folder.name, "dir": str(folder), "loss": "bce", "seed": seed})
     aggregate_experiment("early", {"axes": ["loss"], "runs": runs}, tmp_path / "out")
-    for figure in ("curves", "evolution", "samples"):
+    for figure in ("curves", "evolution", "samples", "significance", "ranking"):
         assert _read_png(tmp_path / "out" / f"{figure}.png")[..., :3].std() > 0.05
+    row = pd.read_csv(tmp_path / "out" / "summary.csv").iloc[0]  # one group: nothing to compare
+    assert row["verdict"] == "reference" and math.isnan(row["p_holm"])
+    assert (row["rank"], row["rank_lo"], row["rank_hi"]) == (1, 1, 1)
+    write_summary([tmp_path / "out"], tmp_path / "summary.md")
+    assert "One group: nothing to compare." in (tmp_path / "summary.md").read_text()
 
     write_run(tmp_path / "bare", 0, 0.5, 0.6, snapshots=())
     runs[0]["dir"] = str(tmp_path / "bare")
@@ -231,14 +352,26 @@ def test_summary_md_one_table_per_experiment_and_best_by_validation(experiment, 
     assert "## losses" in text and "## architecture" in text
     losses, architecture = text.split("## architecture")
     # best by validation Dice, not by the (higher) test Dice of "dice" / "unet"
-    assert "| **bce** | 2 | 0.600 ± 1.271 |" in losses
+    bce = next(line for line in losses.splitlines()
+               if line.startswith("| **bce** | 2 | 0.600 ["))
+    assert "| 0.600 ± 1.271 |" in bce  # mAP: Student t over the 2 seeds
     assert "Best by validation Dice: **bce** (val Dice 0.850 ± 0.635)" in losses
     assert "`unet__scratch__bce__plain__s1` (val Dice 0.900)" in losses
-    assert "| focal | 1 | 0.420 ± — |" in losses
+    # Dice, IoU: bootstrap interval (IoU = D / (2 − D) of 0.32, 0.42, 0.52: 0.190, 0.266,
+    # 0.351, mean 0.269); mAP: no interval from one seed
+    assert "| focal | 1 | 0.420 [0.320, 0.520] | 0.269 [0.190, 0.351] | 0.420 ± — |" in losses
+    assert "1–3 seed(s) each, 3 test images" in losses
+    assert ("- dice: no detectable difference (ΔDice +0.050 [+0.000, +0.100], Holm p = 0.5)"
+            in losses)
+    assert ("- focal: no detectable difference (ΔDice −0.080 [−0.080, −0.080], Holm p = 0.5)"
+            in losses)
     assert "Best by validation Dice: **resunet**" in architecture
+    # 3 images cannot show a difference: the smallest two-sided p is 2/2³
+    assert ("- unet: no detectable difference (ΔDice +0.700 [+0.700, +0.700], Holm p = 0.25)"
+            in architecture)
     assert "| 1.23 M |" in losses
     assert "[sweep](" not in text
-    for name in ("curves", "bars", "evolution", "samples"):
+    for name in ("curves", "bars", "significance", "ranking", "evolution", "samples"):
         target = (output.parent / text.split(f"[{name}](")[1].split(")")[0]).resolve()
         assert target == (experiment / f"{name}.png").resolve()
 

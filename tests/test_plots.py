@@ -22,7 +22,9 @@ from segpipe.plots import (
     plot_bars,
     plot_curves,
     plot_evolution,
+    plot_ranking,
     plot_samples,
+    plot_significance,
     plot_sweep,
 )
 
@@ -127,6 +129,49 @@ def test_bars_heights_and_error_bars_are_the_group_statistics():
         np.array([[0.50, 0.54], [0.60, 0.64], [0.70, 0.74], [0.80, 0.84], [0.90, 0.94]]))
     assert [t.get_text() for t in ax.get_xticklabels()] == ["Dice", "IoU", "mAP", "precision",
                                                             "recall"]
+    rendered(fig)
+
+
+def test_bars_use_the_bootstrap_interval_where_there_is_one():
+    table = summary_table(2).assign(dice_lo=[0.40, 0.45], dice_hi=[0.55, 0.60])
+    fig = plot_bars(table, group_colours(2), "t")
+    bars = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)][1]
+    whiskers = bars.errorbar.lines[2][0].get_segments()
+    assert whiskers[0][:, 1] == pytest.approx([0.45, 0.60])  # Dice: asymmetric, lo to hi
+    assert whiskers[1][:, 1] == pytest.approx([0.59, 0.63])  # IoU: mean ± ci95
+    rendered(fig)
+
+
+def test_significance_map_fills_the_cells_where_the_row_is_better():
+    p = np.array([[np.nan, 0.01, 0.0004], [1.0, np.nan, 0.2], [1.0, 1.0, np.nan]])
+    fig = plot_significance(["unet", "unetpp", "r2unet"], [0.75, 0.74, 0.5], p, 0.05, "t")
+    ax = fig.axes[0]
+    cells = ax.images[0].get_array()
+    assert cells.mask.tolist() == np.eye(3, dtype=bool).tolist()  # the diagonal is blank
+    assert cells.filled(-1).tolist() == [[-1, 1, 1], [0, -1, 0], [0, 0, -1]]
+    texts = {(t.get_position(), t.get_text()) for t in ax.texts}
+    assert {((1, 0), "0.01"), ((2, 0), "<0.001"), ((2, 1), "0.2"), ((0, 1), "1")} <= texts
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["unet\n0.750", "unetpp\n0.740", "r2unet\n0.500"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert "significantly better" in ax.get_ylabel() and "Holm" in ax.get_title(loc="left")
+    rendered(fig)
+
+
+def test_ranking_blobs_have_the_area_of_their_frequency():
+    ranks = np.array([[1, 2], [1, 2], [1, 2], [2, 1]])  # 4 resamples, 2 groups
+    fig = plot_ranking(["a", "b"], ranks, [1, 2], [1, 1], [2, 2], group_colours(2), "t")
+    ax = fig.axes[0]
+    blobs_a, blobs_b, marks = ax.collections[0], ax.collections[1], ax.collections[3]
+    assert blobs_a.get_offsets().tolist() == [[0, 1], [0, 2]]
+    assert blobs_a.get_sizes() / blobs_a.get_sizes().sum() == pytest.approx([0.75, 0.25])
+    assert blobs_b.get_offsets().tolist() == [[1, 1], [1, 2]]
+    assert blobs_b.get_sizes() / blobs_b.get_sizes().sum() == pytest.approx([0.25, 0.75])
+    intervals = ax.collections[2].get_segments()
+    assert [seg[:, 1].tolist() for seg in intervals] == [[1, 2], [1, 2]]
+    assert marks.get_offsets().tolist() == [[0, 1], [1, 2]]
+    assert ax.get_ylim() == (2.6, 0.4)  # rank 1 on top
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     rendered(fig)
 
 

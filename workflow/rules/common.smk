@@ -131,7 +131,7 @@ def experiment_spec(wildcards):
 
 
 def experiment_inputs(wildcards):
-    files = ("metrics.csv", "metrics_by_epoch.csv", "history.csv", "evolution.npz")
+    files = ("metrics.csv", "per_image.csv", "metrics_by_epoch.csv", "history.csv", "evolution.npz")
     return [f"{run_dir(r)}/{f}" for r in EXPERIMENTS[wildcards.experiment] for f in files]
 
 
@@ -165,13 +165,6 @@ def sweep_experiments():
     return [name for name, sweep in SWEEPS.items() if sweep is not None]
 
 
-def experiment_figures(name):
-    figures = ["summary.csv", "curves.png", "bars.png", "evolution.png", "samples.png"]
-    if SWEEPS[name] is not None:
-        figures.append("sweep.png")
-    return [f"results/experiments/{name}/{f}" for f in figures]
-
-
 def figure(name, title):
     return report(
         f"{EXPERIMENT_DIR}/{name}.png",
@@ -181,15 +174,32 @@ def figure(name, title):
     )
 
 
-def experiment_outputs():
-    """The outputs of every experiment's aggregation (a sweep adds sweep.png)."""
+# The figures `segpipe aggregate` writes (segpipe.aggregate.FIGURES), with their titles in the
+# report; sweep.png only for an experiment with `sweep:`.
+FIGURES = {
+    "curves": "test metrics vs epoch",
+    "bars": "test metrics",
+    "significance": "pairwise significance",
+    "ranking": "rank stability",
+    "evolution": "mask evolution",
+    "samples": "sample predictions",
+}
+SWEEP_FIGURES = {"sweep": "test metrics vs swept parameter"}
+
+
+def experiment_outputs(sweep=False):
+    """The outputs of an experiment's aggregation, by name: summary.csv and the figures."""
+    figures = {**FIGURES, **(SWEEP_FIGURES if sweep else {})}
     return {
         "summary": f"{EXPERIMENT_DIR}/summary.csv",
-        "curves": figure("curves", "test metrics vs epoch"),
-        "bars": figure("bars", "test metrics"),
-        "evolution": figure("evolution", "mask evolution"),
-        "samples": figure("samples", "sample predictions"),
+        **{name: figure(name, title) for name, title in figures.items()},
     }
+
+
+def experiment_files(name):
+    """The files the aggregation of experiment `name` writes."""
+    outputs = experiment_outputs(sweep=SWEEPS[name] is not None)
+    return [str(path).format(experiment=name) for path in outputs.values()]
 
 
 def names_regex(names):

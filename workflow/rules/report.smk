@@ -1,5 +1,6 @@
 rule aggregate:
-    """Per-experiment comparison: summary.csv (mean and 95% CI over seeds) and figures."""
+    """Per-experiment comparison: summary.csv (CIs, paired tests vs the reference, ranks) and
+    figures."""
     input:
         experiment_inputs,
     output:
@@ -20,14 +21,13 @@ rule aggregate:
 
 use rule aggregate as aggregate_sweep with:
     output:
-        **experiment_outputs(),
-        sweep=figure("sweep", "test metrics vs swept parameter"),
+        **experiment_outputs(sweep=True),
     wildcard_constraints:
         experiment=names_regex(sweep_experiments()),
 
 
 rule summary:
-    """results/summary.md: one table per experiment, with the best run by validation Dice."""
+    """results/summary.md: one table per experiment and its verdicts vs the reference."""
     input:
         expand(f"{EXPERIMENT_DIR}/summary.csv", experiment=config["experiments"]),
     output:

@@ -1,0 +1,195 @@
+"""Statistics of an experiment: bootstrap intervals, paired Wilcoxon tests with Holm's
+correction and bootstrap ranks, reported the way challengeR does (Wiesenfarth et al. 2021,
+Sci. Rep. 11:2369).
+
+The cases are the test images: every run of an experiment is scored on the same images, so a
+group's per-image scores form a matrix ``values[s, i]`` (seed s, test image i) and two groups
+are compared image by image (paired).
+
+* Bootstrap (Efron & Tibshirani 1993), two-level: each of ``N_RESAMPLES`` resamples draws the
+  test images with replacement and, independently, the seeds with replacement; a statistic is
+  the mean of the resampled matrix. The interval is the percentile interval, the α/2 and
+  1 − α/2 quantiles of the resampled means (α = ``ALPHA``). All groups are resampled with the
+  same images, and groups with as many seeds with the same seed positions, so differences and
+  ranks are paired. With one seed only the images are resampled. The generator is seeded
+  (``SEED``): the same scores give the same intervals.
+* Wilcoxon signed-rank test (Wilcoxon 1945), ``scipy.stats.wilcoxon`` with its defaults: zero
+  differences are dropped; the exact null distribution without ties or zeros (up to 50 images),
+  with them an exhaustive permutation test up to 13 images, beyond that the normal
+  approximation with continuity correction. When all differences are zero, p = 1.
+* Holm's step-down correction (Holm 1979) over the tests of one experiment.
+* Per-run statistics without per-image values (pooled metrics, validation Dice, …): mean over
+  seeds ± the half-width of the Student t 95 % interval (``mean_ci95``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.stats
+
+N_RESAMPLES = 2000
+SEED = 0
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One group's per-image scores of one metric: ``values[s, i]`` is the score of the run
+    with seed ``seeds[s]`` on test image i."""
+
+    seeds: tuple[int, ...]
+    values: np.ndarray
+
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    def on_seeds(self, seeds: Sequence[int]) -> Scores:
+        """The rows of ``seeds`` (each must be one of this group's seeds)."""
+        return Scores(tuple(seeds), self.values[[self.seeds.index(s) for s in seeds]])
+
+
+def paired_difference(a: Scores, b: Scores) -> Scores:
+    """``a − b`` image by image on the seeds both have (ascending)."""
+    shared = sorted(set(a.seeds) & set(b.seeds))
+    if not shared:
+        raise ValueError("the two groups share no seed")
+    return Scores(tuple(shared), a.on_seeds(shared).values - b.on_seeds(shared).values)
+
+
+class Bootstrap:
+    """Two-level resamples of the seeds × images matrices of one experiment (module docstring).
+
+    A resample is a pair of count vectors — how often each seed and each image is drawn — so
+    the mean of a resampled matrix is a weighted mean, computed for all resamples at once."""
+
+    def __init__(self, n_images: int, n_resamples: int = N_RESAMPLES, seed: int = SEED):
+        self.n_resamples = n_resamples
+        self._rng = np.random.default_rng(seed)
+        self.image_counts = self._counts(n_images)
+        self._seed_counts: dict[int, np.ndarray] = {}
+
+    def _counts(self, n: int) -> np.ndarray:
+        """(n_resamples, n): how often each of n items is drawn in n draws with replacement."""
+        return self._rng.multinomial(n, np.full(n, 1 / n), size=self.n_resamples)
+
+    def seed_counts(self, n_seeds: int) -> np.ndarray:
+        """Seed counts (n_resamples, n_seeds), drawn once per number of seeds and then shared."""
+        if n_seeds not in self._seed_counts:
+            self._seed_counts[n_seeds] = self._counts(n_seeds)
+        return self._seed_counts[n_seeds]
+
+    def means(self, scores: Scores) -> np.ndarray:
+        """The mean of every resampled matrix, (n_resamples,)."""
+        n_seeds, n_images = scores.values.shape
+        if n_images != self.image_counts.shape[1]:
+            raise ValueError(f"scores of {n_images} images, resamples of "
+                             f"{self.image_counts.shape[1]}")
+        by_image = self.seed_counts(n_seeds) @ scores.values  # (n_resamples, n_images)
+        return (by_image * self.image_counts).sum(axis=1) / (n_seeds * n_images)
+
+    def interval(self, scores: Scores, alpha: float = ALPHA) -> tuple[float, float]:
+        """Percentile interval of the mean of ``scores`` at level 1 − ``alpha``."""
+        lo, hi = np.quantile(self.means(scores), [alpha / 2, 1 - alpha / 2])
+        return float(lo), float(hi)
+
+    def ranks(self, groups: Sequence[Scores]) -> np.ndarray:
+        """Rank of each group by mean score in every resample, (n_resamples, groups)."""
+        return rank_descending(np.stack([self.means(g) for g in groups], axis=-1))
+
+
+def rank_descending(values: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis, 1 = highest; ties share the best of their ranks."""
+    return scipy.stats.rankdata(-np.asarray(values), method="min", axis=-1).astype(int)
+
+
+def wilcoxon_p(differences: np.ndarray, alternative: str = "two-sided") -> float:
+    """p-value of the Wilcoxon signed-rank test that ``differences`` are centred on 0
+    (``alternative``: 'two-sided', or 'greater' / 'less' than 0); 1 when all are 0."""
+    d = np.asarray(differences, dtype=float)
+    if not d.any():
+        return 1.0
+    return float(scipy.stats.wilcoxon(d, alternative=alternative).pvalue)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-adjusted p-values (Holm 1979): with p₍₁₎ ≤ … ≤ p₍ₘ₎ sorted,
+    p̃₍ₖ₎ = min(1, max_{j ≤ k} (m − j + 1)·p₍ⱼ₎), returned in the input order."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order])
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
+def verdict(delta: float, p_holm: float, alpha: float = ALPHA) -> str:
+    """'better' or 'worse' (by the sign of Δ) where the Holm-adjusted p < ``alpha``, else
+    'no detectable difference'."""
+    if p_holm < alpha and delta != 0:
+        return "better" if delta > 0 else "worse"
+    return "no detectable difference"
+
+
+def compare_with_reference(reference: str, scores: Mapping[str, Mapping[str, Scores]],
+                           bootstrap: Bootstrap, test_metric: str = "dice",
+                           alpha: float = ALPHA) -> dict[str, dict[str, float | str]]:
+    """Every group but ``reference`` against it, on the seeds both have.
+
+    ``scores``: {metric: {group: Scores}}. Per group: for each metric ``delta_<metric>`` (mean
+    paired difference group − reference) with its bootstrap interval ``delta_<metric>_lo``,
+    ``delta_<metric>_hi``; on ``test_metric``, ``p_wilcoxon`` (two-sided, per-image differences
+    averaged over the shared seeds), ``p_holm`` (Holm over these comparisons) and ``verdict``."""
+    groups = [g for g in scores[test_metric] if g != reference]
+    result: dict[str, dict[str, float | str]] = {g: {} for g in groups}
+    p = []
+    for metric, by_group in scores.items():
+        for group in groups:
+            diff = paired_difference(by_group[group], by_group[reference])
+            lo, hi = bootstrap.interval(diff, alpha)
+            result[group].update({f"delta_{metric}": diff.mean(), f"delta_{metric}_lo": lo,
+                                  f"delta_{metric}_hi": hi})
+            if metric == test_metric:
+                p.append(wilcoxon_p(diff.values.mean(axis=0)))
+    for group, p_raw, p_adjusted in zip(groups, p, holm(p)):
+        result[group].update(p_wilcoxon=p_raw, p_holm=p_adjusted,
+                             verdict=verdict(result[group][f"delta_{test_metric}"], p_adjusted,
+                                             alpha))
+    return result
+
+
+def significance(groups: Sequence[Scores]) -> np.ndarray:
+    """challengeR's significance map: ``p[i, j]`` is the Holm-adjusted p-value (over all
+    ordered pairs) of the one-sided Wilcoxon signed-rank test that group i is better than
+    group j, on the per-image differences i − j averaged over their shared seeds; the diagonal
+    is NaN."""
+    n = len(groups)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    p = [wilcoxon_p(paired_difference(groups[i], groups[j]).values.mean(axis=0), "greater")
+         for i, j in pairs]
+    matrix = np.full((n, n), np.nan)
+    for (i, j), p_adjusted in zip(pairs, holm(p)):
+        matrix[i, j] = p_adjusted
+    return matrix
+
+
+def rank_interval(ranks: np.ndarray, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of bootstrap ``ranks`` (n_resamples, groups): the α/2 and 1 − α/2 quantiles,
+    each an observed rank (the smallest rank whose cumulative frequency reaches the level)."""
+    lo, hi = np.quantile(ranks, [alpha / 2, 1 - alpha / 2], axis=0, method="inverted_cdf")
+    return lo.astype(int), hi.astype(int)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width t_{0.975, n−1} · s / √n of the Student t 95 % interval of
+    ``values`` (s the sample standard deviation); the half-width is NaN when n = 1."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("no values")
+    if x.size == 1:
+        return float(x[0]), math.nan
+    t = scipy.stats.t.ppf(0.975, x.size - 1)
+    return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(x.size))
