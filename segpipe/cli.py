@@ -48,6 +48,8 @@ def _cmd_rasterise(a: argparse.Namespace) -> None:
         background=a.background,
         val_fraction=a.val_fraction,
         split_seed=a.split_seed,
+        folds=a.folds,
+        group=a.group,
     )
 
 
@@ -117,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels that erase (drawn as background, in file order)")
     s.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of images marked as validation split")
+    s.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="assign the images to K cross-validation folds (instead of a val split)")
+    s.add_argument("--group", default=None, metavar="REGEX",
+                   help="images whose names share the first capture group (or the match) of "
+                        "REGEX stay on one side of every split")
     s.add_argument("--split-seed", type=int, default=0)
     s.set_defaults(func=_cmd_rasterise)
 
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_models)
 
     s = sub.add_parser("train", help="train one run")
-    s.add_argument("--cache", type=Path, required=True, help="training HDF5 cache (with val split)")
+    s.add_argument("--cache", type=Path, required=True,
+                   help="training HDF5 cache (with val split, or folds when the spec has a fold)")
     s.add_argument("--spec", type=_json_arg, required=True,
                    help="run specification: JSON object or @file.json")
     s.add_argument("--output-dir", type=Path, required=True, help="the run directory")
@@ -134,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (0: load in this process)")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("evaluate", help="score a trained run on the test cache")
+    s = sub.add_parser("evaluate", help="score a trained run on its test images")
     s.add_argument("--run-dir", type=Path, required=True)
-    s.add_argument("--cache", type=Path, required=True, help="test HDF5 cache")
+    s.add_argument("--cache", type=Path, required=True,
+                   help="test HDF5 cache (the training cache for a run of a fold: its fold)")
     s.add_argument("--threshold", type=float, default=0.5)
     s.add_argument("--examples", type=int, default=4, help="test images in predictions.png")
     _add_device(s)

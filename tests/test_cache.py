@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from segpipe import SegpipeError, __version__
-from segpipe.data.cache import build_cache, split_validation
+from segpipe.data.cache import build_cache
+from segpipe.data.dataset import split_indices
 
 
 def blocks(values: np.ndarray) -> np.ndarray:
@@ -92,15 +93,6 @@ def test_same_input_same_cache(labelme_folder, tmp_path):
     assert one["masks"].any() and one["is_val"].sum() == 3
 
 
-def test_split_counts_and_seed():
-    assert split_validation(10, 0.2, 0).sum() == 2
-    assert split_validation(10, 0.01, 0).sum() == 1  # at least one validation image
-    assert split_validation(10, 0.99, 0).sum() == 9  # at least one training image
-    assert split_validation(10, 0.0, 0).sum() == 0
-    np.testing.assert_array_equal(split_validation(10, 0.5, 7), split_validation(10, 0.5, 7))
-    assert not np.array_equal(split_validation(10, 0.5, 7), split_validation(10, 0.5, 8))
-
-
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegpipeError, match="empty: no LabelMe .json files"):
@@ -153,5 +145,60 @@ def test_bad_arguments(folder, tmp_path, arguments, message):
 
 def test_validation_split_needs_two_images(make_labelme, tmp_path):
     make_labelme([("obj", "rectangle", [[1, 1], [2, 2]])], folder=tmp_path / "one")
-    with pytest.raises(SegpipeError, match="at least 2 images"):
+    with pytest.raises(SegpipeError, match="one: a validation split needs at least 2 groups"):
         build_cache(tmp_path / "one", tmp_path / "out.h5", size=(4, 4), val_fraction=0.5)
+
+
+# Augmented copies of 6 photos (Roboflow's naming), and one photo without copies.
+COPIES = {"IMG_1": 3, "IMG_2": 1, "IMG_10": 2, "IMG_11": 2, "IMG_3": 1, "IMG_4": 3, "IMG_5": 1}
+
+
+@pytest.fixture
+def grouped(make_labelme, tmp_path):
+    """A LabelMe folder of the photos in COPIES: ``<photo>.rf.<hash>`` copies, and ``IMG_5``
+    itself; returns the folder and each file stem's photo."""
+    folder, photos = tmp_path / "grouped", {}
+    for photo, copies in COPIES.items():
+        for copy in range(copies):
+            name = photo if photo == "IMG_5" else f"{photo}.rf.{copy:02d}{len(photos):04x}"
+            make_labelme([("obj", "rectangle", [[1, 1], [5, 5]])], name=name, folder=folder)
+            photos[name] = photo
+    return folder, photos
+
+
+def test_no_group_crosses_a_fold_or_the_validation_boundary(grouped, tmp_path):
+    folder, photos = grouped
+    pattern = r"^(.*)\.rf\."
+    build_cache(folder, tmp_path / "cv.h5", (4, 4), folds=3, split_seed=2, group=pattern)
+    build_cache(folder, tmp_path / "fixed.h5", (4, 4), val_fraction=0.3, group=pattern)
+    data, attrs = read(tmp_path / "cv.h5")
+    names = [n.decode() for n in data["names"]]
+    assert [g.decode() for g in data["groups"]] == [photos[n] for n in names]
+    assert attrs["folds"] == 3 and json.loads(attrs["group"]) == pattern
+    assert "val_fraction" not in attrs and "is_val" not in data
+    assert data["fold"].dtype == np.int64 and sorted(np.bincount(data["fold"])) == [4, 4, 5]
+    photo_of = np.array([photos[n] for n in names])
+    for photo in COPIES:
+        assert len(set(data["fold"][photo_of == photo])) == 1
+    for fold in range(3):
+        parts = [set(photo_of[rows]) for rows in split_indices(tmp_path / "cv.h5", fold)]
+        assert sum(map(len, parts)) == len(COPIES)  # train, val, test share no photo
+        assert parts[1] and parts[2]
+
+    data, attrs = read(tmp_path / "fixed.h5")
+    assert attrs["val_fraction"] == 0.3 and "fold" not in data
+    train, val, test = split_indices(tmp_path / "fixed.h5")
+    assert len(test) == 0 and len(val) >= round(0.3 * 13) and len(train)
+    assert not set(photo_of[train]) & set(photo_of[val])
+
+
+def test_fold_errors_leave_no_file(grouped, tmp_path):
+    folder, _ = grouped
+    output = tmp_path / "out.h5"
+    with pytest.raises(SegpipeError, match="grouped: 8 folds need at least 8 groups, got 7"):
+        build_cache(folder, output, (4, 4), folds=8, group=r"^(.*)\.rf\.")
+    with pytest.raises(SegpipeError, match=r"data.group = 'frame': matches none of the 13"):
+        build_cache(folder, output, (4, 4), folds=3, group="frame")
+    with pytest.raises(SegpipeError, match="folds and val_fraction exclude each other"):
+        build_cache(folder, output, (4, 4), folds=3, val_fraction=0.2)
+    assert not output.exists()

@@ -42,7 +42,8 @@ def test_items_are_the_cache_rows_as_uint8_tensors(cache):
 
 
 def test_split_indices_select_train_and_val_rows(cache):
-    train, val = split_indices(cache)
+    train, val, test = split_indices(cache)
+    assert len(test) == 0  # the test images of a fixed split are another cache
     with h5py.File(cache, "r") as h5:
         is_val = h5["is_val"][()]
     assert sorted([*train, *val]) == list(range(6)) and len(val) == 2  # round(0.34 * 6)
@@ -92,7 +93,17 @@ def test_errors_name_the_file(cache, tmp_path):
         SegmentationH5Dataset(tmp_path / "absent.h5")
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["images"] = np.zeros((1, 2, 2, 3), np.uint8)
-    with pytest.raises(SegpipeError, match=r"other.h5: not a segpipe cache \(missing \['is_val', "):
+    with pytest.raises(SegpipeError, match=r"other.h5: not a segpipe cache \(missing \['masks'\]"):
         split_indices(tmp_path / "other.h5")
+    with h5py.File(tmp_path / "other.h5", "a") as h5:
+        h5["masks"] = np.zeros((1, 2, 2), np.uint8)
+    with pytest.raises(SegpipeError, match="other.h5: no validation split 'is_val'$"):
+        split_indices(tmp_path / "other.h5")
+    with h5py.File(tmp_path / "other.h5", "a") as h5:
+        h5["fold"] = np.zeros(1, np.int64)
+    with pytest.raises(SegpipeError, match=r"'is_val' \(a cross-validation cache: train one"):
+        split_indices(tmp_path / "other.h5")
+    with pytest.raises(SegpipeError, match="cache.h5: no cross-validation folds 'fold' for fold 1"):
+        split_indices(cache, fold=1)
     with pytest.raises(SegpipeError, match="indices out of range for 6 images"):
         SegmentationH5Dataset(cache, indices=[0, 6])

@@ -2,10 +2,12 @@
 
 Layout (docs/formats.md): ``images`` uint8 (N, H, W, 3) RGB resized with area
 interpolation, ``masks`` uint8 (N, H, W) in {0, 1} rasterised at (H, W) from scaled
-coordinates, ``names`` (N,) utf-8 JSON file stems, ``orig_size`` int32 (N, 2) original
-(height, width), ``is_val`` bool (N,); one image per chunk; attributes ``segpipe_version``,
-``source``, ``foreground``, ``background`` (JSON), ``size``, ``count``, ``val_fraction``,
-``split_seed``. Images are sorted by file name, so the same folder gives the same file.
+coordinates, ``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) utf-8 their groups,
+``orig_size`` int32 (N, 2) original (height, width), and the split (:mod:`segpipe.data.split`):
+``is_val`` bool (N,), or with ``folds`` the cross-validation fold ``fold`` int64 (N,); one image
+per chunk; attributes ``segpipe_version``, ``source``, ``foreground``, ``background``,
+``group`` (JSON), ``size``, ``count``, ``split_seed``, and ``val_fraction`` or ``folds``.
+Images are sorted by file name, so the same folder gives the same file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from segpipe import SegpipeError, __version__
 from segpipe.files import atomic_path
 from segpipe.data.labelme import FILLED_TYPES, check_label_rule, load_annotation, rasterise
+from segpipe.data.split import assign_folds, group_ids, group_keys, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,18 @@ def build_cache(
     background: Iterable[str] = (),
     val_fraction: float = 0.0,
     split_seed: int = 0,
+    folds: int | None = None,
+    group: str | None = None,
 ) -> None:
-    """Rasterise every ``*.json`` of ``input_dir`` into the HDF5 file ``output``.
+    """Rasterise every ``*.json`` of ``input_dir`` into the HDF5 file ``output``, with the
+    validation split ``val_fraction`` or, with ``folds``, the cross-validation folds, both
+    drawn by ``split_seed`` over the groups of the regular expression ``group``.
 
     The file is written under a temporary name and renamed when complete. Raises
     :class:`SegpipeError` for an empty folder, any invalid file (see
-    :func:`segpipe.data.labelme.load_annotation`), or a label rule that selects no shape
-    in the whole folder; foreground or background labels that never occur are logged.
+    :func:`segpipe.data.labelme.load_annotation`), a label rule that selects no shape in the
+    whole folder, or a split the groups cannot make; foreground or background labels that
+    never occur are logged.
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
@@ -52,17 +60,27 @@ def build_cache(
         raise SegpipeError(f"size must be positive, got {height}x{width}")
     if not 0.0 <= val_fraction < 1.0:
         raise SegpipeError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if folds is not None and val_fraction > 0:
+        raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
+                           "validation images of a fold are those of the next fold")
     check_label_rule(foreground, background)
     if not input_dir.is_dir():
         raise SegpipeError(f"{input_dir}: not a folder")
     files = sorted(input_dir.glob("*.json"))
     if not files:
         raise SegpipeError(f"{input_dir}: no LabelMe .json files")
-    if val_fraction > 0 and len(files) < 2:
-        raise SegpipeError(f"{input_dir}: a validation split needs at least 2 images")
 
     n = len(files)
-    is_val = split_validation(n, val_fraction, split_seed)
+    names = [p.stem for p in files]
+    keys = group_keys(names, group)
+    groups = group_ids(keys)
+    try:
+        if folds is None:
+            split = {"is_val": split_validation(groups, val_fraction, split_seed)}
+        else:
+            split = {"fold": assign_folds(groups, folds, split_seed)}
+    except SegpipeError as exc:
+        raise SegpipeError(f"{input_dir}: {exc}") from None
     labels, skipped, foreground_pixels = Counter(), Counter(), 0
     with atomic_path(output) as partial, h5py.File(partial, "w") as h5:
         images = h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
@@ -78,35 +96,39 @@ def build_cache(
             labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
             skipped.update(annotation.skipped)
         _check_labels(input_dir, labels, foreground, background)
-        h5.create_dataset("names", data=[p.stem for p in files], dtype=h5py.string_dtype())
-        h5.create_dataset("is_val", data=is_val)
+        h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
+        h5.create_dataset("groups", data=keys, dtype=h5py.string_dtype())
+        for key, values in split.items():
+            h5.create_dataset(key, data=values)
         h5.attrs.update(
             segpipe_version=__version__,
             source=str(input_dir.resolve()),
             foreground=json.dumps(foreground),
             background=json.dumps(background),
+            group=json.dumps(group),
             size=np.array(size),
             count=n,
-            val_fraction=val_fraction,
             split_seed=split_seed,
+            **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
         )
-    split = f" ({n - is_val.sum()} train, {is_val.sum()} val)" if is_val.any() else ""
     log.info(
         "%s: %d images%s at %dx%d, foreground %.1f%% of pixels; shapes: %s; skipped (no area): %s",
-        output, n, split, height, width, 100.0 * foreground_pixels / (n * height * width),
-        _counts(labels), _counts(skipped),
+        output, n, _describe_split(split, groups), height, width,
+        100.0 * foreground_pixels / (n * height * width), _counts(labels), _counts(skipped),
     )
 
 
-def split_validation(count: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean (count,) marking ``round(val_fraction·count)`` images (at least 1 and at most
-    count − 1 when ``val_fraction > 0``) chosen by ``np.random.default_rng(seed)``."""
-    n_val = round(val_fraction * count)
-    if val_fraction > 0:
-        n_val = min(max(n_val, 1), count - 1)
-    is_val = np.zeros(count, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(count)[:n_val]] = True
-    return is_val
+def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
+    """E.g. " in 12 groups (9 train, 3 val)" or " in 12 groups (folds of 4, 4, 4 images)"."""
+    n_groups = int(groups.max()) + 1
+    in_groups = f" in {n_groups} groups" if n_groups < len(groups) else ""
+    if "fold" in split:
+        sizes = ", ".join(map(str, np.bincount(split["fold"])))
+        return f"{in_groups} (folds of {sizes} images)"
+    is_val = split["is_val"]
+    if not is_val.any():
+        return in_groups
+    return f"{in_groups} ({len(is_val) - is_val.sum()} train, {is_val.sum()} val)"
 
 
 def _check_labels(

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segpipe import SegpipeError
+from segpipe.data.split import cv_split
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
@@ -67,11 +68,27 @@ class SegmentationH5Dataset(Dataset):
         return {**self.__dict__, "_file": None, "_pid": None}
 
 
-def split_indices(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Cache rows of the training and the validation split, from ``is_val``."""
-    with _open_cache(Path(path)) as h5:
-        is_val = h5["is_val"][()]
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+def split_indices(path: str | Path, fold: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cache rows of the training, validation and test split: without ``fold`` from
+    ``is_val`` (no test rows: the test images are another cache), inside ``fold`` of a
+    cross-validation cache from ``fold`` (:func:`segpipe.data.split.cv_split`)."""
+    path = Path(path)
+    key = "is_val" if fold is None else "fold"
+    with _open_cache(path) as h5:
+        if fold is None and key not in h5:
+            hint = " (a cross-validation cache: train one of its folds)" if "fold" in h5 else ""
+            raise SegpipeError(f"{path}: no validation split 'is_val'{hint}")
+        if key not in h5:
+            raise SegpipeError(f"{path}: no cross-validation folds 'fold' for fold {fold} "
+                               "(rasterise with --folds)")
+        split = h5[key][()]
+    if fold is None:
+        return np.flatnonzero(~split), np.flatnonzero(split), np.empty(0, np.int64)
+    try:
+        return cv_split(split, fold)
+    except SegpipeError as exc:
+        raise SegpipeError(f"{path}: {exc}") from None
 
 
 def _open_cache(path: Path) -> h5py.File:
@@ -79,7 +96,7 @@ def _open_cache(path: Path) -> h5py.File:
         h5 = h5py.File(path, "r")
     except (OSError, FileNotFoundError) as exc:
         raise SegpipeError(f"{path}: cannot open HDF5 cache ({exc})") from None
-    missing = {"images", "masks", "is_val"} - set(h5)
+    missing = {"images", "masks"} - set(h5)
     if missing:
         h5.close()
         raise SegpipeError(f"{path}: not a segpipe cache (missing {sorted(missing)})")
