@@ -1,8 +1,10 @@
-"""Evaluation of a trained run on the test cache (never used for model selection).
+"""Evaluation of a trained run on its test images (never used for model selection).
 
 ``evaluate_run(run_dir, cache)`` scores ``model.pt`` (the best epoch on validation) and every
-``snapshots/epoch_<k>.pt`` on every image of the test cache, with the metrics of
-:mod:`segpipe.metrics` at ``threshold``, and writes into the run directory (docs/formats.md):
+``snapshots/epoch_<k>.pt`` on the test images — every image of the test cache or, for a run
+trained on fold f of a cross-validation cache (``spec["fold"]``), the images of fold f — with
+the metrics of :mod:`segpipe.metrics` at ``threshold``, and writes into the run directory
+(docs/formats.md):
 
 - ``metrics.csv``: one row: run, wildcards, per-image means ``accuracy, dice, iou, precision,
   recall, map`` (mean per-image AP), pooled ``pooled_accuracy … pooled_ap``, then
@@ -42,24 +44,27 @@ WILDCARDS = ("architecture", "backbone", "loss", "augmentation")
 
 def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
                  device: str = "auto") -> None:
-    """Score a run's best model and snapshots on the test cache (see the module docstring) on
+    """Score a run's best model and snapshots on its test images (see the module docstring) on
     ``device`` (:data:`segpipe.runtime.DEVICES`)."""
-    from segpipe.data.dataset import SegmentationH5Dataset
+    from segpipe.data.dataset import SegmentationH5Dataset, split_indices
 
     run_dir, cache = Path(run_dir), Path(cache)
     if not 0 < threshold < 1:
         raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
     if n_examples < 1:
         raise SegpipeError(f"examples {n_examples}: expected at least 1")
-    all_names, images, masks = _read_test_cache(cache, n_examples)
-    names = all_names[: len(images)]
     device = acquire_device(device)
     model, ckpt = load_checkpoint(run_dir / "model.pt", device)
+    fold = ckpt["spec"].get("fold")
+    rows = None if fold is None else split_indices(cache, fold)[2]
+    all_names, images, masks = _read_test_images(cache, rows, n_examples)
+    names = all_names[: len(images)]
     if list(images.shape[1:3]) != list(ckpt["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
                            f"{run_dir / 'model.pt'} was trained at "
                            f"{ckpt['size'][0]}x{ckpt['size'][1]}")
-    loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache), batch_size=8)
+    loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache, indices=rows),
+                                         batch_size=8)
 
     per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
     spec = ckpt["spec"]
@@ -157,12 +162,16 @@ def _snapshots(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _read_test_cache(cache: Path, count: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """All image names, and images (K,H,W,3) and masks (K,H,W) of the first ``count``."""
+def _read_test_images(cache: Path, rows: np.ndarray | None, count: int
+                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The names of the test images (cache ``rows``, all rows when None), and images (K,H,W,3)
+    and masks (K,H,W) of the first ``count`` of them."""
     try:
         with h5py.File(cache, "r") as f:
-            names = list(f["names"].asstr()[:])
-            images, masks = f["images"][:count], f["masks"][:count]
+            names = f["names"].asstr()[:]
+            rows = np.arange(len(names)) if rows is None else rows
+            first = rows[:count]
+            names, images, masks = list(names[rows]), f["images"][first], f["masks"][first]
     except (OSError, KeyError) as exc:
         raise SegpipeError(f"{cache}: not a segpipe HDF5 cache ({exc})") from None
     if not names:

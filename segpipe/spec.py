@@ -1,8 +1,9 @@
 """The run specification `segpipe train` receives (docs/formats.md): checked before training.
 
 The workflow builds it from config.yaml (``run_spec`` in workflow/rules/common.smk): the run's
-name, seed, the four definitions and the ``train`` settings, i.e. everything that changes the
-run's results. Execution settings (device, loader workers, resources) are not part of it.
+name, seed, the four definitions, the ``train`` settings and, in cross-validation, the
+``fold``, i.e. everything that changes the run's results. Execution settings (device, loader
+workers, resources) are not part of it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def check_spec(spec: dict) -> None:
     missing = [k for k in SPEC_KEYS if k not in spec]
     if missing:
         raise SegpipeError(f"run spec: missing key(s) {', '.join(missing)}")
-    if not _is_int(spec["seed"]) or spec["seed"] < 0:
-        raise SegpipeError(f"run spec: seed = {spec['seed']!r}: expected an integer >= 0")
+    for key in ("seed", "fold"):
+        if key in spec and not (_is_int(spec[key]) and spec[key] >= 0):
+            raise SegpipeError(f"run spec: {key} = {spec[key]!r}: expected an integer >= 0")
     train = spec["train"]
     if not isinstance(train, dict):
         raise SegpipeError("run spec: train must be an object")

@@ -1,8 +1,10 @@
 """Training of one run: HDF5 cache + run specification → run directory.
 
 ``train_run(spec, cache, out_dir)`` trains ``build_model(architecture, backbone)`` on the
-training split of the cache and selects the model on the validation split only (``is_val``);
-the test cache is never seen here. It writes (docs/formats.md):
+training split of the cache and selects the model on the validation split only (``is_val``,
+or inside ``spec["fold"]`` of a cross-validation cache the next fold,
+:func:`segpipe.data.split.cv_split`); the test images are never seen here. It writes
+(docs/formats.md):
 
 - ``model.pt``: the checkpoint of the epoch with the best validation Dice (mean over images at
   threshold 0.5; the first epoch wins ties), self-describing (:mod:`segpipe.checkpoint`);
@@ -158,7 +160,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     from segpipe.models import build_model
 
     run, seed, cfg = spec["run"], spec["seed"], spec["train"]
-    train_idx, val_idx = split_indices(cache)
+    train_idx, val_idx, _ = split_indices(cache, spec.get("fold"))
     _check_split(cache, train_idx, val_idx)
     device = acquire_device(device_setting)
     autocast = amp_dtype(device, cfg["amp"])

@@ -175,3 +175,26 @@ def test_missing_model_and_size_mismatch(data, run, tmp_path):
     shutil.copytree(run, tmp_path / "run")
     with pytest.raises(SegpipeError, match=r"test48.h5: images are 48x48, but .* trained at 32x32"):
         evaluate_run(tmp_path / "run", tmp_path / "test48.h5")
+
+
+def test_a_fold_is_trained_without_and_scored_on_its_own_images(data, tmp_path, caplog):
+    """Fold 1 of 3: trained on fold 0, selected on fold 2, scored on fold 1's images only."""
+    cache = tmp_path / "cv.h5"
+    build_cache(data / "test", cache, size=(32, 32), folds=3, split_seed=4)
+    spec = {**SPEC, "run": f"{SPEC['run']}/fold1", "fold": 1,
+            "train": {**SPEC["train"], "epochs": 1, "snapshot_epochs": [1]}}
+    with caplog.at_level("INFO"):
+        train_run(spec, cache, tmp_path / "run")
+    with h5py.File(cache) as f:
+        names, fold = f["names"].asstr()[:], f["fold"][:]
+    assert list(np.bincount(fold)) == [2, 2, 1]
+    assert "2 train / 1 val images" in caplog.text  # fold 0 trains, fold 2 validates
+    evaluate_run(tmp_path / "run", cache, n_examples=3)
+    assert list(pd.read_csv(tmp_path / "run" / "per_image.csv")["name"]) == list(names[fold == 1])
+    assert list(np.load(tmp_path / "run" / "evolution.npz")["names"]) == list(names[fold == 1])
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["run"][0].endswith("__s3/fold1")
+
+    with pytest.raises(SegpipeError, match="test.h5: no cross-validation folds 'fold' for fold 1"):
+        train_run(spec, data / "test.h5", tmp_path / "fixed")
+    with pytest.raises(SegpipeError, match="run spec: fold = -1: expected an integer >= 0"):
+        train_run({**spec, "fold": -1}, cache, tmp_path / "negative")
