@@ -3,8 +3,10 @@ into ``results/summary.md``.
 
 Groups are the distinct combinations of the experiment's varied axes, in the order the runs
 are listed; the replicates of a group are its seeds; the cases are the test images, the same
-for every run (``per_image.csv``), so groups are compared image by image. The statistics are
-those of :mod:`segpipe.stats`:
+for every run (``per_image.csv``), so groups are compared image by image. In cross-validation
+a run is evaluated once per fold, each fold on its own test images; its folds are pooled
+(:func:`_load_run`), so every image is a case once per seed. The statistics are those of
+:mod:`segpipe.stats`:
 
 * Dice and IoU: mean per-image score with a two-level bootstrap percentile interval over test
   images and seeds (``<metric>_lo``, ``<metric>_hi``);
@@ -14,7 +16,9 @@ those of :mod:`segpipe.stats`:
   ``history.csv``) — the test split is never used to choose it; every other group gets ΔDice
   and ΔIoU with bootstrap intervals, a Holm-adjusted two-sided Wilcoxon p and a verdict;
 * ranks by mean test Dice with their bootstrap distribution (``ranking.png``) and the pairwise
-  significance map (``significance.png``).
+  significance map (``significance.png``);
+* in cross-validation, each fold's mean test Dice over its images and the seeds
+  (``dice_fold<f>``), to show the spread between folds.
 """
 
 from __future__ import annotations
@@ -114,27 +118,71 @@ def _check_spec(name: str, spec: dict) -> tuple[list[str], list[dict]]:
         missing = [key for key in ("run", "dir", "seed", *axes) if key not in run]
         if missing:
             raise SegpipeError(f"experiment '{name}': runs[{i}] lacks key(s) {', '.join(missing)}")
+        if "folds" in run and not (isinstance(run["folds"], list) and run["folds"]):
+            raise SegpipeError(f"experiment '{name}': runs[{i}].folds must be a non-empty list")
+    if len({len(run.get("folds", ())) for run in runs}) > 1:
+        raise SegpipeError(f"experiment '{name}': its runs have different numbers of folds")
     return list(axes), runs
+
+
+def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """A run's test metrics (``METRICS``, ``RUN_COLUMNS``, best validation Dice), per-snapshot
+    test metrics and per-image scores, from its evaluation folder or those of its folds.
+
+    Folds are pooled: the per-image tables are concatenated (with the ``fold`` of each image
+    when there are folds; no image may be tested twice); the test metrics and the snapshot
+    metrics at each epoch are the means over the folds weighted by their numbers of test images
+    (for per-image means, exactly the mean over all images; at a snapshot epoch, over the folds
+    whose training reached it), training seconds are summed, epochs and the best validation
+    Dice averaged. One folder's values are returned as they are."""
+    metrics, by_epoch, per_image, val_dice = [], [], [], []
+    for fold, folder in enumerate(folders):
+        metrics.append(_read_csv(folder / "metrics.csv", (*METRICS, *RUN_COLUMNS)).iloc[0])
+        val_dice.append(_read_csv(folder / "history.csv", ("val_dice",))["val_dice"].max())
+        table = _read_csv(folder / "per_image.csv", PER_IMAGE_METRICS, text=("name",))
+        table = table.assign(name=table["name"].astype(str))
+        snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS),
+                              allow_empty=True)
+        by_epoch.append(snapshots.assign(images=len(table)))
+        per_image.append(table.assign(fold=fold) if len(folders) > 1 else table)
+    images = np.array([len(table) for table in per_image], float)
+    weights = images / images.sum()
+    per_image = pd.concat(per_image, ignore_index=True)
+    tested_twice = per_image.loc[per_image["name"].duplicated(), "name"]
+    if len(folders) > 1 and len(tested_twice):
+        image = tested_twice.iloc[0]
+        files = " and ".join(str(folders[f] / "per_image.csv")
+                             for f in per_image.loc[per_image["name"] == image, "fold"])
+        raise SegpipeError(f"{files} both score image {image}: the folds of a run must test "
+                           "disjoint images")
+    run = {metric: float(sum(w * m[metric] for w, m in zip(weights, metrics)))
+           for metric in METRICS}
+    run.update(parameters=metrics[0]["parameters"],
+               train_seconds=sum(m["train_seconds"] for m in metrics),
+               epochs=float(np.mean([m["epochs"] for m in metrics])),
+               val_dice=float(np.mean(val_dice)))
+    by_epoch = pd.concat(by_epoch, ignore_index=True)
+    fold_weights = by_epoch["images"] / by_epoch.groupby("epoch")["images"].transform("sum")
+    curves = (by_epoch[list(plots.CURVE_METRICS)].mul(fold_weights, axis=0)
+              .groupby(by_epoch["epoch"]).sum().reset_index())
+    return run, curves, per_image
 
 
 def _load_runs(name: str, axes: list[str], runs: list[dict]
                ) -> tuple[pd.DataFrame, pd.DataFrame, list[pd.DataFrame]]:
-    """One row per run (group, seed, test metrics, best validation Dice), the per-snapshot
-    test metrics of every run (group, seed, epoch, metrics) and each run's per_image.csv."""
+    """One row per run (group, seed, test metrics, best validation Dice, its evaluation
+    folders), the per-snapshot test metrics of every run (group, seed, epoch, metrics) and each
+    run's per-image scores (:func:`_load_run`)."""
     rows, by_epoch, per_image = [], [], []
     for run in runs:
-        folder = Path(run["dir"])
+        folders = [Path(folder) for folder in run.get("folds", [run["dir"]])]
         group = " / ".join(str(run[axis]) for axis in axes) or name
-        metrics = _read_csv(folder / "metrics.csv", (*METRICS, *RUN_COLUMNS)).iloc[0]
-        history = _read_csv(folder / "history.csv", ("val_dice",))
-        snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS),
-                              allow_empty=True)
-        per_image.append(_read_csv(folder / "per_image.csv", PER_IMAGE_METRICS, text=("name",)))
+        metrics, curves, scores = _load_run(folders)
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
-                     "seed": run["seed"], "run": run["run"], "dir": folder,
-                     **metrics[[*METRICS, *RUN_COLUMNS]].to_dict(),
-                     "val_dice": history["val_dice"].max()})
-        by_epoch.append(snapshots.assign(group=group, seed=run["seed"]))
+                     "seed": run["seed"], "run": run["run"], "dir": Path(run["dir"]),
+                     "folders": folders, **metrics})
+        by_epoch.append(curves.assign(group=group, seed=run["seed"]))
+        per_image.append(scores)
     return pd.DataFrame(rows), pd.concat(by_epoch, ignore_index=True), per_image
 
 
@@ -143,11 +191,10 @@ def _image_scores(name: str, runs: pd.DataFrame, per_image: list[pd.DataFrame]
     """``{metric: {group: Scores}}`` of ``PER_IMAGE_METRICS`` (seeds ascending, images in the
     order of the first run). Every run must have scored the same test images, and all groups
     must share a seed, for the comparisons to be paired."""
-    first = runs["dir"].iloc[0] / "per_image.csv"
-    names = list(per_image[0]["name"].astype(str))
+    sources = [_per_image_files(folders) for folders in runs["folders"]]
+    first, names = sources[0], list(per_image[0]["name"])
     aligned = []
-    for folder, table in zip(runs["dir"], per_image):
-        path, table = folder / "per_image.csv", table.assign(name=table["name"].astype(str))
+    for path, table in zip(sources, per_image):
         if table["name"].duplicated().any():
             raise SegpipeError(f"{path}: an image is listed twice")
         missing, extra = (sorted(set(names) - set(table["name"])),
@@ -175,15 +222,23 @@ def _image_scores(name: str, runs: pd.DataFrame, per_image: list[pd.DataFrame]
             for metric in PER_IMAGE_METRICS}
 
 
+def _per_image_files(folders: list[Path]) -> str:
+    """The per_image.csv file(s) of a run, for messages."""
+    if len(folders) == 1:
+        return str(folders[0] / "per_image.csv")
+    return f"per_image.csv of {', '.join(map(str, folders))}"
+
+
 # --------------------------------------------------------------------------- statistics
 
 def summarise(runs: pd.DataFrame, axes: Sequence[str],
               scores: dict[str, dict[str, stats.Scores]], bootstrap: stats.Bootstrap,
-              ranks: np.ndarray) -> pd.DataFrame:
+              ranks: np.ndarray, image_folds: np.ndarray | None = None) -> pd.DataFrame:
     """summary.csv: one row per group in order of appearance (columns in docs/outputs.md).
 
     ``scores``: per-image scores as from ``_image_scores``; ``ranks``: bootstrap ranks by
-    ``TEST_METRIC`` (n_resamples, groups) in the same group order."""
+    ``TEST_METRIC`` (n_resamples, groups) in the same group order; ``image_folds``: in
+    cross-validation, the fold of each image of ``scores``."""
     rows = []
     for group, members in runs.groupby("group", sort=False):
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
@@ -195,6 +250,10 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
                 row[f"{metric}_lo"], row[f"{metric}_hi"] = bootstrap.interval(image_scores)
             else:
                 row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean_ci95(members[metric])
+        if image_folds is not None:
+            values = scores[TEST_METRIC][group].values
+            row.update({f"{TEST_METRIC}_fold{fold}": values[:, image_folds == fold].mean()
+                        for fold in range(image_folds.max() + 1)})
         row["val_dice_mean"], row["val_dice_ci95"] = mean_ci95(members["val_dice"])
         val_dice = members["val_dice"]
         best = members.loc[val_dice.idxmax()] if val_dice.notna().any() else None
@@ -253,11 +312,12 @@ def _sweep_values(name: str, sweep: dict, axes: list[str], summary: pd.DataFrame
 
 
 def _representatives(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
-    """evolution.npz of each group's run with the smallest seed, all on the same test images."""
+    """evolution.npz of each group's run with the smallest seed (of its first fold), all on the
+    same test images."""
     chosen = runs.loc[runs.groupby("group", sort=False)["seed"].idxmin()]
     evolution, reference = {}, None
-    for group, folder in zip(chosen["group"], chosen["dir"]):
-        path = folder / "evolution.npz"
+    for group, folders in zip(chosen["group"], chosen["folders"]):
+        path = folders[0] / "evolution.npz"
         data = _read_evolution(path)
         reference = list(data["names"]) if reference is None else reference
         if list(data["names"]) != reference:
@@ -280,14 +340,16 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set).
 
     ``spec``: ``{"axes": [...], "sweep": null | {"axis", "param", "values": {value: number}},
-    "runs": [{"run", "dir", "seed", <axis>: value, ...}]}`` (docs/formats.md)."""
+    "runs": [{"run", "dir", "seed", <axis>: value, ..., optional "folds": [fold folders]}]}``
+    (docs/formats.md)."""
     axes, run_specs = _check_spec(name, spec)
     runs, by_epoch, per_image = _load_runs(name, axes, run_specs)
     scores = _image_scores(name, runs, per_image)
     test_scores = list(scores[TEST_METRIC].values())
     bootstrap = stats.Bootstrap(n_images=test_scores[0].values.shape[1])
     ranks = bootstrap.ranks(test_scores)
-    summary = summarise(runs, axes, scores, bootstrap, ranks)
+    image_folds = per_image[0]["fold"].to_numpy() if "fold" in per_image[0] else None
+    summary = summarise(runs, axes, scores, bootstrap, ranks, image_folds)
     groups = list(summary["group"])
     sweep = spec.get("sweep")
     x = _sweep_values(name, sweep, axes, summary) if sweep else None
@@ -318,13 +380,15 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     per_group = max(1, min(MAX_SAMPLES, MAX_EVOLUTION_ROWS // len(groups)))
     examples = [(group, data, k) for group, data in evolution.items()
                 for k in range(min(per_group, len(data["names"])))]
+    shown = "lowest seed of each group" + (", fold 0" if image_folds is not None else "")
     _save(plots.plot_evolution(examples, f"{name}: predictions at each snapshot epoch "
-                               "(lowest seed of each group)"), output_dir / "evolution.png")
+                               f"({shown})"), output_dir / "evolution.png")
 
     first = next(iter(evolution.values()))
     k = min(MAX_SAMPLES, len(first["names"]))
     predictions, sources = zip(*(_final_prediction(data, k) for data in evolution.values()))
     source = " or ".join(dict.fromkeys(sources))
+    source += ", fold 0" if image_folds is not None else ""
     _save(plots.plot_samples(groups, predictions, first["images"][:k], first["masks"][:k],
                              first["names"][:k], f"{name}: test predictions ({source})"),
           output_dir / "samples.png")
@@ -399,22 +463,30 @@ def _experiment_section(folder: Path, output: Path) -> str:
 
     fewest, most = int(summary["n_seeds"].min()), int(summary["n_seeds"].max())
     seeds = str(most) if fewest == most else f"{fewest}–{most}"
+    folds = [c for c in summary.columns if c.startswith(f"{TEST_METRIC}_fold")]
+    images = f"{int(summary['n_images'].iloc[0])} test images"
+    if folds:
+        images = (f"{len(folds)}-fold cross-validation: {images}, each tested once per seed by "
+                  "the models of the fold that held it out")
 
-    header = ["group", "n", *SUMMARY_COLUMNS.values(), "rank", "parameters", "train s"]
+    header = ["group", "n", *SUMMARY_COLUMNS.values(), *(["Dice per fold"] if folds else []),
+              "rank", "parameters", "train s"]
     lines = [f"## {folder.name}", "",
              f"Varied: {', '.join(axes) or 'nothing'}; {len(summary)} group(s), "
-             f"{seeds} seed(s) each, {int(summary['n_images'].iloc[0])} test images.", "",
+             f"{seeds} seed(s) each, {images}.", "",
              "Test-split metrics. Dice and IoU: mean per-image score [95 % bootstrap percentile "
              f"interval, {stats.N_RESAMPLES} resamples of the test images and the seeds, "
              f"generator seed {stats.SEED}]; mAP, pooled Dice, val Dice: mean ± 95 % CI over "
              "seeds (Student t). Rank: by mean test Dice [95 % bootstrap interval]. **Bold**: "
              "the reference, the group with the best mean validation Dice — the test split is "
-             "never used to choose it.", "",
+             "never used to choose it." + (" Dice per fold: the mean test Dice of each fold's "
+                                           "images, folds 0, 1, …" if folds else ""), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in summary.iterrows():
         group = f"**{row['group']}**" if i == best else row["group"]
+        per_fold = [" · ".join(f"{row[c]:.3f}" for c in folds)] if folds else []
         cells = [group, str(int(row["n_seeds"])), *(_estimate(row, m) for m in SUMMARY_COLUMNS),
-                 f"{int(row['rank'])} [{int(row['rank_lo'])}, {int(row['rank_hi'])}]",
+                 *per_fold, f"{int(row['rank'])} [{int(row['rank_lo'])}, {int(row['rank_hi'])}]",
                  _count(row["parameters"]), f"{row['train_seconds_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

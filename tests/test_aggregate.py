@@ -5,6 +5,7 @@ The run folders are written here with pandas/numpy in the formats of docs/format
 """
 
 import math
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from segpipe import SegpipeError
 from segpipe.aggregate import (
     METRICS,
+    _load_run,
     aggregate_experiment,
     write_summary,
 )
@@ -24,14 +26,16 @@ SNAPSHOTS = (2, 4)
 
 
 def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b", "c"),
-              probs_best=False, dice=None):
+              probs_best=False, dice=None, first_case=0):
     """A run folder whose every test metric is ``score`` and whose best val_dice is ``val_dice``.
 
     per_image.csv holds the per-image ``dice`` (default: score − 0.1, score, score + 0.1 on
-    images case0..case2) and IoU = Dice / (2 − Dice), the exact per-image relation."""
+    images case0..case2, numbered from ``first_case``) and IoU = Dice / (2 − Dice), the exact
+    per-image relation."""
     folder.mkdir(parents=True)
     dice = np.asarray([score - 0.1, score, score + 0.1] if dice is None else dice)
-    pd.DataFrame({"name": [f"case{i}" for i in range(len(dice))], "accuracy": 0.9, "dice": dice,
+    cases = [f"case{first_case + i}" for i in range(len(dice))]
+    pd.DataFrame({"name": cases, "accuracy": 0.9, "dice": dice,
                   "iou": dice / (2 - dice), "precision": 0.8, "recall": 0.7, "ap": 0.6}).to_csv(
         folder / "per_image.csv", index=False)
     pd.DataFrame([{"run": folder.name, "seed": seed, **{m: score for m in METRICS},
@@ -336,6 +340,73 @@ def test_runs_that_reached_no_snapshot_epoch(tmp_path):
     runs[0]["dir"] = str(tmp_path / "bare")
     with pytest.raises(SegpipeError, match="holds neither a snapshot epoch nor probs_best"):
         aggregate_experiment("early", {"axes": ["loss"], "runs": runs}, tmp_path / "out2")
+
+
+# Cross-validation: fold 0 tests case0..2, fold 1 case3..4; unet's per-image Dice, and its
+# other metrics, validation Dice and snapshot scores per fold; attention_unet 0.1 lower.
+FOLD_DICE = (np.array([0.5, 0.6, 0.7]), np.array([0.8, 0.9]))
+FOLD_SCORE, FOLD_VAL = (0.6, 0.85), (0.7, 0.8)
+
+
+def cv_spec(root, overlap=False):
+    runs = []
+    for architecture, shift in (("unet", 0.0), ("attention_unet", -0.1)):
+        for seed in (0, 1):
+            run = root / "runs" / f"{architecture}__s{seed}"
+            folds = [run / "fold0", run / "fold1"]
+            for fold, folder in enumerate(folds):
+                write_run(folder, seed, FOLD_SCORE[fold] + shift, FOLD_VAL[fold] + shift,
+                          snapshots=SNAPSHOTS[: 2 - fold], dice=FOLD_DICE[fold] + shift,
+                          first_case=3 * fold - (overlap and seed == fold == 1))
+            runs.append({"run": run.name, "dir": str(run), "folds": list(map(str, folds)),
+                         "architecture": architecture, "seed": seed})
+    return {"name": "architecture", "axes": ["architecture"], "sweep": None, "runs": runs}
+
+
+def test_folds_are_pooled_image_by_image(tmp_path):
+    aggregate_experiment("architecture", cv_spec(tmp_path), tmp_path / "out")
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("group")
+    unet, attention = summary.loc["unet"], summary.loc["attention_unet"]
+    assert list(summary["n_images"]) == [5, 5]  # every image once per seed
+    assert unet["dice_mean"] == pytest.approx(0.7)
+    assert (unet["dice_fold0"], unet["dice_fold1"]) == pytest.approx((0.6, 0.85))
+    assert (attention["dice_fold0"], attention["dice_fold1"]) == pytest.approx((0.5, 0.75))
+    assert list(summary.columns).index("dice_fold1") + 1 == list(summary.columns).index(
+        "val_dice_mean")
+    # other metrics: the folds' values weighted by their 3 and 2 images
+    assert unet["map_mean"] == pytest.approx((3 * 0.6 + 2 * 0.85) / 5)
+    assert unet["val_dice_mean"] == pytest.approx(0.75)  # mean over folds (and seeds)
+    assert unet["train_seconds_mean"] == pytest.approx(21.0)  # folds summed: 20 s and 22 s
+    # attention_unet is 0.1 lower on all 5 images: the exact two-sided p is 2/2⁵
+    assert unet["verdict"] == "reference" and attention["p_wilcoxon"] == pytest.approx(1 / 16)
+    assert attention["delta_dice"] == pytest.approx(-0.1)
+
+    write_summary([tmp_path / "out"], tmp_path / "summary.md")
+    text = (tmp_path / "summary.md").read_text()
+    assert ("2 group(s), 2 seed(s) each, 2-fold cross-validation: 5 test images, each tested "
+            "once per seed") in text
+    assert "| val Dice | Dice per fold | rank |" in text
+    assert "| 0.600 · 0.850 |" in text and "| 0.500 · 0.750 |" in text
+
+
+def test_snapshot_metrics_of_folds_are_weighted_by_their_images(tmp_path):
+    """Fold 0 (3 images, snapshots at epochs 2 and 4, Dice 0.3 and 0.6) and fold 1 (2 images,
+    stopped early: a snapshot at epoch 2 only, Dice 0.85)."""
+    spec = cv_spec(tmp_path)
+    _, curves, per_image = _load_run([Path(folder) for folder in spec["runs"][0]["folds"]])
+    assert list(curves["epoch"]) == [2, 4]
+    assert curves["dice"].tolist() == pytest.approx([(3 * 0.3 + 2 * 0.85) / 5, 0.6])
+    assert list(per_image["name"]) == [f"case{i}" for i in range(5)]
+    assert list(per_image["fold"]) == [0, 0, 0, 1, 1]
+
+
+def test_an_image_tested_by_two_folds_is_an_error(tmp_path):
+    spec = cv_spec(tmp_path, overlap=True)
+    run = tmp_path / "runs" / "unet__s1"
+    with pytest.raises(SegpipeError, match=f"{run / 'fold0' / 'per_image.csv'} and "
+                                           f"{run / 'fold1' / 'per_image.csv'} both score image "
+                                           "case2: the folds of a run must test disjoint images"):
+        aggregate_experiment("architecture", spec, tmp_path / "out")
 
 
 def test_summary_md_one_table_per_experiment_and_best_by_validation(experiment, tmp_path):
