@@ -30,7 +30,7 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         # Every run's evaluation is a target too, so a deleted run is re-created.
-        [f"{run_dir(run)}/metrics.csv" for run in RUNS],
+        [f"{folder}/metrics.csv" for run in RUNS for folder in job_dirs(run)],
         "results/summary.md",
         [path for name in config["experiments"] for path in experiment_files(name)],
     default_target: True

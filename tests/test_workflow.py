@@ -1,8 +1,9 @@
 """Real Snakemake runs of the whole workflow on a tiny study (tests/configs/tiny.yaml).
 
 The study has two experiments sharing one run (unet with the default loss), one of them a numeric
-sweep, so a complete run has 4 training jobs. The incremental cases are checked with dry runs
-against a finished copy of the workflow's results and metadata.
+sweep, so a complete run has 4 training jobs. Its cross-validation variant (tiny_cv.yaml) has
+2 runs in 3 folds. The incremental cases are checked with dry runs against a finished copy of
+the workflow's results and metadata.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -23,6 +25,7 @@ from segpipe.aggregate import FIGURES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
+TINY_CV = REPO / "tests" / "configs" / "tiny_cv.yaml"
 RUNS = {
     "unet__scratch__bcedice_0.5__plain__s0",
     "attention_unet__scratch__bcedice_0.5__plain__s0",
@@ -163,3 +166,95 @@ def test_config_errors_name_the_key(tmp_path: Path):
     proc = snakemake(tmp_path, "--dry-run", check=False)
     assert proc.returncode != 0
     assert "experiments.architecture.vary names architecture 'transunet'" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+CV_RUNS = {"unet__scratch__bcedice_0.5__plain__s0",
+           "attention_unet__scratch__bcedice_0.5__plain__s0"}
+
+
+def trained_folds(jobs: dict[str, set[str]]) -> set[str]:
+    """``<run>/fold<f>`` of the planned training jobs."""
+    return {str(Path(p).parent.relative_to("results/runs")) for p in jobs.get("train", ())}
+
+
+@pytest.fixture(scope="module")
+def finished_cv(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("cv_study")
+    shutil.copy(TINY_CV, workdir / "config.yaml")
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture
+def cv_study(finished_cv: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "cv_study"
+    shutil.copytree(finished_cv, workdir, symlinks=True)
+    return workdir
+
+
+def test_cross_validation_tests_every_image_once(finished_cv: Path):
+    results = finished_cv / "results"
+    assert not (results / "data" / "test.h5").exists()
+    with h5py.File(results / "data" / "train.h5") as f:
+        names, groups, fold = f["names"].asstr()[:], f["groups"].asstr()[:], f["fold"][:]
+        assert "is_val" not in f and f.attrs["folds"] == 3
+    assert len(names) == 15 and sorted(np.bincount(fold)) == [5, 5, 5]
+    assert sorted(set(groups)) == sorted({"synth_000", "synth_001", *names[5:10]})
+    for group in set(groups):
+        assert len(set(fold[groups == group])) == 1  # a group is in one fold
+    for run in CV_RUNS:
+        assert sorted(p.name for p in (results / "runs" / run).iterdir()) == [
+            "fold0", "fold1", "fold2"]
+        pooled = pd.concat([pd.read_csv(results / "runs" / run / f"fold{f}" / "per_image.csv")
+                            .assign(fold=f) for f in range(3)])
+        assert sorted(pooled["name"]) == sorted(names)  # every image exactly once
+        assert (pooled.set_index("name")["fold"][names] == fold).all()  # by its own fold
+        history = pd.read_csv(results / "runs" / run / "fold0" / "history.csv")
+        assert list(history["epoch"]) == [1, 2]
+    log = (results / "logs" / "train" / "unet__scratch__bcedice_0.5__plain__s0" / "fold1.log")
+    assert "5 train / 5 val images" in log.read_text()
+    summary = pd.read_csv(results / "experiments" / "architecture" / "summary.csv")
+    assert list(summary["architecture"]) == ["unet", "attention_unet"]
+    assert list(summary["n_images"]) == [15, 15]
+    assert {"dice_fold0", "dice_fold1", "dice_fold2"} <= set(summary.columns)
+    for name in FIGURES:
+        if name != "sweep":
+            assert (results / "experiments" / "architecture" / f"{name}.png").stat().st_size > 5000
+    assert "3-fold cross-validation: 15 test images" in (results / "summary.md").read_text()
+
+
+def test_complete_cross_validation_reruns_nothing(cv_study: Path):
+    assert planned(cv_study) == {}
+
+
+@pytest.mark.parametrize(("key", "value"), [("folds", 4), ("split_seed", 1), ("group", None)])
+def test_changing_the_folds_reruns_everything(cv_study: Path, key, value):
+    edit_config(cv_study, lambda c: c["data"].update({key: value}))
+    jobs = planned(cv_study)
+    folds = value if key == "folds" else 3
+    assert jobs["rasterise"] == {"results/data/train.h5"}
+    assert trained_folds(jobs) == {f"{run}/fold{f}" for run in CV_RUNS for f in range(folds)}
+
+
+def test_editing_an_architecture_reruns_its_runs_in_every_fold(cv_study: Path):
+    edit_config(cv_study, lambda c: c["architectures"]["attention_unet"].update(width=6))
+    jobs = planned(cv_study)
+    assert trained_folds(jobs) == {f"attention_unet__scratch__bcedice_0.5__plain__s0/fold{f}"
+                                   for f in range(3)}
+    assert set(jobs) == {"train", "evaluate", "aggregate", "summary", "all"}
+
+
+@pytest.mark.parametrize(("config", "change", "message"), [
+    (TINY_CV, lambda d: d.update(test_dir="results/demo_data/test"),
+     "config: data.test_dir: must be absent (or null) with data.folds"),
+    (TINY, lambda d: d.pop("test_dir"), "config: data.test_dir: required unless data.folds"),
+    (TINY_CV, lambda d: d.update(group="(synth"), "config: data.group: '(synth' is not a regular"),
+    (TINY_CV, lambda d: d.update(folds=2), "2 is less than the minimum of 3"),
+])
+def test_cross_validation_config_errors_name_the_key(tmp_path: Path, config, change, message):
+    shutil.copy(config, tmp_path / "config.yaml")
+    edit_config(tmp_path, lambda c: change(c["data"]))
+    proc = snakemake(tmp_path, "--dry-run", check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr

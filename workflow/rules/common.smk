@@ -18,6 +18,12 @@ DEFINITIONS = {  # axis -> config section of its definitions
 }
 RUN = "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
 RUN_DIR = f"results/runs/{RUN}"
+FOLDS = config["data"]["folds"]  # None: the fixed test folder
+# What one train and one evaluate job make: a run, or in cross-validation one fold of a run.
+JOB = RUN + ("/fold{fold}" if FOLDS else "")
+JOB_DIR = f"results/runs/{JOB}"
+# The cache holding the test images: a fold's are in the training cache (its `fold`).
+TEST_CACHE = "results/data/train.h5" if FOLDS else "results/data/test.h5"
 EXPERIMENT_DIR = "results/experiments/{experiment}"
 DEMO_DATA = "results/demo_data"
 ENV = "../../envs/segpipe.yaml"
@@ -37,6 +43,7 @@ wildcard_constraints:
     loss=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
     augmentation=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
     seed=r"\d+",
+    fold=r"\d+",
     split="train|test",
     experiment=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
 
@@ -96,17 +103,46 @@ SWEEPS = {name: _sweep(name, exp) for name, exp in config["experiments"].items()
 RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.values())
 
 
+def _check_split():
+    """data.test_dir is given exactly without data.folds; data.group is a regular expression."""
+    data = config["data"]
+    if FOLDS and data["test_dir"] is not None:
+        raise WorkflowError(
+            "config: data.test_dir: must be absent (or null) with data.folds: in "
+            "cross-validation every image of data.train_dir is tested once, by its fold"
+        )
+    if not FOLDS and data["test_dir"] is None:
+        raise WorkflowError("config: data.test_dir: required unless data.folds is set")
+    if data["group"] is not None:
+        try:
+            re.compile(data["group"])
+        except re.error as error:
+            raise WorkflowError(
+                f"config: data.group: {data['group']!r} is not a regular expression ({error})"
+            )
+
+
+_check_split()
+
+
 def run_dir(run):
     return RUN_DIR.format(**run)
+
+
+def job_dirs(run):
+    """The folders of a run's train and evaluate jobs: the run's folder, or one per fold."""
+    return [JOB_DIR.format(**run, fold=fold) for fold in (range(FOLDS) if FOLDS else [None])]
 
 
 def run_spec(wildcards):
     """The JSON run specification `segpipe train` receives (docs/formats.md)."""
     names = {axis: wildcards[axis] for axis in AXES}
+    fold = {"fold": int(wildcards.fold)} if FOLDS else {}
     return json.dumps(
         {
-            "run": RUN.format(**names, seed=wildcards.seed),
+            "run": JOB.format(**names, seed=wildcards.seed, **fold),
             "seed": int(wildcards.seed),
+            **fold,
             "names": names,
             **{axis: config[DEFINITIONS[axis]][name] for axis, name in names.items()},
             "train": config["train"],
@@ -118,7 +154,10 @@ def run_spec(wildcards):
 def experiment_spec(wildcards):
     """The JSON experiment specification `segpipe aggregate` receives (docs/formats.md)."""
     name = wildcards.experiment
-    runs = [{"run": RUN.format(**r), "dir": run_dir(r), **r} for r in EXPERIMENTS[name]]
+    runs = []
+    for r in EXPERIMENTS[name]:
+        folds = {"folds": job_dirs(r)} if FOLDS else {}  # the run's evaluation folders
+        runs.append({"run": RUN.format(**r), "dir": run_dir(r), **r, **folds})
     return json.dumps(
         {
             "name": name,
@@ -132,7 +171,8 @@ def experiment_spec(wildcards):
 
 def experiment_inputs(wildcards):
     files = ("metrics.csv", "per_image.csv", "metrics_by_epoch.csv", "history.csv", "evolution.npz")
-    return [f"{run_dir(r)}/{f}" for r in EXPERIMENTS[wildcards.experiment] for f in files]
+    runs = EXPERIMENTS[wildcards.experiment]
+    return [f"{folder}/{f}" for r in runs for folder in job_dirs(r) for f in files]
 
 
 def labelme_input(wildcards):
@@ -157,7 +197,10 @@ def rasterise_args(wildcards):
     if d["background"]:
         args += ["--background", *d["background"]]
     if wildcards.split == "train":
-        args += ["--val-fraction", str(d["val_fraction"]), "--split-seed", str(d["split_seed"])]
+        split = ["--folds", str(FOLDS)] if FOLDS else ["--val-fraction", str(d["val_fraction"])]
+        args += [*split, "--split-seed", str(d["split_seed"])]
+        if d["group"] is not None:
+            args += ["--group", d["group"]]
     return shlex.join(args)
 
 

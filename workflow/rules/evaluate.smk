@@ -1,23 +1,24 @@
 rule evaluate:
-    """Score the best model and every snapshot of a run on the test cache."""
+    """Score the best model and every snapshot of a run on the test cache (in cross-validation,
+    of a fold on that fold's images)."""
     input:
-        model=f"{RUN_DIR}/model.pt",
-        snapshots=f"{RUN_DIR}/snapshots",
-        cache="results/data/test.h5",
+        model=f"{JOB_DIR}/model.pt",
+        snapshots=f"{JOB_DIR}/snapshots",
+        cache=TEST_CACHE,
     output:
-        metrics=f"{RUN_DIR}/metrics.csv",
-        per_image=f"{RUN_DIR}/per_image.csv",
-        by_epoch=f"{RUN_DIR}/metrics_by_epoch.csv",
-        evolution=f"{RUN_DIR}/evolution.npz",
-        predictions=f"{RUN_DIR}/predictions.png",
+        metrics=f"{JOB_DIR}/metrics.csv",
+        per_image=f"{JOB_DIR}/per_image.csv",
+        by_epoch=f"{JOB_DIR}/metrics_by_epoch.csv",
+        evolution=f"{JOB_DIR}/evolution.npz",
+        predictions=f"{JOB_DIR}/predictions.png",
     params:
         dir=lambda wc, input: os.path.dirname(input.model),
         threshold=config["evaluate"]["threshold"],
         examples=config["evaluate"]["examples"],
     log:
-        f"results/logs/evaluate/{RUN}.log",
+        f"results/logs/evaluate/{JOB}.log",
     benchmark:
-        f"results/benchmarks/evaluate/{RUN}.tsv"
+        f"results/benchmarks/evaluate/{JOB}.tsv"
     threads: 1
     resources:
         gpu=config["resources"]["train_gpus"],

@@ -1,19 +1,20 @@
 rule train:
-    """One training run: best-on-validation model, per-epoch history, snapshots."""
+    """One training run (in cross-validation, one fold of it): best-on-validation model,
+    per-epoch history, snapshots."""
     input:
         cache="results/data/train.h5",
     output:
-        model=f"{RUN_DIR}/model.pt",
-        history=f"{RUN_DIR}/history.csv",
-        snapshots=directory(f"{RUN_DIR}/snapshots"),
+        model=f"{JOB_DIR}/model.pt",
+        history=f"{JOB_DIR}/history.csv",
+        snapshots=directory(f"{JOB_DIR}/snapshots"),
     params:
         # The whole run definition: editing it re-runs exactly the runs that use it.
         spec=run_spec,
         dir=lambda wc, output: os.path.dirname(output.model),
     log:
-        f"results/logs/train/{RUN}.log",
+        f"results/logs/train/{JOB}.log",
     benchmark:
-        f"results/benchmarks/train/{RUN}.tsv"
+        f"results/benchmarks/train/{JOB}.tsv"
     threads: config["resources"]["train_threads"]
     resources:
         gpu=config["resources"]["train_gpus"],
