@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError
+from segpipe.data.labelme import decode_image
 from segpipe.files import atomic_path
 from segpipe.train import acquire_device, forward_logits
 
@@ -56,11 +57,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of an image file (grey and 16-bit images are converted)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SegpipeError(f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """RGB uint8 (H, W, 3) of an image file, converted as for the cache
+    (:func:`segpipe.data.labelme.decode_image`)."""
+    try:
+        encoded = path.read_bytes()
+    except OSError as exc:
+        raise SegpipeError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_image(encoded, str(path))
 
 
 @torch.no_grad()
@@ -94,9 +97,12 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
             raise SegpipeError(f"{stems[path.stem]} and {path} would both be written as "
                                f"{output_dir / (path.stem + '.png')}")
         stems[path.stem] = path
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegpipeError(f"{output_dir}: cannot create the folder ({exc.strerror})") from None
     device = acquire_device("auto")
     model, ckpt = load_checkpoint(checkpoint, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for path in images:
         prob = predict_probability(model, ckpt, read_image(path), device)
         mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
