@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def deep_json(folder: Path) -> tuple[str, str]:
     return str(folder / "b.json"), "not valid JSON (nested too deeply)"
 
 
-def points_as(value: list) -> callable:
+def points_as(value: list) -> Callable[[Path], tuple[str, str]]:
     def case(folder: Path) -> tuple[str, str]:
         edit(folder / "b.json", shapes=[RECTANGLE, {**RECTANGLE, "points": value}])
         problem = "'points' must be a list of [x, y] numbers (finite; not strings or booleans)"
@@ -127,19 +128,18 @@ def test_bad_labelme_file(study, capsys, case):
 
 
 @pytest.mark.parametrize(
-    ("output", "problem"),
-    [("train.h5", "is a folder, expected a file name"),
-     ("a.json/train.h5", "cannot create the folder (File exists)")],
+    ("output", "named", "problem"),
+    [("folder.h5", "folder.h5", "is a folder, expected a file name"),
+     ("a.json/train.h5", "a.json", "cannot create the folder (File exists)")],
     ids=["output is a folder", "output under a file"],
 )
-def test_output_that_cannot_be_written(study, capsys, output, problem):
-    folder, cache = study
-    (folder / "train.h5").mkdir()
+def test_output_that_cannot_be_written(study, capsys, output, named, problem):
+    folder = study[0]
+    (folder / "folder.h5").mkdir()
     capsys.readouterr()
     assert rasterise(folder, folder / output) == 1
-    named = Path(folder / output) if problem.startswith("is") else folder / "a.json"
-    assert capsys.readouterr().err == f"segpipe: error: {named}: {problem}\n"
-    assert not (folder / "a.json" / "train.h5").exists()
+    assert capsys.readouterr().err == f"segpipe: error: {folder / named}: {problem}\n"
+    assert (folder / "folder.h5").is_dir() and (folder / "a.json").is_file()
 
 
 @pytest.fixture
