@@ -21,11 +21,16 @@ from segpipe import SegpipeError, __version__
 def _json_arg(text: str) -> dict:
     """A JSON object given inline or as ``@path/to/file.json``."""
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{text[1:]}: cannot read ({exc.strerror})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value

@@ -10,8 +10,10 @@ coordinates, ``names`` (N,) utf-8 JSON file stems, ``orig_size`` int32 (N, 2) or
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -22,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
-from segpipe.files import atomic_path
-from segpipe.data.labelme import FILLED_TYPES, check_label_rule, load_annotation, rasterise
+from segpipe.data.labelme import check_label_rule, load_annotation, rasterise
+from segpipe.files import atomic_path, labelme_files
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,15 @@ def build_cache(
     val_fraction: float = 0.0,
     split_seed: int = 0,
 ) -> None:
-    """Rasterise every ``*.json`` of ``input_dir`` into the HDF5 file ``output``.
+    """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
+    the HDF5 file ``output``.
 
-    The file is written under a temporary name and renamed when complete. Raises
-    :class:`SegpipeError` for an empty folder, any invalid file (see
-    :func:`segpipe.data.labelme.load_annotation`), or a label rule that selects no shape
-    in the whole folder; foreground or background labels that never occur are logged.
+    The file is written under a temporary name, with its disk space reserved before the first
+    image, and renamed when complete. Raises :class:`SegpipeError` for a folder without
+    LabelMe files, any invalid file (see :func:`segpipe.data.labelme.load_annotation`), two
+    files of one image, a label rule that selects no shape in the whole folder, an output that
+    cannot be written and a disk without room for it; foreground or background labels that
+    never occur are logged.
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
@@ -53,49 +58,85 @@ def build_cache(
     if not 0.0 <= val_fraction < 1.0:
         raise SegpipeError(f"val_fraction must be in [0, 1), got {val_fraction}")
     check_label_rule(foreground, background)
-    if not input_dir.is_dir():
-        raise SegpipeError(f"{input_dir}: not a folder")
-    files = sorted(input_dir.glob("*.json"))
-    if not files:
-        raise SegpipeError(f"{input_dir}: no LabelMe .json files")
+    files = labelme_files(input_dir)
     if val_fraction > 0 and len(files) < 2:
         raise SegpipeError(f"{input_dir}: a validation split needs at least 2 images")
 
     n = len(files)
     is_val = split_validation(n, val_fraction, split_seed)
-    labels, skipped, foreground_pixels = Counter(), Counter(), 0
-    with atomic_path(output) as partial, h5py.File(partial, "w") as h5:
-        images = h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
-        masks = h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
-        orig_size = h5.create_dataset("orig_size", (n, 2), np.int32)
-        for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
-            annotation = load_annotation(path)
-            image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
-            images[i] = image
-            masks[i] = mask = rasterise(annotation, size, foreground, background)
-            orig_size[i] = annotation.size
-            foreground_pixels += int(mask.sum())
-            labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
-            skipped.update(annotation.skipped)
-        _check_labels(input_dir, labels, foreground, background)
-        h5.create_dataset("names", data=[p.stem for p in files], dtype=h5py.string_dtype())
-        h5.create_dataset("is_val", data=is_val)
-        h5.attrs.update(
-            segpipe_version=__version__,
-            source=str(input_dir.resolve()),
-            foreground=json.dumps(foreground),
-            background=json.dumps(background),
-            size=np.array(size),
-            count=n,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-        )
+    attrs = {
+        "segpipe_version": __version__,
+        "source": str(input_dir.resolve()),
+        "foreground": json.dumps(foreground),
+        "background": json.dumps(background),
+        "size": np.array(size),
+        "count": n,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+    }
+    layout = _layout([p.stem for p in files], size, is_val, attrs)
+    labels, skipped, foreground_pixels, first_file = Counter(), Counter(), 0, {}
+    with atomic_path(output) as partial:
+        _create_reserved(partial, layout, n, size, output)
+        with h5py.File(partial, "r+") as h5:
+            images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
+            for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
+                annotation = load_annotation(path)
+                if annotation.image_digest in first_file:
+                    raise SegpipeError(
+                        f"{path}: the same image as {first_file[annotation.image_digest]} "
+                        "(identical image bytes); annotate each image once"
+                    )
+                first_file[annotation.image_digest] = path
+                image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
+                images[i] = image
+                masks[i] = mask = rasterise(annotation, size, foreground, background)
+                orig_size[i] = annotation.size
+                foreground_pixels += int(mask.sum())
+                labels.update(s.label for s in annotation.shapes)
+                skipped.update(annotation.skipped)
+            _check_labels(input_dir, labels, foreground, background)
     split = f" ({n - is_val.sum()} train, {is_val.sum()} val)" if is_val.any() else ""
     log.info(
         "%s: %d images%s at %dx%d, foreground %.1f%% of pixels; shapes: %s; skipped (no area): %s",
         output, n, split, height, width, 100.0 * foreground_pixels / (n * height * width),
         _counts(labels), _counts(skipped),
     )
+
+
+def _layout(names: list[str], size: tuple[int, int], is_val: np.ndarray, attrs: dict) -> bytes:
+    """The cache as HDF5 file bytes with every dataset created and no pixel written yet."""
+    n = len(names)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
+        h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
+        h5.create_dataset("orig_size", (n, 2), np.int32)
+        h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
+        h5.create_dataset("is_val", data=is_val)
+        h5.attrs.update(attrs)
+    return buffer.getvalue()
+
+
+def _create_reserved(path: Path, layout: bytes, count: int, size: tuple[int, int],
+                     output: Path) -> None:
+    """Write ``layout`` to ``path`` and reserve the disk space of the whole cache of ``count``
+    images of ``size`` for it; HDF5 gives back what it does not use when it closes the file.
+
+    HDF5 cannot close a file after a failed write: a full disk would end in a segmentation
+    fault (h5py issue 914), while reserved space cannot run out. Reserved: the layout, 4 bytes
+    per pixel (RGB and mask), 1 KiB per image and 1 MiB; HDF5 adds less than 400 bytes per
+    image (the chunk index) and a few KiB in all.
+    """
+    reserve = len(layout) + count * (4 * size[0] * size[1] + 1024) + 2**20
+    with open(path, "wb") as file:
+        file.write(layout)
+        try:
+            os.posix_fallocate(file.fileno(), 0, reserve)
+        except OSError as exc:
+            raise SegpipeError(
+                f"{output}: cannot reserve the {reserve / 2**20:.1f} MiB it needs ({exc.strerror})"
+            ) from None
 
 
 def split_validation(count: int, val_fraction: float, seed: int) -> np.ndarray:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from segpipe import SegpipeError
+from segpipe.files import labelme_files
+
 AXES = ("architecture", "backbone", "loss", "augmentation")
 DEFINITIONS = {  # axis -> config section of its definitions
     "architecture": "architectures",
@@ -140,11 +143,10 @@ def labelme_input(wildcards):
     folder = config["data"][f"{wildcards.split}_dir"]
     if Path(folder) == Path(DEMO_DATA, wildcards.split):
         return [folder]
-    files = sorted(Path(folder).glob("*.json"))
-    if not files:
-        raise WorkflowError(
-            f"config: data.{wildcards.split}_dir = {folder}: no LabelMe .json files there"
-        )
+    try:
+        files = labelme_files(folder)
+    except SegpipeError as exc:
+        raise WorkflowError(f"config: data.{wildcards.split}_dir: {exc}")
     # Depend on each annotation, so editing one re-builds the cache.
     return [str(f) for f in files]
 
