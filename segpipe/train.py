@@ -9,7 +9,10 @@ the test cache is never seen here. It writes (docs/formats.md):
   (:mod:`segpipe.checkpoint`);
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`);
 - ``snapshots/epoch_<k>.pt``: the model at the end of each reached ``snapshot_epochs`` epoch;
-- ``train.log``: one line per epoch (also on stderr).
+- ``train.log``: timestamped lines, also on stderr: the start (images, size, parameters,
+  device), one line per epoch (losses, validation Dice, learning rate, seconds; ``*`` marks a
+  new best), resuming, an ignored stale state, early stopping, and the end (best epoch,
+  training time, peak memory). A resumed run appends to it.
 
 Resuming: after every epoch the full training state is written atomically to ``state.pt``, and
 snapshots to ``state_snapshots/``; neither is a workflow output, so Snakemake does not delete

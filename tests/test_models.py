@@ -3,12 +3,15 @@ canonical parameter counts follow from the papers' architectures, the blocks com
 stated formulas, and bad definitions fail with a message naming the key or the file."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 from segpipe import SegpipeError
+from segpipe.cli import main
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
 from segpipe.models.unetpp import mean_probability_logit
@@ -163,6 +166,16 @@ def test_print_model_table_lists_every_combination(capsys):
     rows = {tuple(line.split()[:2]): line.split()[2] for line in lines[1:]}
     assert set(rows) == {(a, b) for a in ARCHITECTURES for b in BACKBONES}
     assert rows["unet", "scratch"] == f"{unet_count():,}"
+
+
+def test_the_docs_table_is_the_output_of_segpipe_models_markdown(capsys):
+    """docs/models.md shows `segpipe models --markdown` verbatim (about 6 s: FLOPs of all 24
+    models at 256×256, counted on the meta device)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    table = re.search(r"<!-- begin: segpipe models --markdown[^>]*-->\n(.*?)"
+                      r"<!-- end: segpipe models --markdown -->", docs, re.S)
+    assert main(["models", "--markdown"]) == 0
+    assert table.group(1) == capsys.readouterr().out
 
 
 def test_unetpp_deep_supervision_returns_every_nested_output():
