@@ -52,31 +52,31 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
     all_names, images, masks = _read_test_cache(cache, n_examples)
     names = all_names[: len(images)]
     device = acquire_device(device)
-    model, ckpt = load_checkpoint(run_dir / "model.pt", device)
-    if list(images.shape[1:3]) != list(ckpt["size"]):
+    model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
+    if list(images.shape[1:3]) != list(checkpoint["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
                            f"{run_dir / 'model.pt'} was trained at "
-                           f"{ckpt['size'][0]}x{ckpt['size'][1]}")
+                           f"{checkpoint['size'][0]}x{checkpoint['size'][1]}")
     loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache), batch_size=8)
 
-    per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
-    spec = ckpt["spec"]
+    per_image, pooled, probs = score(model, checkpoint, loader, device, threshold, len(names))
+    spec = checkpoint["spec"]
     row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},
            "seed": spec["seed"], **_metric_columns(per_image, pooled),
-           **{key: ckpt[key] for key in RUN_COLUMNS}}
+           **{key: checkpoint[key] for key in RUN_COLUMNS}}
     _write_csv(pd.DataFrame([row], columns=METRICS_CSV), run_dir / "metrics.csv")
     _write_csv(pd.DataFrame({"name": all_names, **per_image}, columns=PER_IMAGE_CSV),
                run_dir / "per_image.csv")
 
     epochs, by_epoch, evolution = [], [], []
     for path in _snapshots(run_dir):
-        snapshot, snap_ckpt = load_checkpoint(path, device)
-        snap_per_image, snap_pooled, snap_probs = score(snapshot, snap_ckpt, loader, device,
-                                                        threshold, len(names))
-        epochs.append(snap_ckpt["epoch"])
-        by_epoch.append({"epoch": snap_ckpt["epoch"],
-                         **_metric_columns(snap_per_image, snap_pooled)})
-        evolution.append(snap_probs)
+        snapshot, snapshot_checkpoint = load_checkpoint(path, device)
+        snapshot_per_image, snapshot_pooled, snapshot_probs = score(
+            snapshot, snapshot_checkpoint, loader, device, threshold, len(names))
+        epochs.append(snapshot_checkpoint["epoch"])
+        by_epoch.append({"epoch": snapshot_checkpoint["epoch"],
+                         **_metric_columns(snapshot_per_image, snapshot_pooled)})
+        evolution.append(snapshot_probs)
     _write_csv(pd.DataFrame(by_epoch, columns=BY_EPOCH_CSV), run_dir / "metrics_by_epoch.csv")
     with atomic_path(run_dir / "evolution.npz") as tmp:
         np.savez_compressed(
@@ -85,7 +85,7 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
             probs_best=probs.astype(np.float16), images=images, masks=masks,
             names=np.array(names, dtype=str), threshold=np.float64(threshold))
     plot_predictions(names, images, masks, probs, threshold, run_dir / "predictions.png",
-                     title=f"{spec['run']} (epoch {ckpt['best_epoch']}) on {cache.name}")
+                     title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
              row["pooled_dice"], len(epochs))
 
