@@ -61,7 +61,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "va
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 5
 VALIDATION_THRESHOLD = 0.5
-"""Validation metrics (model selection) threshold here, whatever ``evaluate.threshold``."""
+"""Threshold of the validation metrics, which choose the model: fixed, so that
+``evaluate.threshold`` (test split only) never changes the choice."""
 
 # ----------------------------------------------------------------------------- files
 
