@@ -15,9 +15,10 @@ from segpipe.columns import AXES, DEFINITIONS
 
 SCHEMA = Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
-NAME = yaml.safe_load(SCHEMA.read_text())["$defs"]["name"]["pattern"]
-NAME = NAME.removeprefix("^").removesuffix("$")
-RUN = "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+NAME = (yaml.safe_load(SCHEMA.read_text())["$defs"]["name"]["pattern"]
+        .removeprefix("^").removesuffix("$"))
+# "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+RUN = "__".join([*(f"{{{axis}}}" for axis in AXES), "s{seed}"])
 RUN_DIR = f"results/runs/{RUN}"
 EXPERIMENT_DIR = "results/experiments/{experiment}"
 DEMO_DATA = "results/demo_data"
