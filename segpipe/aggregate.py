@@ -30,21 +30,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, plots, stats
+from segpipe.columns import METRIC_COLUMNS, RUN_COLUMNS
 from segpipe.files import atomic_path
 from segpipe.stats import mean_ci95
 
-METRICS = (
-    "accuracy", "dice", "iou", "precision", "recall", "map",
-    "pooled_accuracy", "pooled_dice", "pooled_iou", "pooled_precision", "pooled_recall",
-    "pooled_ap",
-)
 PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from per_image.csv
 TEST_METRIC = "dice"  # the metric of the tests, verdicts, ranks and the significance map
 COMPARISON_COLUMNS = ("reference",
                       *(f"delta_{m}{end}" for m in PER_IMAGE_METRICS for end in ("", "_lo", "_hi")),
                       "p_wilcoxon", "p_holm", "verdict")
-RUN_COLUMNS = ("parameters", "train_seconds", "epochs")
-EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names")
+EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names", "threshold")
 # The figures aggregate_experiment writes (sweep.png only with a sweep), in summary.md's order.
 FIGURES = ("curves", "bars", "sweep", "significance", "ranking", "evolution", "samples")
 MAX_EVOLUTION_ROWS = 9
@@ -77,8 +72,9 @@ def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = (),
 
 def _read_evolution(path: Path) -> dict[str, np.ndarray]:
     """evolution.npz with consistent shapes: epochs (S,), probs (S,K,H,W), images (K,H,W,3),
-    masks (K,H,W), names (K,), optional probs_best (K,H,W); K ≥ 1, and S ≥ 1 unless
-    probs_best is present (no configured snapshot epoch may have been reached)."""
+    masks (K,H,W), names (K,), the evaluation threshold (a scalar), optional probs_best
+    (K,H,W); K ≥ 1, and S ≥ 1 unless probs_best is present (no configured snapshot epoch may
+    have been reached)."""
     if not path.is_file():
         raise SegpipeError(f"{path}: file not found")
     try:
@@ -88,7 +84,8 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
         raise SegpipeError(f"{path}: not a readable .npz file ({exc})") from None
     missing = [key for key in EVOLUTION_KEYS if key not in data]
     if missing:
-        raise SegpipeError(f"{path}: missing array(s) {', '.join(missing)}")
+        raise SegpipeError(f"{path}: missing array(s) {', '.join(missing)} (an older "
+                           "segpipe evaluate wrote it? re-run: snakemake --forcerun evaluate)")
     s, k = len(data["epochs"]), len(data["names"])
     if k == 0:
         raise SegpipeError(f"{path}: holds no test image")
@@ -96,7 +93,8 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
         raise SegpipeError(f"{path}: holds neither a snapshot epoch nor probs_best, so there "
                            "is no prediction to show")
     h, w = data["masks"].shape[1:] if data["masks"].ndim == 3 else (None, None)
-    expected = {"probs": (s, k, h, w), "images": (k, h, w, 3), "masks": (k, h, w)}
+    expected = {"probs": (s, k, h, w), "images": (k, h, w, 3), "masks": (k, h, w),
+                "threshold": ()}
     if "probs_best" in data:
         expected["probs_best"] = (k, h, w)
     wrong = [f"{key} {data[key].shape} (expected {shape})" for key, shape in expected.items()
@@ -125,14 +123,14 @@ def _load_runs(name: str, axes: list[str], runs: list[dict]
     for run in runs:
         folder = Path(run["dir"])
         group = " / ".join(str(run[axis]) for axis in axes) or name
-        metrics = _read_csv(folder / "metrics.csv", (*METRICS, *RUN_COLUMNS)).iloc[0]
+        metrics = _read_csv(folder / "metrics.csv", (*METRIC_COLUMNS, *RUN_COLUMNS)).iloc[0]
         history = _read_csv(folder / "history.csv", ("val_dice",))
         snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS),
                               allow_empty=True)
         per_image.append(_read_csv(folder / "per_image.csv", PER_IMAGE_METRICS, text=("name",)))
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
                      "seed": run["seed"], "run": run["run"], "dir": folder,
-                     **metrics[[*METRICS, *RUN_COLUMNS]].to_dict(),
+                     **metrics[[*METRIC_COLUMNS, *RUN_COLUMNS]].to_dict(),
                      "val_dice": history["val_dice"].max()})
         by_epoch.append(snapshots.assign(group=group, seed=run["seed"]))
     return pd.DataFrame(rows), pd.concat(by_epoch, ignore_index=True), per_image
@@ -188,7 +186,7 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
     for group, members in runs.groupby("group", sort=False):
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
                "n_images": scores[TEST_METRIC][group].values.shape[1]}
-        for metric in METRICS:
+        for metric in METRIC_COLUMNS:
             if metric in scores:
                 image_scores = scores[metric][group]
                 row[f"{metric}_mean"] = image_scores.mean()
@@ -253,16 +251,20 @@ def _sweep_values(name: str, sweep: dict, axes: list[str], summary: pd.DataFrame
 
 
 def _representatives(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
-    """evolution.npz of each group's run with the smallest seed, all on the same test images."""
+    """evolution.npz of each group's run with the smallest seed, all on the same test images
+    and evaluated at the same threshold."""
     chosen = runs.loc[runs.groupby("group", sort=False)["seed"].idxmin()]
     evolution, reference = {}, None
     for group, folder in zip(chosen["group"], chosen["dir"]):
         path = folder / "evolution.npz"
         data = _read_evolution(path)
-        reference = list(data["names"]) if reference is None else reference
-        if list(data["names"]) != reference:
+        reference = data if reference is None else reference
+        if list(data["names"]) != list(reference["names"]):
             raise SegpipeError(f"{path}: example images {list(data['names'])} differ from "
-                               f"those of the other groups {reference}")
+                               f"those of the other groups {list(reference['names'])}")
+        if data["threshold"] != reference["threshold"]:
+            raise SegpipeError(f"{path}: evaluated at threshold {data['threshold']:g}, the "
+                               f"other groups at {reference['threshold']:g}")
         evolution[group] = data
     return evolution
 
@@ -315,18 +317,21 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
                              ranked["rank_lo"], ranked["rank_hi"], [colours[i] for i in order],
                              f"{name}: rank stability (test Dice)"), output_dir / "ranking.png")
 
+    first = next(iter(evolution.values()))
+    threshold = float(first["threshold"])  # evaluate's: the figures agree with metrics.csv
     per_group = max(1, min(MAX_SAMPLES, MAX_EVOLUTION_ROWS // len(groups)))
     examples = [(group, data, k) for group, data in evolution.items()
                 for k in range(min(per_group, len(data["names"])))]
     _save(plots.plot_evolution(examples, f"{name}: predictions at each snapshot epoch "
-                               "(lowest seed of each group)"), output_dir / "evolution.png")
+                               "(lowest seed of each group)", threshold=threshold),
+          output_dir / "evolution.png")
 
-    first = next(iter(evolution.values()))
     k = min(MAX_SAMPLES, len(first["names"]))
     predictions, sources = zip(*(_final_prediction(data, k) for data in evolution.values()))
     source = " or ".join(dict.fromkeys(sources))
     _save(plots.plot_samples(groups, predictions, first["images"][:k], first["masks"][:k],
-                             first["names"][:k], f"{name}: test predictions ({source})"),
+                             first["names"][:k], f"{name}: test predictions ({source})",
+                             threshold=threshold),
           output_dir / "samples.png")
 
 

@@ -59,7 +59,7 @@ def _cmd_rasterise(a: argparse.Namespace) -> None:
 def _cmd_models(a: argparse.Namespace) -> None:
     from segpipe.models import print_model_table
 
-    print_model_table(size=a.size)
+    print_model_table(size=a.size, markdown=a.markdown)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("models", help="list architectures x backbones with parameters and GFLOPs")
     s.add_argument("--size", type=int, default=256, help="input side for the GFLOPs count")
+    s.add_argument("--markdown", action="store_true", help="a Markdown table (docs/models.md)")
     s.set_defaults(func=_cmd_models)
 
     s = sub.add_parser("train", help="train one run")

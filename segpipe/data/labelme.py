@@ -3,7 +3,8 @@
 LabelMe (K. Wada, https://github.com/wkentaro/labelme) writes one JSON file per image: the
 image (``imagePath`` relative to the JSON and/or base64 ``imageData``), its size and a list
 of shapes, each a ``label``, a ``shape_type`` and ``points`` in pixel coordinates. This
-module reads versions 3.x to 5.x and fills shapes exactly as LabelMe's own conversion
+module reads the files of versions 3.x to 6.x (and older ones, whose shapes have no
+``shape_type``) and fills shapes exactly as LabelMe's own conversion
 (``labelme.utils.shape_to_mask``) does: with PIL's ``ImageDraw``, ``fill=1`` *and*
 ``outline=1``, so boundary pixels are foreground.
 

@@ -7,19 +7,20 @@ import os
 import shlex
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
 
 from segpipe import SegpipeError
 from segpipe.files import labelme_files
+# (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
+from segpipe.columns import AXES, DEFINITIONS
 
-AXES = ("architecture", "backbone", "loss", "augmentation")
-DEFINITIONS = {  # axis -> config section of its definitions
-    "architecture": "architectures",
-    "backbone": "backbones",
-    "loss": "losses",
-    "augmentation": "augmentations",
-}
-RUN = "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+SCHEMA = Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
+# A definition or experiment name: the schema's pattern, without its anchors ^...$.
+NAME = (yaml.safe_load(SCHEMA.read_text())["$defs"]["name"]["pattern"]
+        .removeprefix("^").removesuffix("$"))
+# "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+RUN = "__".join([*(f"{{{axis}}}" for axis in AXES), "s{seed}"])
 RUN_DIR = f"results/runs/{RUN}"
 EXPERIMENT_DIR = "results/experiments/{experiment}"
 DEMO_DATA = "results/demo_data"
@@ -35,13 +36,10 @@ shell.prefix(  # (the prefix is formatted like the command: {{ }} stand for brac
 
 
 wildcard_constraints:
-    architecture=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
-    backbone=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
-    loss=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
-    augmentation=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    **dict.fromkeys(AXES, NAME),
     seed=r"\d+",
     split="train|test",
-    experiment=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    experiment=NAME,
 
 
 def _check_name(where, axis, name):
