@@ -34,21 +34,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, plots, stats
+from segpipe.columns import METRIC_COLUMNS, RUN_COLUMNS
 from segpipe.files import atomic_path
 from segpipe.stats import mean_ci95
 
-METRICS = (
-    "accuracy", "dice", "iou", "precision", "recall", "map",
-    "pooled_accuracy", "pooled_dice", "pooled_iou", "pooled_precision", "pooled_recall",
-    "pooled_ap",
-)
 PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from per_image.csv
 TEST_METRIC = "dice"  # the metric of the tests, verdicts, ranks and the significance map
 COMPARISON_COLUMNS = ("reference",
                       *(f"delta_{m}{end}" for m in PER_IMAGE_METRICS for end in ("", "_lo", "_hi")),
                       "p_wilcoxon", "p_holm", "verdict")
-RUN_COLUMNS = ("parameters", "train_seconds", "epochs")
-EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names")
+EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names", "threshold")
 # The figures aggregate_experiment writes (sweep.png only with a sweep), in summary.md's order.
 FIGURES = ("curves", "bars", "sweep", "significance", "ranking", "evolution", "samples")
 MAX_EVOLUTION_ROWS = 9
@@ -81,8 +76,9 @@ def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = (),
 
 def _read_evolution(path: Path) -> dict[str, np.ndarray]:
     """evolution.npz with consistent shapes: epochs (S,), probs (S,K,H,W), images (K,H,W,3),
-    masks (K,H,W), names (K,), optional probs_best (K,H,W); K ≥ 1, and S ≥ 1 unless
-    probs_best is present (no configured snapshot epoch may have been reached)."""
+    masks (K,H,W), names (K,), the evaluation threshold (a scalar), optional probs_best
+    (K,H,W); K ≥ 1, and S ≥ 1 unless probs_best is present (no configured snapshot epoch may
+    have been reached)."""
     if not path.is_file():
         raise SegpipeError(f"{path}: file not found")
     try:
@@ -92,7 +88,8 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
         raise SegpipeError(f"{path}: not a readable .npz file ({exc})") from None
     missing = [key for key in EVOLUTION_KEYS if key not in data]
     if missing:
-        raise SegpipeError(f"{path}: missing array(s) {', '.join(missing)}")
+        raise SegpipeError(f"{path}: missing array(s) {', '.join(missing)} (an older "
+                           "segpipe evaluate wrote it? re-run: snakemake --forcerun evaluate)")
     s, k = len(data["epochs"]), len(data["names"])
     if k == 0:
         raise SegpipeError(f"{path}: holds no test image")
@@ -100,7 +97,8 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
         raise SegpipeError(f"{path}: holds neither a snapshot epoch nor probs_best, so there "
                            "is no prediction to show")
     h, w = data["masks"].shape[1:] if data["masks"].ndim == 3 else (None, None)
-    expected = {"probs": (s, k, h, w), "images": (k, h, w, 3), "masks": (k, h, w)}
+    expected = {"probs": (s, k, h, w), "images": (k, h, w, 3), "masks": (k, h, w),
+                "threshold": ()}
     if "probs_best" in data:
         expected["probs_best"] = (k, h, w)
     wrong = [f"{key} {data[key].shape} (expected {shape})" for key, shape in expected.items()
@@ -126,8 +124,9 @@ def _check_spec(name: str, spec: dict) -> tuple[list[str], list[dict]]:
 
 
 def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """A run's test metrics (``METRICS``, ``RUN_COLUMNS``, best validation Dice), per-snapshot
-    test metrics and per-image scores, from its evaluation folder or those of its folds.
+    """A run's test metrics (``METRIC_COLUMNS``, parameters, training seconds, epochs, best
+    validation Dice), per-snapshot test metrics and per-image scores, from its evaluation
+    folder or those of its folds.
 
     Folds are pooled: the per-image tables are concatenated (with the ``fold`` of each image
     when there are folds; no image may be tested twice); the test metrics and the snapshot
@@ -137,7 +136,7 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     Dice averaged. One folder's values are returned as they are."""
     metrics, by_epoch, per_image, val_dice = [], [], [], []
     for fold, folder in enumerate(folders):
-        metrics.append(_read_csv(folder / "metrics.csv", (*METRICS, *RUN_COLUMNS)).iloc[0])
+        metrics.append(_read_csv(folder / "metrics.csv", (*METRIC_COLUMNS, *RUN_COLUMNS)).iloc[0])
         val_dice.append(_read_csv(folder / "history.csv", ("val_dice",))["val_dice"].max())
         table = _read_csv(folder / "per_image.csv", PER_IMAGE_METRICS, text=("name",))
         table = table.assign(name=table["name"].astype(str))
@@ -156,7 +155,7 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
         raise SegpipeError(f"{files} both score image {image}: the folds of a run must test "
                            "disjoint images")
     run = {metric: float(sum(w * m[metric] for w, m in zip(weights, metrics)))
-           for metric in METRICS}
+           for metric in METRIC_COLUMNS}
     run.update(parameters=metrics[0]["parameters"],
                train_seconds=sum(m["train_seconds"] for m in metrics),
                epochs=float(np.mean([m["epochs"] for m in metrics])),
@@ -243,7 +242,7 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
     for group, members in runs.groupby("group", sort=False):
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
                "n_images": scores[TEST_METRIC][group].values.shape[1]}
-        for metric in METRICS:
+        for metric in METRIC_COLUMNS:
             if metric in scores:
                 image_scores = scores[metric][group]
                 row[f"{metric}_mean"] = image_scores.mean()
@@ -313,16 +312,19 @@ def _sweep_values(name: str, sweep: dict, axes: list[str], summary: pd.DataFrame
 
 def _representatives(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
     """evolution.npz of each group's run with the smallest seed (of its first fold), all on the
-    same test images."""
+    same test images and evaluated at the same threshold."""
     chosen = runs.loc[runs.groupby("group", sort=False)["seed"].idxmin()]
     evolution, reference = {}, None
     for group, folders in zip(chosen["group"], chosen["folders"]):
         path = folders[0] / "evolution.npz"
         data = _read_evolution(path)
-        reference = list(data["names"]) if reference is None else reference
-        if list(data["names"]) != reference:
+        reference = data if reference is None else reference
+        if list(data["names"]) != list(reference["names"]):
             raise SegpipeError(f"{path}: example images {list(data['names'])} differ from "
-                               f"those of the other groups {reference}")
+                               f"those of the other groups {list(reference['names'])}")
+        if data["threshold"] != reference["threshold"]:
+            raise SegpipeError(f"{path}: evaluated at threshold {data['threshold']:g}, the "
+                               f"other groups at {reference['threshold']:g}")
         evolution[group] = data
     return evolution
 
@@ -377,20 +379,23 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
                              ranked["rank_lo"], ranked["rank_hi"], [colours[i] for i in order],
                              f"{name}: rank stability (test Dice)"), output_dir / "ranking.png")
 
+    first = next(iter(evolution.values()))
+    threshold = float(first["threshold"])  # evaluate's: the figures agree with metrics.csv
     per_group = max(1, min(MAX_SAMPLES, MAX_EVOLUTION_ROWS // len(groups)))
     examples = [(group, data, k) for group, data in evolution.items()
                 for k in range(min(per_group, len(data["names"])))]
     shown = "lowest seed of each group" + (", fold 0" if image_folds is not None else "")
     _save(plots.plot_evolution(examples, f"{name}: predictions at each snapshot epoch "
-                               f"({shown})"), output_dir / "evolution.png")
+                               f"({shown})", threshold=threshold),
+          output_dir / "evolution.png")
 
-    first = next(iter(evolution.values()))
     k = min(MAX_SAMPLES, len(first["names"]))
     predictions, sources = zip(*(_final_prediction(data, k) for data in evolution.values()))
     source = " or ".join(dict.fromkeys(sources))
     source += ", fold 0" if image_folds is not None else ""
     _save(plots.plot_samples(groups, predictions, first["images"][:k], first["masks"][:k],
-                             first["names"][:k], f"{name}: test predictions ({source})"),
+                             first["names"][:k], f"{name}: test predictions ({source})",
+                             threshold=threshold),
           output_dir / "samples.png")
 
 

@@ -21,11 +21,16 @@ from segpipe import SegpipeError, __version__
 def _json_arg(text: str) -> dict:
     """A JSON object given inline or as ``@path/to/file.json``."""
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{text[1:]}: cannot read ({exc.strerror})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
@@ -56,7 +61,7 @@ def _cmd_rasterise(a: argparse.Namespace) -> None:
 def _cmd_models(a: argparse.Namespace) -> None:
     from segpipe.models import print_model_table
 
-    print_model_table(size=a.size)
+    print_model_table(size=a.size, markdown=a.markdown)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("models", help="list architectures x backbones with parameters and GFLOPs")
     s.add_argument("--size", type=int, default=256, help="input side for the GFLOPs count")
+    s.add_argument("--markdown", action="store_true", help="a Markdown table (docs/models.md)")
     s.set_defaults(func=_cmd_models)
 
     s = sub.add_parser("train", help="train one run")

@@ -6,13 +6,14 @@ trained on fold f of a cross-validation cache (``spec["fold"]``), the images of 
 the metrics of :mod:`segpipe.metrics` at ``threshold``, and writes into the run directory
 (docs/formats.md):
 
-- ``metrics.csv``: one row: run, wildcards, per-image means ``accuracy, dice, iou, precision,
-  recall, map`` (mean per-image AP), pooled ``pooled_accuracy … pooled_ap``, then
-  ``parameters, train_seconds, epochs, best_epoch, peak_memory_mb`` from the checkpoint;
+- ``metrics.csv``: one row (columns :data:`segpipe.columns.METRICS_CSV`): the run, its axes
+  and seed, per-image means and pooled values of the metrics, and from the checkpoint
+  ``parameters, train_seconds, epochs, best_epoch, peak_memory_mb``;
 - ``per_image.csv``: ``name`` and the per-image metrics of the best model;
 - ``metrics_by_epoch.csv``: ``epoch`` and the metric columns above, one row per snapshot;
 - ``evolution.npz``: on the first ``n_examples`` test images, the probabilities of each
-  snapshot (``probs``) and of the best model (``probs_best``);
+  snapshot (``probs``) and of the best model (``probs_best``), and ``threshold``, so that
+  figures made from it threshold as the metrics do;
 - ``predictions.png``: image, truth, prediction and probability for those images.
 """
 
@@ -30,16 +31,13 @@ from torch import nn
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import load_checkpoint
+from segpipe.columns import (AXES, BY_EPOCH_CSV, MEAN_COLUMNS, METRICS, METRICS_CSV,
+                             PER_IMAGE_CSV, POOLED_COLUMNS, RUN_COLUMNS)
 from segpipe.files import atomic_path
-from segpipe.metrics import METRICS, PooledMetrics, per_image_metrics
+from segpipe.metrics import PooledMetrics, per_image_metrics
 from segpipe.runtime import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
-
-MEAN_COLUMNS = [("map" if m == "ap" else m) for m in METRICS]
-POOLED_COLUMNS = [f"pooled_{m}" for m in METRICS]
-RUN_COLUMNS = ["parameters", "train_seconds", "epochs", "best_epoch", "peak_memory_mb"]
-WILDCARDS = ("architecture", "backbone", "loss", "augmentation")
 
 
 def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
@@ -54,44 +52,45 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
     if n_examples < 1:
         raise SegpipeError(f"examples {n_examples}: expected at least 1")
     device = acquire_device(device)
-    model, ckpt = load_checkpoint(run_dir / "model.pt", device)
-    fold = ckpt["spec"].get("fold")
+    model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
+    fold = checkpoint["spec"].get("fold")
     rows = None if fold is None else split_indices(cache, fold)[2]
     all_names, images, masks = _read_test_images(cache, rows, n_examples)
     names = all_names[: len(images)]
-    if list(images.shape[1:3]) != list(ckpt["size"]):
+    if list(images.shape[1:3]) != list(checkpoint["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
                            f"{run_dir / 'model.pt'} was trained at "
-                           f"{ckpt['size'][0]}x{ckpt['size'][1]}")
+                           f"{checkpoint['size'][0]}x{checkpoint['size'][1]}")
     loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache, indices=rows),
                                          batch_size=8)
 
-    per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
-    spec = ckpt["spec"]
-    row = {"run": spec["run"], **{k: spec["names"][k] for k in WILDCARDS}, "seed": spec["seed"],
-           **_metric_columns(per_image, pooled), **{k: ckpt[k] for k in RUN_COLUMNS}}
-    _write_csv(pd.DataFrame([row]), run_dir / "metrics.csv")
-    _write_csv(pd.DataFrame({"name": all_names, **per_image}), run_dir / "per_image.csv")
+    per_image, pooled, probs = score(model, checkpoint, loader, device, threshold, len(names))
+    spec = checkpoint["spec"]
+    row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},
+           "seed": spec["seed"], **_metric_columns(per_image, pooled),
+           **{key: checkpoint[key] for key in RUN_COLUMNS}}
+    _write_csv(pd.DataFrame([row], columns=METRICS_CSV), run_dir / "metrics.csv")
+    _write_csv(pd.DataFrame({"name": all_names, **per_image}, columns=PER_IMAGE_CSV),
+               run_dir / "per_image.csv")
 
     epochs, by_epoch, evolution = [], [], []
     for path in _snapshots(run_dir):
-        snapshot, snap_ckpt = load_checkpoint(path, device)
-        snap_per_image, snap_pooled, snap_probs = score(snapshot, snap_ckpt, loader, device,
-                                                        threshold, len(names))
-        epochs.append(snap_ckpt["epoch"])
-        by_epoch.append({"epoch": snap_ckpt["epoch"],
-                         **_metric_columns(snap_per_image, snap_pooled)})
-        evolution.append(snap_probs)
-    _write_csv(pd.DataFrame(by_epoch, columns=["epoch", *MEAN_COLUMNS, *POOLED_COLUMNS]),
-               run_dir / "metrics_by_epoch.csv")
+        snapshot, snapshot_checkpoint = load_checkpoint(path, device)
+        snapshot_per_image, snapshot_pooled, snapshot_probs = score(
+            snapshot, snapshot_checkpoint, loader, device, threshold, len(names))
+        epochs.append(snapshot_checkpoint["epoch"])
+        by_epoch.append({"epoch": snapshot_checkpoint["epoch"],
+                         **_metric_columns(snapshot_per_image, snapshot_pooled)})
+        evolution.append(snapshot_probs)
+    _write_csv(pd.DataFrame(by_epoch, columns=BY_EPOCH_CSV), run_dir / "metrics_by_epoch.csv")
     with atomic_path(run_dir / "evolution.npz") as tmp:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
             probs_best=probs.astype(np.float16), images=images, masks=masks,
-            names=np.array(names, dtype=str))
+            names=np.array(names, dtype=str), threshold=np.float64(threshold))
     plot_predictions(names, images, masks, probs, threshold, run_dir / "predictions.png",
-                     title=f"{spec['run']} (epoch {ckpt['best_epoch']}) on {cache.name}")
+                     title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
              row["pooled_dice"], len(epochs))
 

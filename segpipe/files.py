@@ -1,22 +1,117 @@
-"""Writing outputs so that a reader never sees a partial file."""
+"""Files a step reads and writes: the files of a LabelMe folder, and outputs written so that a
+reader never sees a partial file. Standard library only: the workflow may import it."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from segpipe import SegpipeError
+
+log = logging.getLogger(__name__)
+
+HOST = socket.gethostname()
+# A temporary file of atomic_path on this host: .<stem>@<host>.<pid>.tmp<suffix>. A host name
+# holds no "@", so what follows the last "@" names the host.
+_TEMPORARY = re.compile(rf"\..*@{re.escape(HOST)}\.(\d{{1,9}})\.tmp(\.[^.]*)?")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_swept: set[Path] = set()  # folders whose stale temporaries this process has removed
+
+
+def labelme_files(folder: str | Path) -> list[Path]:
+    """The LabelMe files of ``folder``, sorted by name: every ``*.json`` directly inside it,
+    the suffix in any case (``a.JSON`` too, as on Windows).
+
+    Raises :class:`SegpipeError` for a missing folder, one without such files, a path that is
+    not valid UTF-8 (the cache stores names and the source folder as UTF-8) and two files
+    whose names differ only in the case of the suffix (both would be named alike in the cache).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegpipeError(f"{display(folder)}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json")
+    if not files:
+        raise SegpipeError(f"{display(folder)}: no LabelMe .json files")
+    stems: dict[str, Path] = {}
+    for path in [folder.resolve(), *files]:
+        try:
+            str(path).encode()
+        except UnicodeEncodeError:
+            raise SegpipeError(f"{display(path)}: the name is not valid UTF-8; rename it") from None
+    for path in files:
+        if path.stem in stems:
+            raise SegpipeError(f"{stems[path.stem]} and {path.name}: two files for one image name")
+        stems[path.stem] = path
+    return files
+
+
+def display(path: str | Path) -> str:
+    """``path`` as text, bytes that are not UTF-8 shown as ``\\xff`` escapes."""
+    return os.fsencode(path).decode(errors="backslashreplace")
+
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) that replaces ``path`` when the block
-    succeeds and is removed when it fails, so readers never see a partial file."""
+    succeeds and is removed when it fails, so readers never see a partial file.
+
+    The temporary file is created at once: an output that cannot be written (a folder, no
+    permission, a read-only file system) fails before the work, and a block that runs out of
+    space (ENOSPC, EDQUOT, EFBIG) fails too, with :class:`SegpipeError` naming ``path``. The
+    name ``.<stem>@<host>.<pid>.tmp<suffix>`` tells which process writes it: the first time a
+    process writes into a folder, it removes the temporaries of processes of its host that
+    no longer run (killed ones; see :func:`remove_stale_temporaries`).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    if path.is_dir():
+        raise SegpipeError(f"{path}: is a folder, expected a file name")
+    tmp = path.with_name(f".{path.stem}@{HOST}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegpipeError(f"{path.parent}: cannot create the folder ({exc.strerror})") from None
+    try:
+        folder = path.parent.resolve()
+        if folder not in _swept:
+            remove_stale_temporaries(folder)
+            _swept.add(folder)
+        tmp.touch()
+    except OSError as exc:
+        raise SegpipeError(f"{path}: cannot write ({exc.strerror})") from None
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            raise SegpipeError(f"{path}: not enough space to write it ({exc.strerror})") from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Remove the temporary files of :func:`atomic_path` in ``folder`` whose process no longer
+    runs (it was killed). Only those of this host: on a file system shared by cluster nodes, a
+    process id of another node says nothing here."""
+    for entry in os.scandir(folder):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and not _running(int(match[1])):
+            Path(entry.path).unlink(missing_ok=True)
+            log.info("removed %s, left by process %s, which no longer runs", entry.path, match[1])
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-METRICS = ("accuracy", "dice", "iou", "precision", "recall", "ap")
+from segpipe.columns import METRICS
 
 
 def per_image_metrics(probs: Tensor, masks: Tensor, threshold: float = 0.5) -> dict[str, Tensor]:

@@ -312,13 +312,15 @@ def _panel_figure(rows: int, columns: int, aspect: float) -> tuple[Figure, np.nd
     return fig, fig.subplots(rows, columns, squeeze=False)
 
 
-def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], title: str,
-                   threshold: float = 0.5) -> Figure:
+def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], title: str, *,
+                   threshold: float) -> Figure:
     """Mask evolution over training: one row per (group, test image); columns: image, truth,
     then the prediction (probability ≥ ``threshold``) at each snapshot epoch, coloured by
     :func:`change_map` against the previous snapshot (an empty mask before the first one).
 
-    ``examples``: (group label, evolution.npz contents, index of the image in it).
+    ``examples``: (group label, evolution.npz contents, index of the image in it);
+    ``threshold``: the evaluation's (``evaluate.threshold``), so the Dice shown agrees with
+    metrics.csv.
     """
     columns = 2 + max(len(data["epochs"]) for _, data, _ in examples)
     height, width = examples[0][1]["masks"].shape[1:]
@@ -346,14 +348,15 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
 
 
 def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray], images: np.ndarray,
-                 masks: np.ndarray, names: Sequence[str], title: str,
-                 threshold: float = 0.5) -> Figure:
+                 masks: np.ndarray, names: Sequence[str], title: str, *,
+                 threshold: float) -> Figure:
     """The same test images segmented by every group: one column per image; rows: image,
     truth, then each group's prediction (probability ≥ ``threshold``) coloured against the
     truth (grey correct foreground, orange missed, magenta false positive).
 
     ``predictions[g]`` holds group g's probabilities (K, H, W) for ``images`` (K, H, W, 3)
-    with truth ``masks`` (K, H, W) and ``names`` (K,).
+    with truth ``masks`` (K, H, W) and ``names`` (K,); ``threshold`` as in
+    :func:`plot_evolution`.
     """
     k_images, height, width = masks.shape
     fig, axes = _panel_figure(2 + len(groups), k_images, width / height)

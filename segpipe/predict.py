@@ -19,6 +19,7 @@ from torch import nn
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import load_checkpoint
+from segpipe.data.labelme import decode_image
 from segpipe.files import atomic_path
 from segpipe.runtime import acquire_device, forward_logits
 
@@ -28,11 +29,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of an image file (grey and 16-bit images are converted)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SegpipeError(f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """RGB uint8 (H, W, 3) of an image file, converted as for the cache
+    (:func:`segpipe.data.labelme.decode_image`)."""
+    try:
+        encoded = path.read_bytes()
+    except OSError as exc:
+        raise SegpipeError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_image(encoded, str(path))
 
 
 @torch.no_grad()
@@ -66,9 +69,12 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
             raise SegpipeError(f"{stems[path.stem]} and {path} would both be written as "
                                f"{output_dir / (path.stem + '.png')}")
         stems[path.stem] = path
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegpipeError(f"{output_dir}: cannot create the folder ({exc.strerror})") from None
     device = acquire_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for path in images:
         prob = predict_probability(model, ckpt, read_image(path), device)
         mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)

@@ -12,8 +12,9 @@ import math
 from collections.abc import Callable
 
 from segpipe import SegpipeError
+from segpipe.columns import AXES
 
-SPEC_KEYS = ("run", "seed", "names", "architecture", "backbone", "loss", "augmentation", "train")
+SPEC_KEYS = ("run", "seed", "names", *AXES, "train")
 
 
 def _is_int(v: object) -> bool:

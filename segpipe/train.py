@@ -7,10 +7,14 @@ or inside ``spec["fold"]`` of a cross-validation cache the next fold,
 (docs/formats.md):
 
 - ``model.pt``: the checkpoint of the epoch with the best validation Dice (mean over images at
-  threshold 0.5; the first epoch wins ties), self-describing (:mod:`segpipe.checkpoint`);
+  :data:`VALIDATION_THRESHOLD`; the first epoch wins ties), self-describing
+  (:mod:`segpipe.checkpoint`);
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`);
 - ``snapshots/epoch_<k>.pt``: the model at the end of each reached ``snapshot_epochs`` epoch;
-- ``train.log``: one line per epoch (also on stderr).
+- ``train.log``: timestamped lines, also on stderr: the start (images, size, parameters,
+  device), one line per epoch (losses, validation Dice, learning rate, seconds; ``*`` marks a
+  new best), resuming, an ignored stale state, early stopping, and the end (best epoch,
+  training time, peak memory). A resumed run appends to it.
 
 Resuming: after every epoch the full training state is written atomically to ``state.pt``, and
 snapshots to ``state_snapshots/``; neither is a workflow output, so Snakemake does not delete
@@ -58,6 +62,9 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "va
                    "val_ap", "lr", "seconds"]
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 5
+VALIDATION_THRESHOLD = 0.5
+"""Threshold of the validation metrics, which choose the model: fixed, so that
+``evaluate.threshold`` (test split only) never changes the choice."""
 
 # ----------------------------------------------------------------------------- files
 
@@ -288,8 +295,8 @@ def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterio
 @torch.no_grad()
 def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
              device: torch.device, autocast: torch.dtype | None) -> dict[str, float]:
-    """Mean loss over images and per-image means of Dice, IoU, accuracy and AP (threshold 0.5,
-    :mod:`segpipe.metrics`) on the validation data."""
+    """Mean loss over images and per-image means of Dice, IoU, accuracy and AP
+    (:mod:`segpipe.metrics`) on the validation data, at :data:`VALIDATION_THRESHOLD` 0.5."""
     from segpipe.metrics import per_image_metrics
 
     model.eval()
@@ -298,7 +305,8 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: n
         target = masks.to(device, non_blocking=True).float()
         logits = forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
         losses.append(criterion(logits, target).double() * len(images))
-        metrics.append(per_image_metrics(torch.sigmoid(logits.float()), target))
+        metrics.append(per_image_metrics(torch.sigmoid(logits.float()), target,
+                                         VALIDATION_THRESHOLD))
     count = sum(len(m["dice"]) for m in metrics)
     means = {k: torch.cat([m[k] for m in metrics]).mean().item()
              for k in ("dice", "iou", "accuracy", "ap")}

@@ -14,12 +14,12 @@ import pytest
 
 from segpipe import SegpipeError
 from segpipe.aggregate import (
-    METRICS,
     _load_run,
     aggregate_experiment,
     write_summary,
 )
 from segpipe.cli import main
+from segpipe.columns import METRIC_COLUMNS as METRICS
 
 HEIGHT, WIDTH, EXAMPLES = 20, 28, 3
 SNAPSHOTS = (2, 4)
@@ -60,7 +60,7 @@ def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b
     best = {"probs_best": masks.astype(np.float16) * 0.8} if probs_best else {}
     np.savez(folder / "evolution.npz", epochs=np.array(snapshots, dtype=np.int64), probs=probs,
              images=rng.integers(0, 256, (*masks.shape, 3), dtype=np.uint8), masks=masks,
-             names=np.array(names), **best)
+             names=np.array(names), threshold=np.float64(0.5), **best)
 
 
 def make_spec(root, groups, sweep=None):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,6 +17,9 @@ import pytest
 from segpipe import SegpipeError, __version__
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import split_indices
+from segpipe.files import HOST
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def blocks(values: np.ndarray) -> np.ndarray:
@@ -113,6 +121,71 @@ def test_a_bad_file_leaves_no_output_and_keeps_the_old_one(folder, tmp_path):
     assert [p.name for p in output.parent.iterdir()] == ["out.h5"]  # no partial file left
 
 
+def test_upper_case_suffix_is_read(folder, tmp_path):
+    folder = folder[0]
+    (folder / "b.json").rename(folder / "b.JSON")
+    build_cache(folder, tmp_path / "out.h5", size=(4, 4))
+    data, _ = read(tmp_path / "out.h5")
+    assert [n.decode() for n in data["names"]] == ["a", "b", "c"]
+
+
+def test_names_that_differ_only_in_the_suffix_case_are_an_error(folder, tmp_path):
+    folder = folder[0]
+    (folder / "b.JSON").write_bytes((folder / "a.json").read_bytes())
+    with pytest.raises(SegpipeError, match=r"b\.JSON and b\.json: two files for one image name"):
+        build_cache(folder, tmp_path / "out.h5", size=(4, 4))
+
+
+def test_two_files_of_one_image_are_an_error(folder, tmp_path):
+    folder = folder[0]
+    document = json.loads((folder / "a.json").read_text())
+    (folder / "d.json").write_text(json.dumps(document))  # the same imagePath, a.png
+    with pytest.raises(SegpipeError) as info:
+        build_cache(folder, tmp_path / "out.h5", size=(4, 4))
+    assert str(info.value) == (f"{folder / 'd.json'}: the same image as {folder / 'a.json'} "
+                               "(identical image bytes); annotate each image once")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_file_name_that_is_not_utf8_is_an_error_before_any_work(folder, tmp_path):
+    folder = folder[0]
+    os.rename(folder / "b.json", os.fsencode(folder / "b") + b"\xff.json")
+    with pytest.raises(SegpipeError, match=r"/b\\xff\.json: the name is not valid UTF-8"):
+        build_cache(folder, tmp_path / "cache" / "out.h5", size=(4, 4))
+    assert not (tmp_path / "cache").exists()  # stopped before the output was touched
+
+
+def test_disk_space_is_reserved_and_the_rest_given_back(folder, tmp_path):
+    # 3 images of 64x64 hold 3 * 4 * 64 * 64 = 49152 bytes of pixels; 1 MiB + 1 KiB per image
+    # more is reserved while the file is written, and given back when HDF5 closes it.
+    output = tmp_path / "out.h5"
+    build_cache(folder[0], output, size=(64, 64))
+    assert 3 * 4 * 64 * 64 < output.stat().st_size < 3 * 4 * 64 * 64 + 64 * 1024
+    data, _ = read(output)
+    assert data["masks"][0].sum() > 0
+
+
+def test_next_rasterise_removes_the_temporary_file_of_a_killed_one(folder, tmp_path):
+    folder, output = folder[0], tmp_path / "cache" / "out.h5"
+    os.mkfifo(folder / "z.png")  # reading the image of z.json blocks: no one writes to it
+    (folder / "z.json").write_text(json.dumps({"shapes": [], "imagePath": "z.png"}))
+    command = [sys.executable, "-m", "segpipe", "rasterise", "--input", str(folder),
+               "--output", str(output), "--size", "4", "4"]
+    child = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    left = output.parent / f".out@{HOST}.{child.pid}.tmp.h5"
+    deadline = time.monotonic() + 60
+    while not (left.exists() and left.stat().st_size > 2**20):  # reserved, writing images
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    child.kill()  # SIGKILL: the temporary file stays
+    child.wait()
+    assert left.exists()
+    (folder / "z.png").unlink()
+    (folder / "z.json").unlink()
+    build_cache(folder, output, size=(4, 4))
+    assert list(output.parent.iterdir()) == [output]
+
+
 def test_unknown_foreground_label_is_an_error(folder, tmp_path):
     with pytest.raises(SegpipeError, match=r"no shape is foreground .*found: hole, obj"):
         build_cache(folder[0], tmp_path / "out.h5", size=(4, 4), foreground=["ob"])
@@ -161,7 +234,8 @@ def grouped(make_labelme, tmp_path):
     for photo, copies in COPIES.items():
         for copy in range(copies):
             name = photo if photo == "IMG_5" else f"{photo}.rf.{copy:02d}{len(photos):04x}"
-            make_labelme([("obj", "rectangle", [[1, 1], [5, 5]])], name=name, folder=folder)
+            make_labelme([("obj", "rectangle", [[1, 1], [5, 5]])], name=name, folder=folder,
+                         image=np.full((8, 8, 3), len(photos), np.uint8))  # distinct images
             photos[name] = photo
     return folder, photos
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from segpipe import SegpipeError
+from segpipe import SegpipeError, aggregate
 from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset
 from segpipe.evaluate import evaluate_run
@@ -159,6 +159,34 @@ def test_evolution_holds_the_snapshots_probabilities(data, run):
     truth = evolution["masks"].astype(bool)
     dice = 2 * (pred & truth).sum((1, 2)) / (pred.sum((1, 2)) + truth.sum((1, 2)))
     np.testing.assert_allclose(dice, per_image["dice"][:3], atol=0.02)  # float16 rounding
+
+
+def test_figures_threshold_as_the_metrics(data, run, tmp_path, monkeypatch):
+    """At evaluate.threshold 0.7, the Dice that samples.png and evolution.png print for the
+    best model is per_image.csv's: aggregation takes the threshold from evolution.npz."""
+    shutil.copytree(run, tmp_path / "run")
+    evaluate_run(tmp_path / "run", data / "test.h5", threshold=0.7, n_examples=3)
+    figures = {}
+    save = aggregate._save
+    monkeypatch.setattr(aggregate, "_save",
+                        lambda fig, path: (figures.__setitem__(path.name, fig), save(fig, path)))
+    spec = {"axes": [], "sweep": None,
+            "runs": [{"run": SPEC["run"], "dir": str(tmp_path / "run"), "seed": SPEC["seed"]}]}
+    aggregate.aggregate_experiment("t", spec, tmp_path / "experiment")
+
+    def shown(fig, prefix):
+        return np.array([float(ax.get_title().removeprefix(prefix)) for ax in fig.axes
+                         if ax.get_title().startswith(prefix)])
+
+    # Two decimals, and float16 probabilities in evolution.npz move a few boundary pixels.
+    samples = shown(figures["samples.png"], "Dice ")
+    np.testing.assert_allclose(samples, pd.read_csv(tmp_path / "run" / "per_image.csv")["dice"][:3],
+                               atol=0.015)
+    at_half = pd.read_csv(run / "per_image.csv")["dice"][:3]
+    assert np.abs(samples - at_half).max() > 0.05  # the threshold makes a difference here
+    best = pd.read_csv(run / "metrics.csv")["best_epoch"][0]
+    evolution = shown(figures["evolution.png"], f"epoch {best} · Dice ")
+    np.testing.assert_array_equal(evolution, samples)
 
 
 def test_predictions_figure(run):

@@ -90,16 +90,19 @@ def test_foreground_selects_labels_and_others_are_ignored(make_labelme):
     assert every.sum() == 8
 
 
-def test_lines_and_points_are_skipped_and_counted(make_labelme):
+def test_lines_and_points_are_skipped_and_counted_whatever_their_points(make_labelme):
     shapes = (
         ("a", "line", [[0, 0], [7, 7]]),
+        ("a", "line", []),
         ("a", "linestrip", [[0, 0], [7, 0], [7, 7]]),
         ("a", "point", [[3, 3]]),
-        ("a", "point", [[4, 4]]),
+        ("a", "point", [["x", True]]),
         ("a", "rectangle", [[0, 0], [1, 1]]),
+        {"label": "a", "shape_type": "polygon_with_hole"},  # unknown type, no points at all
     )
     annotation = load_annotation(make_labelme(shapes))
-    assert annotation.skipped == {"line": 1, "linestrip": 1, "point": 2}
+    assert annotation.skipped == {"line": 2, "linestrip": 1, "point": 2, "polygon_with_hole": 1}
+    assert [s.shape_type for s in annotation.shapes] == ["rectangle"]
     assert rasterise(annotation).sum() == 4
 
 
@@ -265,6 +268,11 @@ def test_undecodable_image(make_labelme, tmp_path):
     assert "imageData" in _error(make_labelme([], name="y", imageData="bm90IGFuIGltYWdl"))
 
 
+def test_empty_mask_patch(make_labelme):
+    shape = {"label": "a", "shape_type": "mask", "points": [[2, 1], [4, 2]], "mask": "===="}
+    assert "shape 0 ('a', mask): 'mask': empty (0 bytes)" in _error(make_labelme([shape]))
+
+
 def test_polygon_with_fewer_than_3_points(make_labelme):
     message = _error(make_labelme([("leaf", "polygon", [[1, 1], [5, 5]])]))
     assert "shape 0 ('leaf', polygon): has 2 points" in message
@@ -274,8 +282,25 @@ def test_rectangle_with_wrong_point_count(make_labelme):
     assert "expected 2" in _error(make_labelme([("a", "rectangle", [[1, 1], [2, 2], [3, 3]])]))
 
 
-def test_points_that_are_not_numbers(make_labelme):
-    assert "[x, y] numbers" in _error(make_labelme([("a", "polygon", [[1, "x"], [2, 2], [3]])]))
+@pytest.mark.parametrize(
+    "points",
+    [
+        [[1, "x"], [2, 2], [3]],
+        [[1, 1], [5, 1], [1, 10**400]],  # an integer beyond the float range
+        [[1, 1], [5, 1], [1, float("nan")]],
+        [],
+        {"x": 1},
+    ],
+)
+def test_points_that_are_not_numbers(make_labelme, points):
+    # Strings and booleans: tests/test_cli_bad_input.py.
+    message = _error(make_labelme([("a", "polygon", points)]))
+    assert "shape 0 ('a', polygon): 'points' must be a list of [x, y] numbers" in message
+
+
+def test_shape_type_that_is_not_a_string(make_labelme):
+    message = _error(make_labelme([{"label": "a", "shape_type": ["line"], "points": []}]))
+    assert "shape 0: 'shape_type' ['line'] is not a string" in message
 
 
 def test_point_far_outside_the_image(make_labelme):

@@ -3,14 +3,18 @@ canonical parameter counts follow from the papers' architectures, the blocks com
 stated formulas, and bad definitions fail with a message naming the key or the file."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 from segpipe import SegpipeError
+from segpipe.cli import main
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
+from segpipe.models.unetpp import mean_probability_logit
 
 torch.set_num_threads(1)
 
@@ -164,6 +168,16 @@ def test_print_model_table_lists_every_combination(capsys):
     assert rows["unet", "scratch"] == f"{unet_count():,}"
 
 
+def test_the_docs_table_is_the_output_of_segpipe_models_markdown(capsys):
+    """docs/models.md shows `segpipe models --markdown` verbatim (about 6 s: FLOPs of all 24
+    models at 256×256, counted on the meta device)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    table = re.search(r"<!-- begin: segpipe models --markdown[^>]*-->\n(.*?)"
+                      r"<!-- end: segpipe models --markdown -->", docs, re.S)
+    assert main(["models", "--markdown"]) == 0
+    assert table.group(1) == capsys.readouterr().out
+
+
 def test_unetpp_deep_supervision_returns_every_nested_output():
     torch.manual_seed(0)
     model = build_model({"model": "unetpp", "width": 4, "depth": 3, "deep_supervision": True}, {})
@@ -177,7 +191,25 @@ def test_unetpp_deep_supervision_returns_every_nested_output():
         model.decoder.training = True  # the decoder alone: BatchNorm stays in eval mode
         heads = model(x)
     assert len(heads) == 3
-    torch.testing.assert_close(mean, torch.stack(heads).mean(0))
+    torch.testing.assert_close(torch.sigmoid(mean), torch.sigmoid(torch.stack(heads)).mean(0))
+
+
+def test_unetpp_evaluation_averages_the_heads_probabilities():
+    """Zhou et al. (2018) average the heads' sigmoid outputs: heads with constant logits
+    (−10, 1, 1, 1) give (σ(−10) + 3·σ(1))/4 = 0.548, not σ(mean logit) = σ(−1.75) = 0.148."""
+    model = build_model({"model": "unetpp", "width": 2, "depth": 4, "deep_supervision": True},
+                        {}).eval()
+    with torch.no_grad():
+        for head, bias in zip(model.decoder.heads, (-10.0, 1.0, 1.0, 1.0)):
+            head.weight.zero_()
+            head.bias.fill_(bias)
+        probability = torch.sigmoid(model(torch.randn(1, 3, 16, 16)))
+    torch.testing.assert_close(probability, torch.full((1, 1, 16, 16), 0.548305),
+                               atol=1e-6, rtol=0)
+    # No overflow where the heads are sure: σ of the result stays the mean probability.
+    logits = [torch.tensor([-200.0, 200.0, 30.0]), torch.tensor([-100.0, 100.0, -30.0])]
+    torch.testing.assert_close(torch.sigmoid(mean_probability_logit(logits)),
+                               torch.tensor([0.0, 1.0, 0.5]))
 
 
 def test_attention_gate_hand_computed():

@@ -70,7 +70,7 @@ def evolution(probs=SNAPSHOTS):
 
 def test_evolution_colours_each_snapshot_against_the_previous_one():
     fig = plot_evolution([("unet", evolution(), 0), ("resunet", evolution(SNAPSHOTS[::-1]), 0)],
-                         "t")
+                         "t", threshold=0.5)
     first, second = fig.axes[2], fig.axes[3]
     # epoch 1 vs an empty mask: prediction [[1,0,1],[0,0,0]]; Dice 2·1/(2+2)
     assert np.array_equal(first.images[0].get_array(), PALETTE[[[NC, M, NW], [B, B, B]]])
@@ -85,7 +85,7 @@ def test_evolution_colours_each_snapshot_against_the_previous_one():
 
 def test_samples_colour_each_group_against_the_truth():
     fig = plot_samples(["unet", "resunet"], [SNAPSHOTS[1], SNAPSHOTS[0]], evolution()["images"],
-                       TRUTH, ["x"], "t")
+                       TRUTH, ["x"], "t", threshold=0.5)
     assert [ax.get_ylabel() for ax in fig.axes] == ["image", "truth", "unet", "resunet"]
     assert np.array_equal(fig.axes[2].images[0].get_array(), PALETTE[[[F, F, B], [B, FP, B]]])
     assert fig.axes[2].get_title() == "Dice 0.80"

@@ -140,6 +140,18 @@ def test_editing_a_loss_reruns_exactly_its_runs(study: Path):
     assert set(jobs) == {"train", "evaluate", "aggregate_sweep", "summary", "all"}
 
 
+def test_execution_settings_rerun_nothing(study: Path):
+    edit_config(study, lambda c: c["resources"].update(num_workers=2, device="auto"))
+    assert planned(study) == {}
+
+
+def test_editing_a_train_setting_retrains_every_run(study: Path):
+    edit_config(study, lambda c: c["train"].update(lr=0.02))
+    jobs = planned(study)
+    assert trained_runs(jobs) == RUNS
+    assert set(jobs) == {"train", "evaluate", "aggregate", "aggregate_sweep", "summary", "all"}
+
+
 def test_adding_a_seed_adds_only_new_runs(study: Path):
     edit_config(study, lambda c: c["defaults"].update(seeds=[0, 1]))
     jobs = planned(study)

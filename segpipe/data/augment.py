@@ -1,4 +1,4 @@
-"""Training augmentation on numpy images, named in config by its definition.
+"""Training augmentation of an image and its mask, named in config by its definition.
 
 Keys of a definition (all optional; ``{}`` is no augmentation):
 
@@ -6,70 +6,96 @@ Keys of a definition (all optional; ``{}`` is no augmentation):
                             default 0.5), resized back to the training size
     hflip:  p               horizontal flip with probability p
     vflip:  p               vertical flip with probability p
-    rotate: d               rotation by an angle uniform in [-d, d] degrees (0 <= d <= 180)
+    rotate: d               rotation about the centre by an angle uniform in [-d, d] degrees
+                            (0 <= d <= 180)
     jitter: j               brightness, contrast and saturation factors uniform in
-                            [1 - j, 1 + j] (0 <= j <= 1), image only
+                            [1 - j, 1 + j] (0 <= j <= 1), in random order, image only
     erase:  p               random erasing with probability p, image only
 
-They apply in this order. Geometric operations (crop, flips, rotation) move image and mask
-together: the image is interpolated bilinearly, the mask by nearest neighbour so it stays in
-{0, 1}; rotation reflects the border (OpenCV ``BORDER_REFLECT_101``) in both.
+They apply in this order. The crop is ours: no torchvision crop keeps the object in view. The
+others are ``torchvision.transforms.v2``'s, on a ``tv_tensors.Image`` and a ``tv_tensors.Mask``,
+so geometric operations move image and mask together: the image is interpolated bilinearly,
+the mask by nearest neighbour so it stays in {0, 1}. Rotation fills the corners it uncovers,
+and erasing its rectangle, with :data:`FILL`, the ImageNet mean colour (0 once normalised);
+corners are background in the mask, and erasing leaves the mask as it is.
+
+All randomness comes from the ``rng`` the dataset passes for the item (``seed, epoch, row``):
+the crop draws from it, and torchvision, which draws from torch's global generator, runs in a
+:func:`torch.random.fork_rng` seeded from it. So the result depends on ``rng`` only (not on the
+worker count, on resuming, or on other uses of torch's generator), which stays untouched.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from segpipe import SegpipeError
+from segpipe.runtime import IMAGENET_MEAN
 
 _MAXIMA = {"hflip": 1, "vflip": 1, "rotate": 180, "jitter": 1, "erase": 1}
 _KEYS = ("crop", *_MAXIMA)
-_ERASE_AREA = (0.02, 0.33)
-_ERASE_ASPECT = (0.3, 1 / 0.3)
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+"""RGB of the pixels rotation uncovers and erasing covers: the ImageNet mean colour."""
+ERASE_SCALE = (0.02, 0.33)
+"""Area fraction of an erased rectangle (Zhong et al. 2020)."""
+ERASE_RATIO = (0.3, 1 / 0.3)
+"""Aspect ratio range of an erased rectangle, drawn log-uniformly (Zhong et al. 2020)."""
 
 
-@dataclass(frozen=True)
 class Augmentation:
     """A random transform ``(image uint8 (H, W, 3), mask uint8 (H, W), rng) -> (image,
-    mask)`` of the same shapes and dtypes; all randomness comes from ``rng``. A class rather
-    than a closure so that it pickles into DataLoader workers."""
+    mask)`` of the same shapes and dtypes (see the module docstring). It pickles into
+    DataLoader workers."""
 
-    size: tuple[int, int]
-    crop_min_scale: float | None = None  # None: no crop
-    hflip: float = 0.0
-    vflip: float = 0.0
-    rotate: float = 0.0
-    jitter: float = 0.0
-    erase: float = 0.0
+    def __init__(self, size: tuple[int, int], crop_min_scale: float | None = None,
+                 hflip: float = 0.0, vflip: float = 0.0, rotate: float = 0.0,
+                 jitter: float = 0.0, erase: float = 0.0) -> None:
+        self.size = tuple(size)
+        self.crop_min_scale = crop_min_scale  # None: no crop
+        both = []  # transforms of image and mask
+        if hflip:
+            both.append(v2.RandomHorizontalFlip(hflip))
+        if vflip:
+            both.append(v2.RandomVerticalFlip(vflip))
+        if rotate:
+            both.append(v2.RandomRotation(rotate, v2.InterpolationMode.BILINEAR,
+                                          fill={tv_tensors.Image: FILL, tv_tensors.Mask: 0}))
+        if jitter:
+            both.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+        self.both = v2.Compose(both) if both else None
+        # Random erasing of Zhong et al. (2020, "Random erasing data augmentation", AAAI,
+        # arXiv:1708.04896), on the image alone.
+        self.erase = v2.RandomErasing(erase, ERASE_SCALE, ERASE_RATIO, FILL) if erase else None
 
-    def __call__(
-        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
         if image.shape[:2] != self.size or mask.shape != self.size:
             raise ValueError(f"augmentation for size {self.size} got image {image.shape} "
                              f"and mask {mask.shape}")
         if self.crop_min_scale is not None:
             image, mask = self._crop(image, mask, rng)
-        if rng.random() < self.hflip:
-            image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
-        if rng.random() < self.vflip:
-            image, mask = cv2.flip(image, 0), cv2.flip(mask, 0)
-        if self.rotate > 0:
-            image, mask = self._rotate(image, mask, rng.uniform(-self.rotate, self.rotate))
-        if self.jitter > 0:
-            image = self._jitter(image, rng)
-        if rng.random() < self.erase:
-            image = self._erase(image, rng)
-        return image, mask
+        if self.both is None and self.erase is None:
+            return image, mask
+        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**63)))
+            if self.both is not None:
+                image, mask = self.both(image, mask)
+            if self.erase is not None:
+                image = self.erase(image)
+        return np.ascontiguousarray(image.permute(1, 2, 0).numpy()), mask.numpy()
 
     def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        """A crop of side fraction s ~ U(crop_min_scale, 1) that contains the bounding box of the
-        foreground along each axis where it fits, else is centred on it; a random crop when
-        the mask is empty. Resized back to ``size``."""
+        """A crop of side fraction s ~ U(crop_min_scale, 1) that contains the bounding box of
+        the foreground along each axis where it fits, else is centred on it; a random crop
+        when the mask is empty. Resized back to ``size``: the image bilinearly, the mask by
+        nearest neighbour with pixel centres mapped as for the image
+        (``INTER_NEAREST_EXACT``; ``INTER_NEAREST`` would shift it by half a source pixel)."""
         height, width = self.size
         scale = rng.uniform(self.crop_min_scale, 1.0)
         crop_h, crop_w = max(1, round(scale * height)), max(1, round(scale * width))
@@ -78,42 +104,7 @@ class Augmentation:
         image = image[top:top + crop_h, left:left + crop_w]
         mask = mask[top:top + crop_h, left:left + crop_w]
         return (cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
-                cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST))
-
-    def _rotate(self, image: np.ndarray, mask: np.ndarray, degrees: float):
-        height, width = self.size
-        matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
-
-        def warp(array: np.ndarray, interpolation: int) -> np.ndarray:
-            return cv2.warpAffine(array, matrix, (width, height), flags=interpolation,
-                                  borderMode=cv2.BORDER_REFLECT_101)
-
-        return warp(image, cv2.INTER_LINEAR), warp(mask, cv2.INTER_NEAREST)
-
-    def _jitter(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Brightness ``x·b``, then contrast ``(x − mean grey)·c + mean grey``, then
-        saturation ``grey + (x − grey)·s``, factors uniform in [1 − j, 1 + j]."""
-        brightness, contrast, saturation = rng.uniform(1 - self.jitter, 1 + self.jitter, 3)
-        x = image.astype(np.float32) * brightness
-        mean_grey = _grey(x).mean()
-        x = (x - mean_grey) * contrast + mean_grey
-        grey = _grey(x)[..., None]
-        x = grey + (x - grey) * saturation
-        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-    def _erase(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Random erasing (Zhong et al. 2020, arXiv:1708.04896): a rectangle of area
-        fraction U(0.02, 0.33) and log-uniform aspect ratio in [0.3, 1/0.3], filled with
-        uniform noise."""
-        height, width = self.size
-        area = rng.uniform(*_ERASE_AREA) * height * width
-        aspect = math.exp(rng.uniform(*np.log(_ERASE_ASPECT)))
-        h = min(height, max(1, round(math.sqrt(area * aspect))))
-        w = min(width, max(1, round(math.sqrt(area / aspect))))
-        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-        image = image.copy()
-        image[top:top + h, left:left + w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        return image
+                cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT))
 
 
 def _crop_start(foreground: np.ndarray, length: int, crop: int, rng: np.random.Generator) -> int:
@@ -126,11 +117,6 @@ def _crop_start(foreground: np.ndarray, length: int, crop: int, rng: np.random.G
         return int(rng.integers(max(0, last - crop + 1), min(first, length - crop) + 1))
     centre = (first + last + 1) / 2
     return int(np.clip(round(centre - crop / 2), 0, length - crop))
-
-
-def _grey(image: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of an RGB float image."""
-    return image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def _is_number_in(value: object, low: float, high: float) -> bool:

@@ -12,8 +12,10 @@ Images are sorted by file name, so the same folder gives the same file.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -24,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
-from segpipe.files import atomic_path
-from segpipe.data.labelme import FILLED_TYPES, check_label_rule, load_annotation, rasterise
+from segpipe.data.labelme import check_label_rule, load_annotation, rasterise
 from segpipe.data.split import assign_folds, group_ids, group_keys, split_validation
+from segpipe.files import atomic_path, labelme_files
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,17 @@ def build_cache(
     folds: int | None = None,
     group: str | None = None,
 ) -> None:
-    """Rasterise every ``*.json`` of ``input_dir`` into the HDF5 file ``output``, with the
-    validation split ``val_fraction`` or, with ``folds``, the cross-validation folds, both
-    drawn by ``split_seed`` over the groups of the regular expression ``group``.
+    """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
+    the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
+    cross-validation folds, both drawn by ``split_seed`` over the groups of the regular
+    expression ``group``.
 
-    The file is written under a temporary name and renamed when complete. Raises
-    :class:`SegpipeError` for an empty folder, any invalid file (see
-    :func:`segpipe.data.labelme.load_annotation`), a label rule that selects no shape in the
-    whole folder, or a split the groups cannot make; foreground or background labels that
-    never occur are logged.
+    The file is written under a temporary name, with its disk space reserved before the first
+    image, and renamed when complete. Raises :class:`SegpipeError` for a folder without
+    LabelMe files, any invalid file (see :func:`segpipe.data.labelme.load_annotation`), two
+    files of one image, a label rule that selects no shape in the whole folder, a split the
+    groups cannot make, an output that cannot be written and a disk without room for it;
+    foreground or background labels that never occur are logged.
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
@@ -64,11 +68,7 @@ def build_cache(
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
     check_label_rule(foreground, background)
-    if not input_dir.is_dir():
-        raise SegpipeError(f"{input_dir}: not a folder")
-    files = sorted(input_dir.glob("*.json"))
-    if not files:
-        raise SegpipeError(f"{input_dir}: no LabelMe .json files")
+    files = labelme_files(input_dir)
 
     n = len(files)
     names = [p.stem for p in files]
@@ -81,36 +81,39 @@ def build_cache(
             split = {"fold": assign_folds(groups, folds, split_seed)}
     except SegpipeError as exc:
         raise SegpipeError(f"{input_dir}: {exc}") from None
-    labels, skipped, foreground_pixels = Counter(), Counter(), 0
-    with atomic_path(output) as partial, h5py.File(partial, "w") as h5:
-        images = h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
-        masks = h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
-        orig_size = h5.create_dataset("orig_size", (n, 2), np.int32)
-        for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
-            annotation = load_annotation(path)
-            image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
-            images[i] = image
-            masks[i] = mask = rasterise(annotation, size, foreground, background)
-            orig_size[i] = annotation.size
-            foreground_pixels += int(mask.sum())
-            labels.update(s.label for s in annotation.shapes if s.shape_type in FILLED_TYPES)
-            skipped.update(annotation.skipped)
-        _check_labels(input_dir, labels, foreground, background)
-        h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
-        h5.create_dataset("groups", data=keys, dtype=h5py.string_dtype())
-        for key, values in split.items():
-            h5.create_dataset(key, data=values)
-        h5.attrs.update(
-            segpipe_version=__version__,
-            source=str(input_dir.resolve()),
-            foreground=json.dumps(foreground),
-            background=json.dumps(background),
-            group=json.dumps(group),
-            size=np.array(size),
-            count=n,
-            split_seed=split_seed,
-            **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
-        )
+    attrs = {
+        "segpipe_version": __version__,
+        "source": str(input_dir.resolve()),
+        "foreground": json.dumps(foreground),
+        "background": json.dumps(background),
+        "group": json.dumps(group),
+        "size": np.array(size),
+        "count": n,
+        "split_seed": split_seed,
+        **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
+    }
+    layout = _layout(names, keys, size, split, attrs)
+    labels, skipped, foreground_pixels, first_file = Counter(), Counter(), 0, {}
+    with atomic_path(output) as partial:
+        _create_reserved(partial, layout, n, size, output)
+        with h5py.File(partial, "r+") as h5:
+            images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
+            for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
+                annotation = load_annotation(path)
+                if annotation.image_digest in first_file:
+                    raise SegpipeError(
+                        f"{path}: the same image as {first_file[annotation.image_digest]} "
+                        "(identical image bytes); annotate each image once"
+                    )
+                first_file[annotation.image_digest] = path
+                image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
+                images[i] = image
+                masks[i] = mask = rasterise(annotation, size, foreground, background)
+                orig_size[i] = annotation.size
+                foreground_pixels += int(mask.sum())
+                labels.update(s.label for s in annotation.shapes)
+                skipped.update(annotation.skipped)
+            _check_labels(input_dir, labels, foreground, background)
     log.info(
         "%s: %d images%s at %dx%d, foreground %.1f%% of pixels; shapes: %s; skipped (no area): %s",
         output, n, _describe_split(split, groups), height, width,
@@ -129,6 +132,44 @@ def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
     if not is_val.any():
         return in_groups
     return f"{in_groups} ({len(is_val) - is_val.sum()} train, {is_val.sum()} val)"
+
+
+def _layout(names: list[str], groups: list[str], size: tuple[int, int],
+            split: dict[str, np.ndarray], attrs: dict) -> bytes:
+    """The cache as HDF5 file bytes with every dataset created and no pixel written yet."""
+    n = len(names)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
+        h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
+        h5.create_dataset("orig_size", (n, 2), np.int32)
+        h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
+        h5.create_dataset("groups", data=groups, dtype=h5py.string_dtype())
+        for key, values in split.items():
+            h5.create_dataset(key, data=values)
+        h5.attrs.update(attrs)
+    return buffer.getvalue()
+
+
+def _create_reserved(path: Path, layout: bytes, count: int, size: tuple[int, int],
+                     output: Path) -> None:
+    """Write ``layout`` to ``path`` and reserve the disk space of the whole cache of ``count``
+    images of ``size`` for it; HDF5 gives back what it does not use when it closes the file.
+
+    HDF5 cannot close a file after a failed write: a full disk would end in a segmentation
+    fault (h5py issue 914), while reserved space cannot run out. Reserved: the layout, 4 bytes
+    per pixel (RGB and mask), 1 KiB per image and 1 MiB; HDF5 adds less than 400 bytes per
+    image (the chunk index) and a few KiB in all.
+    """
+    reserve = len(layout) + count * (4 * size[0] * size[1] + 1024) + 2**20
+    with open(path, "wb") as file:
+        file.write(layout)
+        try:
+            os.posix_fallocate(file.fileno(), 0, reserve)
+        except OSError as exc:
+            raise SegpipeError(
+                f"{output}: cannot reserve the {reserve / 2**20:.1f} MiB it needs ({exc.strerror})"
+            ) from None
 
 
 def _check_labels(

@@ -3,7 +3,8 @@
 LabelMe (K. Wada, https://github.com/wkentaro/labelme) writes one JSON file per image: the
 image (``imagePath`` relative to the JSON and/or base64 ``imageData``), its size and a list
 of shapes, each a ``label``, a ``shape_type`` and ``points`` in pixel coordinates. This
-module reads versions 3.x to 5.x and fills shapes exactly as LabelMe's own conversion
+module reads the files of versions 3.x to 6.x (and older ones, whose shapes have no
+``shape_type``) and fills shapes exactly as LabelMe's own conversion
 (``labelme.utils.shape_to_mask``) does: with PIL's ``ImageDraw``, ``fill=1`` *and*
 ``outline=1``, so boundary pixels are foreground.
 
@@ -14,7 +15,7 @@ module reads versions 3.x to 5.x and fills shapes exactly as LabelMe's own conve
   centre ± radius, radius = distance between the two points;
 - ``mask`` (LabelMe 5): a base64 PNG patch whose top-left pixel is the rounded first point;
 - every other type (``line``, ``linestrip``, ``point``, ...) encloses no area: it is not
-  drawn and is counted in :attr:`Annotation.skipped`.
+  drawn, whatever its points, and is counted in :attr:`Annotation.skipped`.
 
 At another size (H, W) the shapes are rasterised at that size from scaled coordinates, never
 by resizing a full-size mask. Every point is mapped pixel centre to pixel centre,
@@ -33,8 +34,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -57,7 +60,7 @@ OUTSIDE_MARGIN = 0.1
 
 @dataclass(frozen=True, eq=False)
 class Shape:
-    """One LabelMe shape: ``points`` (K, 2) float x, y in pixels of the original image."""
+    """A filled LabelMe shape: ``points`` (K, 2) float x, y in pixels of the original image."""
 
     label: str
     shape_type: str
@@ -67,21 +70,20 @@ class Shape:
 
 @dataclass(frozen=True, eq=False)
 class Annotation:
-    """A LabelMe file: its RGB uint8 image (H, W, 3) and its shapes in file order."""
+    """A LabelMe file: its RGB uint8 image (H, W, 3), its filled shapes in file order, the
+    shapes that are not drawn (they enclose no area) counted by ``shape_type``, and the SHA-256
+    of the encoded image (files or ``imageData``), which tells two files of one image."""
 
     path: Path
     image: np.ndarray
     shapes: tuple[Shape, ...]
+    skipped: Counter
+    image_digest: str
 
     @property
     def size(self) -> tuple[int, int]:
         """Original (height, width)."""
         return self.image.shape[0], self.image.shape[1]
-
-    @property
-    def skipped(self) -> Counter:
-        """Shapes that are not drawn (they enclose no area), counted by ``shape_type``."""
-        return Counter(s.shape_type for s in self.shapes if s.shape_type not in FILLED_TYPES)
 
 
 def load_annotation(path: str | Path) -> Annotation:
@@ -93,8 +95,8 @@ def load_annotation(path: str | Path) -> Annotation:
     is stored already oriented). Grayscale, palette, RGBA and 16-bit images become 8-bit RGB
     (alpha dropped, 16-bit scaled by 1/257). Raises :class:`SegpipeError` naming the file
     for invalid JSON, a missing or undecodable image, an ``imageHeight``/``imageWidth`` that
-    differs from the image, and malformed shapes (too few points, non-numeric or far outside
-    the image points).
+    differs from the image, and malformed filled shapes (too few points, points that are not
+    numbers or lie far outside the image, a circle of radius 0).
     """
     path = Path(path)
     try:
@@ -103,9 +105,12 @@ def load_annotation(path: str | Path) -> Annotation:
         raise SegpipeError(f"{path}: cannot read ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SegpipeError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise SegpipeError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
         raise SegpipeError(f"{path}: not a LabelMe file (no 'shapes' list)")
-    image = _read_image(path, data)
+    encoded, source, exif = _image_bytes(path, data)
+    image = decode_image(encoded, source, exif)
     height, width = image.shape[:2]
     expected = data.get("imageHeight"), data.get("imageWidth")
     if None not in expected and expected != (height, width):
@@ -114,8 +119,20 @@ def load_annotation(path: str | Path) -> Annotation:
             f"{path}: imageHeight x imageWidth {expected[0]!r}x{expected[1]!r} does not "
             f"match the image, {height}x{width}{hint}"
         )
-    shapes = tuple(_parse_shape(path, i, s, (height, width)) for i, s in enumerate(data["shapes"]))
-    return Annotation(path, image, shapes)
+    shapes, skipped = [], Counter()
+    for index, raw in enumerate(data["shapes"]):
+        where = f"{path}: shape {index}"
+        if not isinstance(raw, dict) or not isinstance(raw.get("label"), str):
+            raise SegpipeError(f"{where}: not a LabelMe shape (needs a string 'label')")
+        shape_type = raw.get("shape_type") or "polygon"
+        if not isinstance(shape_type, str):
+            raise SegpipeError(f"{where}: 'shape_type' {shape_type!r} is not a string")
+        if shape_type in FILLED_TYPES:
+            where = f"{where} ({raw['label']!r}, {shape_type})"
+            shapes.append(_parse_shape(where, raw, shape_type, (height, width)))
+        else:  # not drawn, whatever its points
+            skipped[shape_type] += 1
+    return Annotation(path, image, tuple(shapes), skipped, hashlib.sha256(encoded).hexdigest())
 
 
 def rasterise(
@@ -136,8 +153,6 @@ def rasterise(
     size = annotation.size if size is None else (int(size[0]), int(size[1]))
     mask = np.zeros(size, np.uint8)
     for shape in annotation.shapes:
-        if shape.shape_type not in FILLED_TYPES:
-            continue
         if shape.label in background:
             mask[_region(shape, annotation.size, size)] = 0
         elif foreground is None or shape.label in foreground:
@@ -152,31 +167,33 @@ def check_label_rule(foreground: Iterable[str] | None, background: Iterable[str]
         raise SegpipeError(f"labels {sorted(both)} are listed both as foreground and background")
 
 
-def _read_image(path: Path, data: dict) -> np.ndarray:
+def _image_bytes(path: Path, data: dict) -> tuple[bytes, str, bool]:
+    """The encoded image of a LabelMe file, where it comes from, and whether EXIF applies."""
     if data.get("imageData"):
         try:
             encoded = base64.b64decode(data["imageData"])
         except (binascii.Error, TypeError, ValueError):
             raise SegpipeError(f"{path}: imageData is not valid base64") from None
-        return _decode(encoded, f"{path}: imageData", exif=False)
+        return encoded, f"{path}: imageData", False
     image_path = data.get("imagePath")
     if not isinstance(image_path, str) or not image_path:
         raise SegpipeError(f"{path}: has neither imageData nor imagePath")
     image_path = path.parent / PureWindowsPath(image_path).as_posix()
     try:
-        encoded = image_path.read_bytes()
-    except OSError:
+        return image_path.read_bytes(), f"{path}: image {image_path}", True
+    except (OSError, ValueError):  # ValueError: a NUL character in the path
         raise SegpipeError(f"{path}: image {image_path} not found and no imageData") from None
-    return _decode(encoded, f"{path}: image {image_path}", exif=True)
 
 
-def _decode(encoded: bytes, source: str, exif: bool) -> np.ndarray:
+def decode_image(encoded: bytes, source: str, exif: bool = True) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of an encoded image file (any format OpenCV reads): grayscale,
+    palette and alpha images become RGB, 16-bit ones 8-bit (``round(value / 257)``), and the
+    EXIF orientation is applied if ``exif``. Raises :class:`SegpipeError` starting with
+    ``source`` for empty data, an undecodable image and one too large for OpenCV."""
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
     if not exif:
         flags |= cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
-    if image is None:
-        raise SegpipeError(f"{source}: not a readable image")
+    image = _imdecode(encoded, flags, source)
     if image.dtype == np.uint16:
         image = np.round(image / 257.0).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -184,22 +201,33 @@ def _decode(encoded: bytes, source: str, exif: bool) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _parse_shape(path: Path, index: int, raw: object, size: tuple[int, int]) -> Shape:
-    where = f"{path}: shape {index}"
-    if not isinstance(raw, dict) or not isinstance(raw.get("label"), str):
-        raise SegpipeError(f"{where}: not a LabelMe shape (needs a string 'label')")
-    shape_type = raw.get("shape_type") or "polygon"
-    where = f"{where} ({raw['label']!r}, {shape_type})"
+def _imdecode(encoded: bytes, flags: int, source: str) -> np.ndarray:
+    if not encoded:
+        raise SegpipeError(f"{source}: empty (0 bytes), not an image")
     try:
-        points = np.asarray(raw.get("points"), dtype=float)
-    except (TypeError, ValueError):
-        points = np.empty(0)
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
-        raise SegpipeError(f"{where}: 'points' must be a list of [x, y] numbers")
-    if shape_type not in FILLED_TYPES:
-        return Shape(raw["label"], shape_type, points)
-    if not np.isfinite(points).all():
-        raise SegpipeError(f"{where}: points must be finite numbers")
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
+    except cv2.error as exc:
+        if exc.func == "validateInputImageSize":
+            raise SegpipeError(
+                f"{source}: too large: OpenCV decodes at most 2^30 pixels, 2^20 per side (the "
+                "environment variables OPENCV_IO_MAX_IMAGE_PIXELS, _WIDTH, _HEIGHT raise it)"
+            ) from None
+        raise SegpipeError(f"{source}: not a readable image ({exc.err})") from None
+    if image is None:
+        raise SegpipeError(f"{source}: not a readable image")
+    return image
+
+
+def _parse_shape(where: str, raw: dict, shape_type: str, size: tuple[int, int]) -> Shape:
+    """A filled shape; ``where`` names it in errors."""
+    points = raw.get("points")
+    if not (isinstance(points, list) and points
+            and all(isinstance(p, list) and len(p) == 2 and all(map(_is_coordinate, p))
+                    for p in points)):
+        raise SegpipeError(
+            f"{where}: 'points' must be a list of [x, y] numbers (finite; not strings or booleans)"
+        )
+    points = np.array(points, dtype=float)
     needed = POINT_COUNTS.get(shape_type)
     if needed is not None and len(points) != needed:
         raise SegpipeError(f"{where}: has {len(points)} points, expected {needed}")
@@ -207,6 +235,8 @@ def _parse_shape(path: Path, index: int, raw: object, size: tuple[int, int]) -> 
         raise SegpipeError(
             f"{where}: has {len(points)} points, a polygon needs at least {MIN_POLYGON_POINTS}"
         )
+    if shape_type == "circle" and (points[0] == points[1]).all():
+        raise SegpipeError(f"{where}: radius 0 (the centre and the rim point coincide)")
     height, width = size
     limit = np.array([width, height]) * OUTSIDE_MARGIN
     outside = (points < -limit) | (points > np.array([width, height]) - 1 + limit)
@@ -219,17 +249,18 @@ def _parse_shape(path: Path, index: int, raw: object, size: tuple[int, int]) -> 
     return Shape(raw["label"], shape_type, points, patch)
 
 
+def _is_coordinate(value: object) -> bool:
+    """A finite number: not a string, not a bool (an int in Python), not NaN or infinite."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and abs(value) <= sys.float_info.max)
+
+
 def _decode_patch(where: str, encoded: object) -> np.ndarray:
-    patch = None
-    if isinstance(encoded, str):
-        try:
-            raw = np.frombuffer(base64.b64decode(encoded), np.uint8)
-            patch = cv2.imdecode(raw, cv2.IMREAD_GRAYSCALE)
-        except (binascii.Error, ValueError):
-            pass
-    if patch is None:
-        raise SegpipeError(f"{where}: 'mask' is not a base64-encoded PNG")
-    return patch > 0
+    try:
+        patch = base64.b64decode(encoded)
+    except (binascii.Error, TypeError, ValueError):
+        raise SegpipeError(f"{where}: 'mask' is not a base64-encoded PNG") from None
+    return _imdecode(patch, cv2.IMREAD_GRAYSCALE, f"{where}: 'mask'") > 0
 
 
 def _region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:

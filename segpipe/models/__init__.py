@@ -137,9 +137,18 @@ def model_table(size: int = 256) -> list[dict]:
     return rows
 
 
-def print_model_table(size: int = 256) -> None:
-    """Prints :func:`model_table` (the ``segpipe models`` command)."""
+def print_model_table(size: int = 256, markdown: bool = False) -> None:
+    """Prints :func:`model_table` (the ``segpipe models`` command): aligned columns, or with
+    ``markdown`` the Markdown table of docs/models.md."""
+    rows = model_table(size)
+    if markdown:
+        print(f"| architecture | backbone | parameters | GFLOPs ({size}×{size}) |")
+        print("|---|---|---:|---:|")
+        for row in rows:
+            print(f"| {row['architecture']} | {row['backbone']} | {row['parameters']:,} | "
+                  f"{row['gflops']:.1f} |")
+        return
     print(f"{'architecture':<18} {'backbone':<9} {'parameters':>12} {f'GFLOPs@{size}²':>12}")
-    for row in model_table(size):
+    for row in rows:
         print(f"{row['architecture']:<18} {row['backbone']:<9} {row['parameters']:>12,} "
               f"{row['gflops']:>12.2f}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segpipe.models.base import SegmentationModel
@@ -17,7 +20,8 @@ class NestedDecoder(nn.Module):
 
     H is two 3×3 conv-BN-ReLU with ``width·2**i`` output channels, U upsamples ×2 to that
     width. A 1×1 head makes logits from ``X^{0,D}``, or with ``deep_supervision`` from every
-    ``X^{0,j}``: a list of D logits in training mode, their mean in evaluation mode.
+    ``X^{0,j}``: a list of D logits in training mode; in evaluation mode the logit of their
+    mean probability (:func:`mean_probability_logit`).
     """
 
     def __init__(self, encoder_channels: list[int], width: int, up: str,
@@ -47,14 +51,25 @@ class NestedDecoder(nn.Module):
         if not self.deep_supervision:
             return self.heads[0](nodes[0][-1])
         logits = [head(x) for head, x in zip(self.heads, nodes[0][1:])]
-        return logits if self.training else torch.stack(logits).mean(dim=0)
+        return logits if self.training else mean_probability_logit(logits)
+
+
+def mean_probability_logit(logits: Sequence[Tensor]) -> Tensor:
+    """``logit(mean_k σ(l_k))``: the heads' probabilities averaged, as U-Net++'s "accurate
+    mode" averages its sigmoid outputs (Zhou et al. 2018), returned as a logit like every
+    model's output. Computed without overflow as ``logsumexp_k log σ(l_k) − logsumexp_k
+    log σ(−l_k)`` (the 1/K of both means cancels). Heads (−10, 1, 1, 1) give σ = 0.548; the
+    mean of the logits would give σ(−1.75) = 0.148."""
+    stacked = torch.stack(list(logits))
+    return torch.logsumexp(F.logsigmoid(stacked), 0) - torch.logsumexp(F.logsigmoid(-stacked), 0)
 
 
 class UNetPlusPlus(SegmentationModel):
     """U-Net++ (Zhou et al. 2018, "UNet++: a nested U-Net architecture for medical image
     segmentation", DLMIA, arXiv:1807.10165): U-Net's encoder (``width``, ``depth``, ``down``)
     under the :class:`NestedDecoder`. ``deep_supervision``: training returns the logits of
-    every nested output X^{0,1..D} (the loss averages them), evaluation their mean.
+    every nested output X^{0,1..D} (the loss averages them), evaluation the logit of the mean
+    of their probabilities (the paper's "accurate mode", :func:`mean_probability_logit`).
     """
 
     def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",

@@ -7,16 +7,20 @@ import os
 import shlex
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
 
-AXES = ("architecture", "backbone", "loss", "augmentation")
-DEFINITIONS = {  # axis -> config section of its definitions
-    "architecture": "architectures",
-    "backbone": "backbones",
-    "loss": "losses",
-    "augmentation": "augmentations",
-}
-RUN = "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+from segpipe import SegpipeError
+from segpipe.files import labelme_files
+# (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
+from segpipe.columns import AXES, DEFINITIONS
+
+SCHEMA = Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
+# A definition or experiment name: the schema's pattern, without its anchors ^...$.
+NAME = (yaml.safe_load(SCHEMA.read_text())["$defs"]["name"]["pattern"]
+        .removeprefix("^").removesuffix("$"))
+# "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
+RUN = "__".join([*(f"{{{axis}}}" for axis in AXES), "s{seed}"])
 RUN_DIR = f"results/runs/{RUN}"
 FOLDS = config["data"]["folds"]  # None: the fixed test folder
 # What one train and one evaluate job make: a run, or in cross-validation one fold of a run.
@@ -38,14 +42,11 @@ shell.prefix(  # (the prefix is formatted like the command: {{ }} stand for brac
 
 
 wildcard_constraints:
-    architecture=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
-    backbone=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
-    loss=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
-    augmentation=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    **dict.fromkeys(AXES, NAME),
     seed=r"\d+",
     fold=r"\d+",
     split="train|test",
-    experiment=r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*",
+    experiment=NAME,
 
 
 def _check_name(where, axis, name):
@@ -180,11 +181,10 @@ def labelme_input(wildcards):
     folder = config["data"][f"{wildcards.split}_dir"]
     if Path(folder) == Path(DEMO_DATA, wildcards.split):
         return [folder]
-    files = sorted(Path(folder).glob("*.json"))
-    if not files:
-        raise WorkflowError(
-            f"config: data.{wildcards.split}_dir = {folder}: no LabelMe .json files there"
-        )
+    try:
+        files = labelme_files(folder)
+    except SegpipeError as exc:
+        raise WorkflowError(f"config: data.{wildcards.split}_dir: {exc}")
     # Depend on each annotation, so editing one re-builds the cache.
     return [str(f) for f in files]
 

@@ -1,0 +1,32 @@
+"""Names the stages share: the axes of a run and the columns of the result files.
+
+Written once here, read by the workflow (workflow/rules/common.smk), training, evaluation and
+aggregation. Torch-free, so that Snakemake and aggregation import it cheaply.
+docs/formats.md describes the files.
+"""
+
+from __future__ import annotations
+
+AXES = ("architecture", "backbone", "loss", "augmentation")
+"""The axes of a run; a run's name is ``<architecture>__<backbone>__<loss>__<augmentation>
+__s<seed>``, each part naming a definition in the config section ``DEFINITIONS[axis]``."""
+DEFINITIONS = {"architecture": "architectures", "backbone": "backbones", "loss": "losses",
+               "augmentation": "augmentations"}
+"""Axis → the config section that holds its named definitions."""
+
+METRICS = ("accuracy", "dice", "iou", "precision", "recall", "ap")
+"""The metrics of :mod:`segpipe.metrics`, per image and pooled."""
+MEAN_COLUMNS = tuple("map" if metric == "ap" else metric for metric in METRICS)
+"""Means over the test images of the per-image metrics (the mean AP is "mAP")."""
+POOLED_COLUMNS = tuple(f"pooled_{metric}" for metric in METRICS)
+"""The metrics over all test pixels together."""
+METRIC_COLUMNS = MEAN_COLUMNS + POOLED_COLUMNS
+RUN_COLUMNS = ("parameters", "train_seconds", "epochs", "best_epoch", "peak_memory_mb")
+"""Facts about the training of a run, copied from its checkpoint."""
+
+METRICS_CSV = ("run", *AXES, "seed", *METRIC_COLUMNS, *RUN_COLUMNS)
+"""``metrics.csv``: one row, the best model (``model.pt``) on the test split."""
+PER_IMAGE_CSV = ("name", *METRICS)
+"""``per_image.csv``: one row per test image, the best model's metrics."""
+BY_EPOCH_CSV = ("epoch", *METRIC_COLUMNS)
+"""``metrics_by_epoch.csv``: one row per snapshot epoch, its metrics on the test split."""
