@@ -9,6 +9,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from segpipe.spec import model_errors
+
 AXES = ("architecture", "backbone", "loss", "augmentation")
 DEFINITIONS = {  # axis -> config section of its definitions
     "architecture": "architectures",
@@ -96,6 +98,66 @@ SWEEPS = {name: _sweep(name, exp) for name, exp in config["experiments"].items()
 RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.values())
 
 
+# Start checks beyond the schema's types, on every invocation (a dry run too): an error here
+# stops Snakemake before it plans a job, so before it deletes the outputs of a run to redo.
+def _check_models():
+    """Every architecture × backbone of a run makes a model that trains at data.size; a
+    backbone's weights file exists."""
+    for arch, backbone in dict.fromkeys((r["architecture"], r["backbone"]) for r in RUNS):
+        where = (f"architectures.{arch}", f"backbones.{backbone}")
+        definitions = config["architectures"][arch], config["backbones"][backbone]
+        errors = model_errors(*definitions, config["data"]["size"], where)
+        if errors:
+            raise WorkflowError("\n".join(f"config: {e}" for e in errors))
+    for name in dict.fromkeys(r["backbone"] for r in RUNS):
+        weights = config["backbones"][name].get("weights", "none")
+        if weights not in ("imagenet", "none") and not Path(weights).is_file():
+            raise WorkflowError(f"config: backbones.{name}.weights: {weights}: no such file")
+
+
+def _labels(files):
+    """The labels of the shapes in LabelMe files (a file rasterise would refuse is left to it)."""
+    labels = set()
+    for path in files:
+        try:
+            shapes = json.loads(path.read_bytes())["shapes"]
+            labels.update(shape["label"] for shape in shapes if isinstance(shape["label"], str))
+        except (OSError, ValueError, RecursionError, LookupError, TypeError):
+            continue
+    return labels
+
+
+def _check_data():
+    """The data folders exist and hold LabelMe files, and every label of data.foreground and
+    data.background is one of theirs (the demo data, written by a rule, is not read)."""
+    data = config["data"]
+    both = sorted(set(data["foreground"] or ()) & set(data["background"]))
+    if both:
+        both = " and ".join(map(repr, both))
+        raise WorkflowError(f"config: data.foreground and data.background both name {both}")
+    folders = {split: Path(data[f"{split}_dir"]) for split in ("train", "test")}
+    users = {split: f for split, f in folders.items() if f != Path(DEMO_DATA, split)}
+    for split, folder in users.items():
+        if not folder.is_dir():
+            raise WorkflowError(f"config: data.{split}_dir: {folder}: no such folder")
+        if not any(folder.glob("*.json")):
+            raise WorkflowError(f"config: data.{split}_dir: {folder}: no LabelMe .json files")
+    if len(users) < len(folders):
+        return
+    labels = _labels(path for folder in folders.values() for path in folder.glob("*.json"))
+    for key in ("foreground", "background"):
+        unknown = " or ".join(repr(label) for label in data[key] or () if label not in labels)
+        if unknown:
+            raise WorkflowError(
+                f"config: data.{key}: no LabelMe file of {folders['train']} or {folders['test']} "
+                f"has a shape labelled {unknown} (their labels: {', '.join(sorted(labels))})"
+            )
+
+
+_check_models()
+_check_data()
+
+
 def run_dir(run):
     return RUN_DIR.format(**run)
 
@@ -140,13 +202,8 @@ def labelme_input(wildcards):
     folder = config["data"][f"{wildcards.split}_dir"]
     if Path(folder) == Path(DEMO_DATA, wildcards.split):
         return [folder]
-    files = sorted(Path(folder).glob("*.json"))
-    if not files:
-        raise WorkflowError(
-            f"config: data.{wildcards.split}_dir = {folder}: no LabelMe .json files there"
-        )
-    # Depend on each annotation, so editing one re-builds the cache.
-    return [str(f) for f in files]
+    # Depend on each annotation, so editing one re-builds the cache (_check_data: there are some).
+    return sorted(map(str, Path(folder).glob("*.json")))
 
 
 def rasterise_args(wildcards):
