@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import h5py
@@ -30,6 +29,7 @@ from segpipe import SegpipeError
 from segpipe.checkpoint import load_checkpoint
 from segpipe.files import atomic_path
 from segpipe.metrics import METRICS, PooledMetrics, per_image_metrics
+from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,24 @@ WILDCARDS = ("architecture", "backbone", "loss", "augmentation")
 def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
                  device: str = "auto") -> None:
     """Score a run's best model and snapshots on the test cache (see the module docstring) on
-    ``device`` (:data:`segpipe.runtime.DEVICES`)."""
-    from segpipe.data.dataset import SegmentationH5Dataset
-
+    ``device`` (:data:`segpipe.runtime.DEVICES`), holding the run directory's lock
+    (:func:`segpipe.rundir.run_lock`). The snapshots must be those that ``model.pt`` records
+    (:func:`segpipe.rundir.check_snapshots`)."""
     run_dir, cache = Path(run_dir), Path(cache)
     if not 0 < threshold < 1:
         raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
     if n_examples < 1:
         raise SegpipeError(f"examples {n_examples}: expected at least 1")
+    if not run_dir.is_dir():
+        raise SegpipeError(f"{run_dir}: run directory not found")
+    with run_lock(run_dir, "evaluate"):
+        _evaluate(run_dir, cache, threshold, n_examples, device)
+
+
+def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
+              device: str) -> None:
+    from segpipe.data.dataset import SegmentationH5Dataset
+
     all_names, images, masks = _read_test_cache(cache, n_examples)
     names = all_names[: len(images)]
     device = acquire_device(device)
@@ -61,16 +71,21 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
                            f"{ckpt['size'][0]}x{ckpt['size'][1]}")
     loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache), batch_size=8)
 
-    per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
     spec = ckpt["spec"]
+    check_snapshots(run_dir / "snapshots", spec["train"]["snapshot_epochs"], ckpt["epochs"])
+    per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
     row = {"run": spec["run"], **{k: spec["names"][k] for k in WILDCARDS}, "seed": spec["seed"],
            **_metric_columns(per_image, pooled), **{k: ckpt[k] for k in RUN_COLUMNS}}
     _write_csv(pd.DataFrame([row]), run_dir / "metrics.csv")
     _write_csv(pd.DataFrame({"name": all_names, **per_image}), run_dir / "per_image.csv")
 
     epochs, by_epoch, evolution = [], [], []
-    for path in _snapshots(run_dir):
+    for epoch, path in snapshots(run_dir / "snapshots").items():
         snapshot, snap_ckpt = load_checkpoint(path, device)
+        if snap_ckpt["spec"] != spec or snap_ckpt["epoch"] != epoch:
+            raise SegpipeError(f"{path}: holds epoch {snap_ckpt['epoch']} of run "
+                               f"{snap_ckpt['spec']['run']}, not epoch {epoch} of the run of "
+                               f"{run_dir / 'model.pt'}")
         snap_per_image, snap_pooled, snap_probs = score(snapshot, snap_ckpt, loader, device,
                                                         threshold, len(names))
         epochs.append(snap_ckpt["epoch"])
@@ -148,13 +163,6 @@ def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float]) 
     """The metric columns: per-image means, then pooled values."""
     return {**{col: float(per_image[m].mean()) for col, m in zip(MEAN_COLUMNS, METRICS)},
             **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)}}
-
-
-def _snapshots(run_dir: Path) -> list[Path]:
-    """``snapshots/epoch_<k>.pt`` sorted by epoch."""
-    paths = (run_dir / "snapshots").glob("epoch_*.pt")
-    found = [(int(m.group(1)), p) for p in paths if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def _read_test_cache(cache: Path, count: int) -> tuple[list[str], np.ndarray, np.ndarray]:
