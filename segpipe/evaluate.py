@@ -76,8 +76,6 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
     per_image, pooled, probs = score(model, ckpt, loader, device, threshold, len(names))
     row = {"run": spec["run"], **{k: spec["names"][k] for k in WILDCARDS}, "seed": spec["seed"],
            **_metric_columns(per_image, pooled), **{k: ckpt[k] for k in RUN_COLUMNS}}
-    _write_csv(pd.DataFrame([row]), run_dir / "metrics.csv")
-    _write_csv(pd.DataFrame({"name": all_names, **per_image}), run_dir / "per_image.csv")
 
     epochs, by_epoch, evolution = [], [], []
     for epoch, path in snapshots(run_dir / "snapshots").items():
@@ -92,6 +90,9 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
         by_epoch.append({"epoch": snap_ckpt["epoch"],
                          **_metric_columns(snap_per_image, snap_pooled)})
         evolution.append(snap_probs)
+    # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
+    _write_csv(pd.DataFrame([row]), run_dir / "metrics.csv")
+    _write_csv(pd.DataFrame({"name": all_names, **per_image}), run_dir / "per_image.csv")
     _write_csv(pd.DataFrame(by_epoch, columns=["epoch", *MEAN_COLUMNS, *POOLED_COLUMNS]),
                run_dir / "metrics_by_epoch.csv")
     with atomic_path(run_dir / "evolution.npz") as tmp:
