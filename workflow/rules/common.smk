@@ -202,8 +202,13 @@ def labelme_input(wildcards):
     folder = config["data"][f"{wildcards.split}_dir"]
     if Path(folder) == Path(DEMO_DATA, wildcards.split):
         return [folder]
-    # Depend on each annotation, so editing one re-builds the cache (_check_data: there are some).
-    return sorted(map(str, Path(folder).glob("*.json")))
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        raise WorkflowError(
+            f"config: data.{wildcards.split}_dir = {folder}: no LabelMe .json files there"
+        )
+    # Depend on each annotation, so editing one re-builds the cache.
+    return [str(f) for f in files]
 
 
 def rasterise_args(wildcards):
