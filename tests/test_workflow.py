@@ -237,6 +237,21 @@ def test_bad_edit_stops_snakemake_at_start_and_deletes_nothing(finished: Path, t
     assert outputs(finished) == before
 
 
+def test_start_checks_need_no_torch(tmp_path: Path):
+    """The Snakemake process may run without torch (--sdm conda): the checks, the depth rule
+    included, run with torch unimportable."""
+    shutil.copy(TINY, tmp_path / "config.yaml")
+    edit_config(tmp_path, lambda c: c["architectures"]["unet"].update(depth=5))
+    no_torch = ("import sys; sys.modules['torch'] = None; from snakemake.cli import main; "
+                "main()")
+    proc = subprocess.run(
+        [sys.executable, "-c", no_torch, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+         "--configfile", str(tmp_path / "config.yaml"), "--dry-run"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "config: architectures.unet.depth: 5 is too deep" in proc.stdout + proc.stderr
+
+
 def test_a_dry_run_stops_at_the_same_check(study: Path):
     edit_config(study, lambda c: c["architectures"]["unet"].update(widht=8))
     proc = snakemake(study, "--dry-run", check=False)
