@@ -5,7 +5,11 @@
     snakemake --report report.html               # figures and captions as one HTML report
 """
 
-from snakemake.utils import min_version, validate
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from segpipe import SegpipeError  # this checkout's package: the Snakefile's folder is on sys.path
+from segpipe.spec import validate_config
 
 min_version("9.0")
 
@@ -17,7 +21,12 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# The schema (workflow/schemas/config.schema.yaml) types every key; a bad edit stops here, before any job
+# is planned and so before Snakemake deletes the outputs of the runs whose params it changed.
+try:
+    validate_config(config)
+except SegpipeError as error:
+    raise WorkflowError(str(error)) from None
 
 
 include: "workflow/rules/common.smk"
@@ -29,8 +38,9 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        # Every run's evaluation is a target too, so a deleted run is re-created.
-        [f"{folder}/metrics.csv" for run in RUNS for folder in job_dirs(run)],
+        # Every output of every run is a target: a deleted run, or one file of it, is re-created.
+        [expand([*rules.train.output, *rules.evaluate.output], **run, fold=range(FOLDS or 1))
+         for run in RUNS],
         "results/summary.md",
         [path for name in config["experiments"] for path in experiment_files(name)],
     default_target: True

@@ -20,7 +20,6 @@ the metrics of :mod:`segpipe.metrics` at ``threshold``, and writes into the run 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import h5py
@@ -35,6 +34,7 @@ from segpipe.columns import (AXES, BY_EPOCH_CSV, MEAN_COLUMNS, METRICS, METRICS_
                              PER_IMAGE_CSV, POOLED_COLUMNS, RUN_COLUMNS)
 from segpipe.files import atomic_path
 from segpipe.metrics import PooledMetrics, per_image_metrics
+from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,24 @@ log = logging.getLogger(__name__)
 def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
                  device: str = "auto") -> None:
     """Score a run's best model and snapshots on its test images (see the module docstring) on
-    ``device`` (:data:`segpipe.runtime.DEVICES`)."""
-    from segpipe.data.dataset import SegmentationH5Dataset, split_indices
-
+    ``device`` (:data:`segpipe.runtime.DEVICES`), holding the run directory's lock
+    (:func:`segpipe.rundir.run_lock`). The snapshots must be those that ``model.pt`` records
+    (:func:`segpipe.rundir.check_snapshots`)."""
     run_dir, cache = Path(run_dir), Path(cache)
     if not 0 < threshold < 1:
         raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
     if n_examples < 1:
         raise SegpipeError(f"examples {n_examples}: expected at least 1")
+    if not run_dir.is_dir():
+        raise SegpipeError(f"{run_dir}: run directory not found")
+    with run_lock(run_dir, "evaluate"):
+        _evaluate(run_dir, cache, threshold, n_examples, device)
+
+
+def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
+              device: str) -> None:
+    from segpipe.data.dataset import SegmentationH5Dataset, split_indices
+
     device = acquire_device(device)
     model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
     fold = checkpoint["spec"].get("fold")
@@ -64,24 +74,29 @@ def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples:
     loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache, indices=rows),
                                          batch_size=8)
 
-    per_image, pooled, probs = score(model, checkpoint, loader, device, threshold, len(names))
     spec = checkpoint["spec"]
+    check_snapshots(run_dir / "snapshots", spec["train"]["snapshot_epochs"], checkpoint["epochs"])
+    per_image, pooled, probs = score(model, checkpoint, loader, device, threshold, len(names))
     row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},
            "seed": spec["seed"], **_metric_columns(per_image, pooled),
            **{key: checkpoint[key] for key in RUN_COLUMNS}}
+
+    epochs, by_epoch, evolution = [], [], []
+    for epoch, path in snapshots(run_dir / "snapshots").items():
+        snapshot, snapshot_checkpoint = load_checkpoint(path, device)
+        if snapshot_checkpoint["spec"] != spec or snapshot_checkpoint["epoch"] != epoch:
+            raise SegpipeError(f"{path}: holds epoch {snapshot_checkpoint['epoch']} of run "
+                               f"{snapshot_checkpoint['spec']['run']}, not epoch {epoch} of the "
+                               f"run of {run_dir / 'model.pt'}")
+        snapshot_per_image, snapshot_pooled, snapshot_probs = score(
+            snapshot, snapshot_checkpoint, loader, device, threshold, len(names))
+        epochs.append(epoch)
+        by_epoch.append({"epoch": epoch, **_metric_columns(snapshot_per_image, snapshot_pooled)})
+        evolution.append(snapshot_probs)
+    # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
     _write_csv(pd.DataFrame([row], columns=METRICS_CSV), run_dir / "metrics.csv")
     _write_csv(pd.DataFrame({"name": all_names, **per_image}, columns=PER_IMAGE_CSV),
                run_dir / "per_image.csv")
-
-    epochs, by_epoch, evolution = [], [], []
-    for path in _snapshots(run_dir):
-        snapshot, snapshot_checkpoint = load_checkpoint(path, device)
-        snapshot_per_image, snapshot_pooled, snapshot_probs = score(
-            snapshot, snapshot_checkpoint, loader, device, threshold, len(names))
-        epochs.append(snapshot_checkpoint["epoch"])
-        by_epoch.append({"epoch": snapshot_checkpoint["epoch"],
-                         **_metric_columns(snapshot_per_image, snapshot_pooled)})
-        evolution.append(snapshot_probs)
     _write_csv(pd.DataFrame(by_epoch, columns=BY_EPOCH_CSV), run_dir / "metrics_by_epoch.csv")
     with atomic_path(run_dir / "evolution.npz") as tmp:
         np.savez_compressed(
@@ -152,13 +167,6 @@ def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float]) 
     """The metric columns: per-image means, then pooled values."""
     return {**{col: float(per_image[m].mean()) for col, m in zip(MEAN_COLUMNS, METRICS)},
             **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)}}
-
-
-def _snapshots(run_dir: Path) -> list[Path]:
-    """``snapshots/epoch_<k>.pt`` sorted by epoch."""
-    paths = (run_dir / "snapshots").glob("epoch_*.pt")
-    found = [(int(m.group(1)), p) for p in paths if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def _read_test_images(cache: Path, rows: np.ndarray | None, count: int

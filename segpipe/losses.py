@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segpipe import SegpipeError
+from segpipe.spec import check_definition
 
 EPS = 1e-5
 """Smoothing constant of the soft Dice and Tversky ratios."""
@@ -122,37 +122,17 @@ class WeightedSumLoss(nn.Module):
         return "weights=" + repr(self.weights)
 
 
-_TERMS = ("bce", "dice", "focal_tversky")
-_OPTIONS = {"pos_weight": "bce", "tversky_alpha": "focal_tversky",
-            "tversky_beta": "focal_tversky", "tversky_gamma": "focal_tversky"}
-
-
 def build_loss(definition: dict) -> nn.Module:
-    """The loss of a config definition (see the module docstring).
+    """The loss of a config definition (see the module docstring), checked against the
+    config schema's ``$defs.loss`` (:mod:`segpipe.spec`; bad input raises
+    :class:`~segpipe.SegpipeError` naming the key).
 
-    Term weights must be ≥ 0 and at least one positive; terms of weight 0 are not computed.
+    Term weights are ≥ 0, at least one positive; terms of weight 0 are not computed.
     ``pos_weight`` (> 0, default 1) applies to ``bce``; ``tversky_alpha`` (0.7),
-    ``tversky_beta`` (0.3), ``tversky_gamma`` (0.75) to ``focal_tversky``, all ≥ 0.
-    Raises :class:`SegpipeError` naming the offending key.
+    ``tversky_beta`` (0.3), ``tversky_gamma`` (0.75) to ``focal_tversky``.
     """
-    where = f"loss definition {definition!r}"
-    if not isinstance(definition, dict):
-        raise SegpipeError(f"{where}: expected a mapping of term names to weights")
-    for key, value in definition.items():
-        if key not in _TERMS and key not in _OPTIONS:
-            raise SegpipeError(f"{where}: unknown key {key!r} "
-                               f"(known: {', '.join(_TERMS + tuple(_OPTIONS))})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise SegpipeError(f"{where}: {key!r} must be a number >= 0, got {value!r}")
-        if key in _OPTIONS and _OPTIONS[key] not in definition:
-            raise SegpipeError(f"{where}: {key!r} is set but the term {_OPTIONS[key]!r} is not")
-    if definition.get("pos_weight") == 0:
-        raise SegpipeError(f"{where}: 'pos_weight' must be > 0")
-    weights = {name: float(definition[name]) for name in _TERMS if definition.get(name, 0) > 0}
-    if not weights:
-        raise SegpipeError(f"{where}: no loss term with a positive weight "
-                           f"(terms: {', '.join(_TERMS)})")
-    modules = {
+    check_definition("loss", definition)
+    terms = {
         "bce": lambda: BinaryCrossEntropy(float(definition.get("pos_weight", 1.0))),
         "dice": SoftDiceLoss,
         "focal_tversky": lambda: FocalTverskyLoss(
@@ -161,4 +141,5 @@ def build_loss(definition: dict) -> nn.Module:
             gamma=float(definition.get("tversky_gamma", 0.75)),
         ),
     }
-    return WeightedSumLoss({name: (w, modules[name]()) for name, w in weights.items()})
+    return WeightedSumLoss({name: (float(definition[name]), make())
+                            for name, make in terms.items() if definition.get(name, 0) > 0})

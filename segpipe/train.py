@@ -54,7 +54,9 @@ from segpipe.checkpoint import save_checkpoint
 from segpipe.files import atomic_path
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
                              forward_logits, peak_memory_mb)
-from segpipe.spec import check_spec
+from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
+                            snapshots)
+from segpipe.spec import check_model, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -140,23 +142,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> object | N
 def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
               num_workers: int = 0) -> None:
     """Train one run (see the module docstring) on ``device`` (:data:`segpipe.runtime.DEVICES`)
-    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``."""
+    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``. Holds the run
+    directory's lock (:func:`segpipe.rundir.run_lock`) throughout."""
     check_spec(spec)
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
         raise SegpipeError(f"{cache}: training cache not found")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    level = log.level
-    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log always gets the epochs
-    log.addHandler(handler)
-    try:
-        _train(spec, cache, out_dir, device, num_workers)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        handler.close()
+    with run_lock(out_dir, "train"):
+        handler = logging.FileHandler(out_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        level = log.level
+        log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log gets the epochs
+        log.addHandler(handler)
+        try:
+            _train(spec, cache, out_dir, device, num_workers)
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(level)
+            handler.close()
 
 
 def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
@@ -169,6 +172,9 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     run, seed, cfg = spec["run"], spec["seed"], spec["train"]
     train_idx, val_idx, _ = split_indices(cache, spec.get("fold"))
     _check_split(cache, train_idx, val_idx)
+    val_set = SegmentationH5Dataset(cache, indices=val_idx)
+    size = list(val_set[0][0].shape[1:])
+    check_model(spec["architecture"], spec["backbone"], size)
     device = acquire_device(device_setting)
     autocast = amp_dtype(device, cfg["amp"])
 
@@ -182,8 +188,6 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
-    val_set = SegmentationH5Dataset(cache, indices=val_idx)
-    size = list(val_set[0][0].shape[1:])
     augment = build_augmentation(spec["augmentation"], tuple(size))
     train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
     shuffle = torch.Generator()
@@ -197,6 +201,11 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     state_path, pending = out_dir / "state.pt", out_dir / "state_snapshots"
     key = fingerprint(spec, cache)
     state = _load_state(state_path, key)
+    if state is not None and not set(expected_snapshots(
+            cfg["snapshot_epochs"], state["progress"]["epoch"])) <= set(snapshots(pending)):
+        log.warning("ignoring %s: %s lacks snapshots it records; starting over", state_path,
+                    pending)
+        state = None
     if state is None:
         shutil.rmtree(pending, ignore_errors=True)
         progress = {"epoch": 0, "history": [], "best_dice": -math.inf, "best_epoch": 0,
@@ -239,7 +248,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
             progress["stale"] += 1
         meta = _meta(progress, parameters)
         if epoch in cfg["snapshot_epochs"]:
-            save_checkpoint(pending / f"epoch_{epoch}.pt", spec, _cpu_state_dict(model), size,
+            save_checkpoint(snapshot_path(pending, epoch), spec, _cpu_state_dict(model), size,
                             epoch=epoch, val_dice=val["dice"], **meta)
         save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, key), state_path)
         log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val dice %.4f, lr %.2e, %.1f s%s",
@@ -261,6 +270,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
     pending.mkdir(exist_ok=True)
     os.replace(pending, out_dir / "snapshots")
+    check_snapshots(out_dir / "snapshots", cfg["snapshot_epochs"], progress["epoch"])
     log.info("%s: best val dice %.4f at epoch %d of %d; %.0f s training, peak memory %.0f MiB",
              run, progress["best_dice"], progress["best_epoch"], progress["epoch"],
              meta["train_seconds"], meta["peak_memory_mb"])

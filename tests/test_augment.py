@@ -200,18 +200,19 @@ def test_wrong_input_size_is_refused():
                                            np.zeros((32, 64), np.uint8), rng(0))
 
 
-@pytest.mark.parametrize("definition, key", [
-    ({"hflip": 0.5, "mixup": 0.2}, "mixup"),
-    ({"hflip": 1.5}, "hflip"),
-    ({"vflip": True}, "vflip"),
-    ({"rotate": -5}, "rotate"),
-    ({"jitter": "0.2"}, "jitter"),
-    ({"crop": 0.5}, "crop"),
-    ({"crop": {"scale": 0.5}}, "crop"),
-    ({"crop": {"min_scale": 0}}, "min_scale"),
+@pytest.mark.parametrize("definition, message", [
+    ({"hflip": 0.5, "mixup": 0.2}, r"mixup: unknown key \(allowed: crop, hflip, vflip, rotate, "),
+    ({"hflip": 1.5}, "hflip: 1.5 is greater than the maximum of 1"),
+    ({"vflip": True}, "vflip: True is not of type 'number'"),
+    ({"rotate": -5}, "rotate: -5 is less than the minimum of 0"),
+    ({"rotate": 181}, "rotate: 181 is greater than the maximum of 180"),
+    ({"jitter": "0.2"}, "jitter: '0.2' is not of type 'number'"),
+    ({"crop": 0.5}, "crop: 0.5 is not of type 'object'"),
+    ({"crop": {"scale": 0.5}}, r"crop.scale: unknown key \(allowed: min_scale\)"),
+    ({"crop": {"min_scale": 0}}, "crop.min_scale: 0 is less than or equal to the minimum of 0"),
 ])
-def test_bad_definitions_name_the_key(definition, key):
-    with pytest.raises(SegpipeError, match=key):
+def test_bad_definitions_name_the_key(definition, message):
+    with pytest.raises(SegpipeError, match=f"^augmentation definition: {message}"):
         build_augmentation(definition, SIZE)
 
 

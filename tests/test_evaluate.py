@@ -224,5 +224,5 @@ def test_a_fold_is_trained_without_and_scored_on_its_own_images(data, tmp_path, 
 
     with pytest.raises(SegpipeError, match="test.h5: no cross-validation folds 'fold' for fold 1"):
         train_run(spec, data / "test.h5", tmp_path / "fixed")
-    with pytest.raises(SegpipeError, match="run spec: fold = -1: expected an integer >= 0"):
+    with pytest.raises(SegpipeError, match="run spec: fold: -1 is less than the minimum of 0"):
         train_run({**spec, "fold": -1}, cache, tmp_path / "negative")

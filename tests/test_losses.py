@@ -97,17 +97,19 @@ def test_shape_mismatch_is_refused():
         build_loss({"dice": 1.0})(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 1))
 
 
-@pytest.mark.parametrize("definition, key", [
-    ({"bce": 1.0, "lovasz": 1.0}, "lovasz"),
-    ({"bce": -0.5, "dice": 1.0}, "bce"),
-    ({"dice": "1"}, "dice"),
-    ({"dice": True}, "dice"),
-    ({}, "no loss term"),
-    ({"bce": 0.0, "dice": 0}, "no loss term"),
-    ({"dice": 1.0, "pos_weight": 2.0}, "pos_weight"),
-    ({"bce": 1.0, "pos_weight": 0}, "pos_weight"),
-    ({"dice": 1.0, "tversky_gamma": 2.0}, "tversky_gamma"),
+@pytest.mark.parametrize("definition, message", [
+    ({"bce": 1.0, "lovasz": 1.0}, r"lovasz: unknown key \(allowed: bce, dice, focal_tversky, "),
+    ({"bce": -0.5, "dice": 1.0}, "bce: -0.5 is less than the minimum of 0"),
+    ({"dice": "1"}, "dice: '1' is not of type 'number'"),
+    ({"dice": True}, "dice: True is not of type 'number'"),
+    ({"dice": float("inf")}, "dice: inf is not of type 'number'"),
+    ({}, r"needs a term \(bce, dice or focal_tversky\) with a weight > 0"),
+    ({"bce": 0.0, "dice": 0}, "needs a term"),
+    ({"dice": 1.0, "pos_weight": 2.0}, "pos_weight: applies to bce, which is not set"),
+    ({"bce": 1.0, "pos_weight": 0}, "pos_weight: 0 is less than or equal to the minimum of 0"),
+    ({"dice": 1.0, "tversky_gamma": 2.0}, "tversky_gamma: applies to focal_tversky"),
+    ({"focal_tversky": 1.0, "tversky_gamma": 0}, "tversky_gamma: 0 is less than or equal"),
 ])
-def test_bad_definitions_name_the_key(definition, key):
-    with pytest.raises(SegpipeError, match=key):
+def test_bad_definitions_name_the_key(definition, message):
+    with pytest.raises(SegpipeError, match=f"^loss definition: {message}"):
         build_loss(definition)

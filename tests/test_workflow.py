@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from segpipe.aggregate import FIGURES
@@ -166,18 +167,117 @@ def test_deleting_a_run_recreates_only_that_run(study: Path):
     assert set(jobs) == {"train", "evaluate", "aggregate", "summary", "all"}
 
 
-def test_config_errors_name_the_key(tmp_path: Path):
-    shutil.copy(TINY, tmp_path / "config.yaml")
-    edit_config(tmp_path, lambda c: c["train"].update(epoch=3))
-    proc = snakemake(tmp_path, "--dry-run", check=False)
-    assert proc.returncode != 0 and "'epoch' was unexpected" in proc.stdout + proc.stderr
+@pytest.mark.parametrize("deleted", ["model.pt", "history.csv", "snapshots"])
+def test_a_deleted_file_of_a_run_recreates_only_that_run(study: Path, deleted: str):
+    path = study / "results" / "runs" / "unet__scratch__bcedice_0.0__plain__s0" / deleted
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    jobs = planned(study)
+    assert trained_runs(jobs) == {"unet__scratch__bcedice_0.0__plain__s0"}
+    assert set(jobs) == {"train", "evaluate", "aggregate_sweep", "summary", "all"}
+    if deleted == "model.pt":  # and a real run restores it
+        snakemake(study, str(path.relative_to(study)))
+        assert torch.load(path, weights_only=True)["spec"]["run"] == path.parent.name
 
+
+def outputs(workdir: Path) -> dict[str, int]:
+    """Every file under results/ with its modification time."""
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns
+            for p in (workdir / "results").rglob("*") if p.is_file()}
+
+
+def user_data(config: dict, workdir: Path) -> None:
+    """Point the study at its demo data as if it were the user's own LabelMe folders."""
+    config["data"].update(train_dir=str(workdir / "results" / "demo_data" / "train"),
+                          test_dir=str(workdir / "results" / "demo_data" / "test"))
+
+
+# Bad edits of the finished tiny study: each must stop `snakemake` at start with the key path
+# named, before any job and so before Snakemake deletes the outputs of the runs it would redo.
+BAD_EDITS = {
+    "unknown model": (lambda c, w: c["architectures"]["attention_unet"].update(
+        model="attention_unett"), "config: architectures.attention_unet.model: "
+        "'attention_unett' is not one of unet, unetpp, attention_unet, r2unet, "
+        "attention_r2unet, atrous_unet"),
+    "loss key typo": (lambda c, w: c["losses"]["bcedice_1.0"].update(dcie=1),
+                      "config: losses.bcedice_1.0.dcie: unknown key (allowed: bce, dice, "
+                      "focal_tversky, pos_weight, tversky_alpha, tversky_beta, tversky_gamma)"),
+    "option typo": (lambda c, w: c["architectures"]["unet"].update(widht=8),
+                    "config: architectures.unet.widht: unknown key (allowed: model, width, "
+                    "depth, down, up)"),
+    "option of another family": (lambda c, w: c["architectures"]["unet"].update(t=3),
+                                 "config: architectures.unet.t: unknown key"),
+    "unknown encoder": (lambda c, w: c["backbones"].update(
+        scratch={"encoder": "resnet99", "weights": "imagenet"}),
+        "config: backbones.scratch.encoder: 'resnet99' is not one of scratch, resnet18, "
+        "resnet34, resnet50"),
+    "probability above 1": (lambda c, w: c["augmentations"]["plain"].update(hflip=2),
+                            "config: augmentations.plain.hflip: 2 is greater than the maximum "
+                            "of 1"),
+    "negative loss weight": (lambda c, w: c["losses"]["bcedice_0.5"].update(bce=-0.5),
+                             "config: losses.bcedice_0.5.bce: -0.5 is less than the minimum "
+                             "of 0"),
+    "no positive loss weight": (lambda c, w: c["losses"]["bcedice_1.0"].update(dice=0),
+                                "config: losses.bcedice_1.0: needs a term (bce, dice or "
+                                "focal_tversky) with a weight > 0"),
+    "train setting": (lambda c, w: c["train"].update(epoch=3),
+                      "config: train.epoch: unknown key (allowed: epochs, batch_size, "),
+    "depth too large": (lambda c, w: c["architectures"]["unet"].update(depth=5),
+                        "config: architectures.unet.depth: 5 is too deep for images of 32x32: "
+                        "the deepest feature map would be 1x1 pixel, and BatchNorm cannot train "
+                        "on one value per channel; use depth <= 4 or larger images"),
+    "foreground label in no file": (lambda c, w: (user_data(c, w), c["data"].update(
+        foreground=["stnoe"])), "config: data.foreground: no LabelMe file of {w}/results/"
+        "demo_data/train or {w}/results/demo_data/test has a shape labelled 'stnoe' (their "
+        "labels: grass, leaf, stone)"),
+    "label in foreground and background": (lambda c, w: c["data"].update(
+        foreground=["stone"], background=["leaf", "stone"]),
+        "config: data.foreground and data.background both name 'stone'"),
+    "missing data folder": (lambda c, w: c["data"].update(train_dir="/nonexistent/train"),
+                            "config: data.train_dir: /nonexistent/train: not a folder"),
+    "undefined name": (lambda c, w: c["experiments"]["architecture"]["vary"].update(
+        architecture=["unet", "transunet"]), "config: experiments.architecture.vary names "
+        "architecture 'transunet', which is not defined under 'architectures:'"),
+}
+
+
+@pytest.mark.parametrize("edit, message", BAD_EDITS.values(), ids=BAD_EDITS)
+def test_bad_edit_stops_snakemake_at_start_and_deletes_nothing(finished: Path, tmp_path: Path,
+                                                              edit, message):
+    config = yaml.safe_load((finished / "config.yaml").read_text())
+    edit(config, finished)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    before = outputs(finished)
+    # A real run, not a dry run: a check that let it through would delete and redo runs.
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(finished),
+         "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert message.format(w=finished) in proc.stderr, proc.stderr[-2000:]
+    assert outputs(finished) == before
+
+
+def test_start_checks_need_no_torch(tmp_path: Path):
+    """The Snakemake process may run without torch (--sdm conda): the checks, the depth rule
+    included, run with torch unimportable."""
     shutil.copy(TINY, tmp_path / "config.yaml")
-    edit_config(tmp_path, lambda c: c["experiments"]["architecture"]["vary"].update(
-        architecture=["unet", "transunet"]))
-    proc = snakemake(tmp_path, "--dry-run", check=False)
-    assert proc.returncode != 0
-    assert "experiments.architecture.vary names architecture 'transunet'" in proc.stdout + proc.stderr
+    edit_config(tmp_path, lambda c: c["architectures"]["unet"].update(depth=5))
+    no_torch = ("import sys; sys.modules['torch'] = None; from snakemake.cli import main; "
+                "main()")
+    proc = subprocess.run(
+        [sys.executable, "-c", no_torch, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+         "--configfile", str(tmp_path / "config.yaml"), "--dry-run"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "config: architectures.unet.depth: 5 is too deep" in proc.stdout + proc.stderr
+
+
+def test_a_dry_run_stops_at_the_same_check(study: Path):
+    edit_config(study, lambda c: c["architectures"]["unet"].update(widht=8))
+    proc = snakemake(study, "--dry-run", check=False)
+    assert proc.returncode == 1
+    assert "config: architectures.unet.widht: unknown key" in proc.stdout + proc.stderr
+    assert "rule train" not in proc.stdout
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -263,7 +363,7 @@ def test_editing_an_architecture_reruns_its_runs_in_every_fold(cv_study: Path):
      "config: data.test_dir: must be absent (or null) with data.folds"),
     (TINY, lambda d: d.pop("test_dir"), "config: data.test_dir: required unless data.folds"),
     (TINY_CV, lambda d: d.update(group="(synth"), "config: data.group: '(synth' is not a regular"),
-    (TINY_CV, lambda d: d.update(folds=2), "2 is less than the minimum of 3"),
+    (TINY_CV, lambda d: d.update(folds=2), "config: data.folds: 2 is less than the minimum of 3"),
 ])
 def test_cross_validation_config_errors_name_the_key(tmp_path: Path, config, change, message):
     shutil.copy(config, tmp_path / "config.yaml")

@@ -33,11 +33,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from segpipe import SegpipeError
 from segpipe.runtime import IMAGENET_MEAN
+from segpipe.spec import check_definition
 
-_MAXIMA = {"hflip": 1, "vflip": 1, "rotate": 180, "jitter": 1, "erase": 1}
-_KEYS = ("crop", *_MAXIMA)
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 """RGB of the pixels rotation uncovers and erasing covers: the ImageNet mean colour."""
 ERASE_SCALE = (0.02, 0.33)
@@ -119,34 +117,17 @@ def _crop_start(foreground: np.ndarray, length: int, crop: int, rng: np.random.G
     return int(np.clip(round(centre - crop / 2), 0, length - crop))
 
 
-def _is_number_in(value: object, low: float, high: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def build_augmentation(definition: dict, size: tuple[int, int]) -> Augmentation | None:
     """The transform of a config definition (keys in the module docstring) for images of
-    ``size`` (H, W), or ``None`` when it enables nothing (``{}``, "plain").
-    Raises :class:`SegpipeError` naming an unknown key or a value out of range."""
-    where = f"augmentation definition {definition!r}"
-    if not isinstance(definition, dict):
-        raise SegpipeError(f"{where}: expected a mapping")
-    for key, value in definition.items():
-        if key not in _KEYS:
-            raise SegpipeError(f"{where}: unknown key {key!r} (known: {', '.join(_KEYS)})")
-        if key != "crop" and not _is_number_in(value, 0, _MAXIMA[key]):
-            raise SegpipeError(f"{where}: {key!r} must be a number in [0, {_MAXIMA[key]}], "
-                               f"got {value!r}")
+    ``size`` (H, W), or ``None`` when it enables nothing (``{}``, "plain"). The definition is
+    checked against the config schema's ``$defs.augmentation`` (:mod:`segpipe.spec`): an
+    unknown key or a value out of range raises :class:`~segpipe.SegpipeError` naming it."""
+    check_definition("augmentation", definition)
     crop = definition.get("crop")
-    if "crop" in definition:
-        if not isinstance(crop, dict) or set(crop) - {"min_scale"}:
-            raise SegpipeError(f"{where}: 'crop' must be a mapping with the only key "
-                               f"'min_scale', got {crop!r}")
-        crop = crop.get("min_scale", 0.5)
-        if not _is_number_in(crop, 0, 1) or crop == 0:
-            raise SegpipeError(f"{where}: 'crop.min_scale' must be a number in (0, 1], "
-                               f"got {crop!r}")
     params = {key: float(value) for key, value in definition.items() if key != "crop"}
     if crop is None and not any(params.values()):
         return None
-    return Augmentation(size=tuple(size), crop_min_scale=None if crop is None else float(crop),
-                        **params)
+    return Augmentation(size=tuple(size), **params,
+                        crop_min_scale=None if crop is None else float(crop.get("min_scale", 0.5)))

@@ -9,21 +9,18 @@ See docs/models.md for the families, their options and their papers.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segpipe import SegpipeError
 from segpipe.models.atrous_unet import AtrousUNet
 from segpipe.models.attention_unet import AttentionUNet
 from segpipe.models.base import SegmentationModel
-from segpipe.models.blocks import DOWNSAMPLING, UPSAMPLING
 from segpipe.models.encoders import RESNET_DEPTH, RESNETS, resnet_encoder
 from segpipe.models.r2unet import AttentionR2UNet, R2UNet
 from segpipe.models.unet import UNet
 from segpipe.models.unetpp import UNetPlusPlus
+from segpipe.spec import check_model
 
 __all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost",
            "model_table", "print_model_table"]
@@ -41,23 +38,6 @@ BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
 #: Decoder width under a ResNet encoder unless the architecture sets ``width``: level ``i`` has
 #: ``16·2**i`` channels, segmentation_models_pytorch's Unet decoder (16, 32, 64, 128, 256).
 RESNET_DECODER_WIDTH = 16
-BACKBONE_WEIGHTS = "'imagenet', 'none' or the path of a saved state dict"
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-_OPTION_CHECKS = {
-    "width": (_positive_int, "a positive integer"),
-    "depth": (_positive_int, "a positive integer"),
-    "down": (lambda v: v in DOWNSAMPLING, f"one of {', '.join(DOWNSAMPLING)}"),
-    "up": (lambda v: v in UPSAMPLING, f"one of {', '.join(UPSAMPLING)}"),
-    "t": (_positive_int, "a positive integer"),
-    "deep_supervision": (lambda v: isinstance(v, bool), "true or false"),
-    "rates": (lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(map(_positive_int, v)),
-              "a non-empty list of positive integers"),
-}
 
 
 def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
@@ -68,48 +48,19 @@ def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
     ``backbone``: ``{}`` for the family's scratch encoder, or ``{"encoder": "resnet18" |
     "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>}``; under a ResNet,
     ``depth`` (default 5) selects how many ResNet stages are used, ``width`` defaults to
-    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Bad input raises
-    :class:`SegpipeError` naming the key.
+    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Both definitions are checked
+    against the config schema (:mod:`segpipe.spec`); bad input raises :class:`SegpipeError`
+    naming the key.
     """
+    check_model(architecture, backbone)
     options = dict(architecture)
-    family = options.pop("model", None)
-    if family not in ARCHITECTURES:
-        raise SegpipeError(f"architecture: model {family!r} is not one of "
-                           f"{', '.join(ARCHITECTURES)}")
-    cls = ARCHITECTURES[family]
-    allowed = [name for name in inspect.signature(cls).parameters if name != "encoder"]
-    for key, value in options.items():
-        if key not in allowed:
-            raise SegpipeError(f"architecture (model: {family}): unknown key {key!r} "
-                               f"(allowed: {', '.join(allowed)})")
-        valid, expected = _OPTION_CHECKS[key]
-        if not valid(value):
-            raise SegpipeError(f"architecture (model: {family}): {key} must be {expected}, "
-                               f"not {value!r}")
-
-    unknown = sorted(set(backbone) - {"encoder", "weights"})
-    if unknown:
-        raise SegpipeError(f"backbone: unknown key {unknown[0]!r} (allowed: encoder, weights)")
+    cls = ARCHITECTURES[options.pop("model")]
     name = backbone.get("encoder", "scratch")
-    if name not in BACKBONES:
-        raise SegpipeError(f"backbone: encoder {name!r} is not one of {', '.join(BACKBONES)}")
     if name == "scratch":
-        if "weights" in backbone:
-            raise SegpipeError("backbone: the scratch encoder takes no 'weights' "
-                               "(it is trained from random initialisation)")
         return cls(**options)
-    weights = backbone.get("weights")
-    if not isinstance(weights, str) or not weights:
-        raise SegpipeError(f"backbone (encoder: {name}): 'weights' must be {BACKBONE_WEIGHTS}")
-    if "down" in options:
-        raise SegpipeError(f"architecture (model: {family}): 'down' does not apply under the "
-                           f"{name} encoder, which does its own downsampling")
     depth = options.pop("depth", RESNET_DEPTH)
-    if depth > RESNET_DEPTH:
-        raise SegpipeError(f"architecture (model: {family}): depth {depth} exceeds the "
-                           f"{RESNET_DEPTH} levels of the {name} encoder")
     options.setdefault("width", RESNET_DECODER_WIDTH)
-    return cls(**options, encoder=resnet_encoder(name, weights, depth))
+    return cls(**options, encoder=resnet_encoder(name, backbone["weights"], depth))
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:

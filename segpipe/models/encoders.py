@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from segpipe import SegpipeError
 from segpipe.models.blocks import downsample
+from segpipe.spec import RESNET_DEPTH
 
 RESNETS = {
     # name: (torchvision builder, ImageNet weights, channels at strides 1, 2, 4, 8, 16, 32)
@@ -28,7 +29,6 @@ RESNETS = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
                  [3, 64, 256, 512, 1024, 2048]),
 }
-RESNET_DEPTH = 5
 
 
 class Encoder(nn.Module):

@@ -7,18 +7,16 @@ import os
 import shlex
 from pathlib import Path
 
-import yaml
 from snakemake.exceptions import WorkflowError
 
 from segpipe import SegpipeError
 from segpipe.files import labelme_files
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
 from segpipe.columns import AXES, DEFINITIONS
+from segpipe.spec import model_errors, schema
 
-SCHEMA = Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
-NAME = (yaml.safe_load(SCHEMA.read_text())["$defs"]["name"]["pattern"]
-        .removeprefix("^").removesuffix("$"))
+NAME = schema()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")
 # "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
 RUN = "__".join([*(f"{{{axis}}}" for axis in AXES), "s{seed}"])
 RUN_DIR = f"results/runs/{RUN}"
@@ -104,6 +102,8 @@ SWEEPS = {name: _sweep(name, exp) for name, exp in config["experiments"].items()
 RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.values())
 
 
+# Start checks beyond the schema's types, on every invocation (a dry run too): an error here
+# stops Snakemake before it plans a job, so before it deletes the outputs of a run to redo.
 def _check_split():
     """data.test_dir is given exactly without data.folds; data.group is a regular expression."""
     data = config["data"]
@@ -123,7 +123,67 @@ def _check_split():
             )
 
 
+def _check_models():
+    """Every architecture × backbone of a run makes a model that trains at data.size; a
+    backbone's weights file exists."""
+    for arch, backbone in dict.fromkeys((r["architecture"], r["backbone"]) for r in RUNS):
+        where = (f"architectures.{arch}", f"backbones.{backbone}")
+        definitions = config["architectures"][arch], config["backbones"][backbone]
+        errors = model_errors(*definitions, config["data"]["size"], where)
+        if errors:
+            raise WorkflowError("\n".join(f"config: {e}" for e in errors))
+    for name in dict.fromkeys(r["backbone"] for r in RUNS):
+        weights = config["backbones"][name].get("weights", "none")
+        if weights not in ("imagenet", "none") and not Path(weights).is_file():
+            raise WorkflowError(f"config: backbones.{name}.weights: {weights}: no such file")
+
+
+def _labels(files):
+    """The labels of the shapes in LabelMe files (a file rasterise would refuse is left to it)."""
+    labels = set()
+    for path in files:
+        try:
+            shapes = json.loads(path.read_bytes())["shapes"]
+            labels.update(shape["label"] for shape in shapes if isinstance(shape["label"], str))
+        except (OSError, ValueError, RecursionError, LookupError, TypeError):
+            continue
+    return labels
+
+
+def _check_data():
+    """The LabelMe files of each user data folder ({split: [paths]}), checked: the folders exist
+    and hold LabelMe files, and every label of data.foreground and data.background is one of
+    theirs (the demo data, written by a rule, is not read)."""
+    data = config["data"]
+    both = sorted(set(data["foreground"] or ()) & set(data["background"]))
+    if both:
+        both = " and ".join(map(repr, both))
+        raise WorkflowError(f"config: data.foreground and data.background both name {both}")
+    splits = ("train",) if FOLDS else ("train", "test")  # with folds, no test folder
+    folders = {split: Path(data[f"{split}_dir"]) for split in splits}
+    users = {split: f for split, f in folders.items() if f != Path(DEMO_DATA, split)}
+    files = {}
+    for split, folder in users.items():
+        try:
+            files[split] = labelme_files(folder)
+        except SegpipeError as exc:
+            raise WorkflowError(f"config: data.{split}_dir: {exc}")
+    if len(users) < len(folders):
+        return files
+    labels = _labels(path for split_files in files.values() for path in split_files)
+    for key in ("foreground", "background"):
+        unknown = " or ".join(repr(label) for label in data[key] or () if label not in labels)
+        if unknown:
+            raise WorkflowError(
+                f"config: data.{key}: no LabelMe file of {' or '.join(map(str, folders.values()))}"
+                f" has a shape labelled {unknown} (their labels: {', '.join(sorted(labels))})"
+            )
+    return files
+
+
 _check_split()
+_check_models()
+LABELME_FILES = _check_data()
 
 
 def run_dir(run):
@@ -178,15 +238,10 @@ def experiment_inputs(wildcards):
 
 def labelme_input(wildcards):
     """The LabelMe folder of a split: the demo data rule's output, or the user's own JSON files."""
-    folder = config["data"][f"{wildcards.split}_dir"]
-    if Path(folder) == Path(DEMO_DATA, wildcards.split):
-        return [folder]
-    try:
-        files = labelme_files(folder)
-    except SegpipeError as exc:
-        raise WorkflowError(f"config: data.{wildcards.split}_dir: {exc}")
+    if wildcards.split not in LABELME_FILES:
+        return [config["data"][f"{wildcards.split}_dir"]]
     # Depend on each annotation, so editing one re-builds the cache.
-    return [str(f) for f in files]
+    return [str(f) for f in LABELME_FILES[wildcards.split]]
 
 
 def rasterise_args(wildcards):
