@@ -449,7 +449,8 @@ def _comparisons(summary: pd.DataFrame) -> list[str]:
             "mean paired difference over test images and shared seeds [95 % paired bootstrap "
             "interval]; p: two-sided Wilcoxon signed-rank test on the per-image Dice "
             "differences (averaged over shared seeds), Holm-adjusted over the "
-            f"{len(others)} comparison(s); better or worse where p < {stats.ALPHA:g}.", "",
+            f"{len(others)} comparison(s); better or worse where p < {stats.ALPHA:g} and the "
+            "interval excludes 0.", "",
             *(f"- {_verdict(row)}" for _, row in others.iterrows())]
 
 

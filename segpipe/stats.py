@@ -126,11 +126,18 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
-def verdict(delta: float, p_holm: float, alpha: float = ALPHA) -> str:
-    """'better' or 'worse' (by the sign of Δ) where the Holm-adjusted p < ``alpha``, else
-    'no detectable difference'."""
-    if p_holm < alpha and delta != 0:
-        return "better" if delta > 0 else "worse"
+def verdict(low: float, high: float, p_holm: float, alpha: float = ALPHA) -> str:
+    """'better' or 'worse' where both say so: the Holm-adjusted Wilcoxon p < ``alpha`` and the
+    bootstrap interval [``low``, ``high``] of Δ excludes 0 (its side gives the direction); else
+    'no detectable difference'.
+
+    The two answer different questions. The Wilcoxon test treats the images as the only source
+    of variation (per-image differences averaged over the seeds), so with many images it calls
+    a small gap that one unlucky seed could reverse significant; the two-level bootstrap
+    interval also resamples the seeds. Requiring both keeps a verdict from contradicting its
+    own interval."""
+    if p_holm < alpha and (low > 0 or high < 0):
+        return "better" if low > 0 else "worse"
     return "no detectable difference"
 
 
@@ -142,7 +149,8 @@ def compare_with_reference(reference: str, scores: Mapping[str, Mapping[str, Sco
     ``scores``: {metric: {group: Scores}}. Per group: for each metric ``delta_<metric>`` (mean
     paired difference group − reference) with its bootstrap interval ``delta_<metric>_lo``,
     ``delta_<metric>_hi``; on ``test_metric``, ``p_wilcoxon`` (two-sided, per-image differences
-    averaged over the shared seeds), ``p_holm`` (Holm over these comparisons) and ``verdict``."""
+    averaged over the shared seeds), ``p_holm`` (Holm over these comparisons) and ``verdict``
+    (:func:`verdict`)."""
     groups = [g for g in scores[test_metric] if g != reference]
     result: dict[str, dict[str, float | str]] = {g: {} for g in groups}
     p = []
@@ -156,8 +164,9 @@ def compare_with_reference(reference: str, scores: Mapping[str, Mapping[str, Sco
                 p.append(wilcoxon_p(diff.values.mean(axis=0)))
     for group, p_raw, p_adjusted in zip(groups, p, holm(p)):
         result[group].update(p_wilcoxon=p_raw, p_holm=p_adjusted,
-                             verdict=verdict(result[group][f"delta_{test_metric}"], p_adjusted,
-                                             alpha))
+                             verdict=verdict(result[group][f"delta_{test_metric}_lo"],
+                                             result[group][f"delta_{test_metric}_hi"],
+                                             p_adjusted, alpha))
     return result
 
 

@@ -156,9 +156,11 @@ def test_identical_groups_are_no_detectable_difference():
 
 
 def test_verdict_rule():
-    assert verdict(0.03, 0.01) == "better" and verdict(-0.03, 0.049) == "worse"
-    assert verdict(0.03, 0.05) == "no detectable difference"
-    assert verdict(0.0, 0.001) == "no detectable difference"
+    """A verdict needs Holm p < 0.05 and an interval of Δ on one side of 0."""
+    assert verdict(0.01, 0.05, 0.01) == "better" and verdict(-0.05, -0.01, 0.049) == "worse"
+    assert verdict(0.01, 0.05, 0.05) == "no detectable difference"  # p not below alpha
+    assert verdict(-0.025, 0.01, 1e-8) == "no detectable difference"  # interval straddles 0
+    assert verdict(0.0, 0.02, 0.001) == "no detectable difference"  # interval touches 0
 
 
 def test_significance_map_hand_computed():
