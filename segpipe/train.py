@@ -195,6 +195,9 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
                                                **loader_options)
     val_loader = torch.utils.data.DataLoader(val_set, generator=torch.Generator().manual_seed(0),
                                              **loader_options)
+    stats_loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache, indices=train_idx),
+                                               generator=torch.Generator().manual_seed(0),
+                                               **loader_options)
 
     state_path, pending = out_dir / "state.pt", out_dir / "state_snapshots"
     key = fingerprint(spec, cache)
@@ -228,6 +231,8 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         if not math.isfinite(train_loss):
             raise SegpipeError(f"run {run}: the training loss is {train_loss} in epoch {epoch}; "
                                "lower train.lr or check the loss definition")
+        if cfg["precise_bn"]:
+            precise_batchnorm(model, stats_loader, device, autocast)
         val = validate(model, val_loader, criterion, device, autocast)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val["dice"])
@@ -298,6 +303,33 @@ def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterio
         total += loss.detach() * len(images)
         count += len(images)
     return total.item() / count
+
+
+@torch.no_grad()
+def precise_batchnorm(model: nn.Module, loader: torch.utils.data.DataLoader,
+                      device: torch.device, autocast: torch.dtype | None) -> None:
+    """Replace every BatchNorm's running mean and variance by their average over the batches
+    of ``loader`` (the un-augmented training images), computed with the current weights
+    ("precise BatchNorm", Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm",
+    arXiv:2105.07576). The exponential moving average that training keeps lags behind weights
+    that change fast, and with small batches it is noisy; validation, model selection and
+    evaluation then see statistics no training batch had. Only the BatchNorm layers run in
+    train mode (no dropout, no random numbers drawn), so the result depends on the weights
+    alone and a resumed run stays identical."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    for images, _ in loader:
+        forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 @torch.no_grad()
