@@ -350,3 +350,22 @@ def test_bad_state_dict_files(tmp_path, content, message):
 def test_bad_definitions_name_the_key(architecture, backbone, message):
     with pytest.raises(SegpipeError, match=message):
         build_model(architecture, backbone)
+
+
+def test_recurrent_conv_keeps_batchnorm_statistics_per_step():
+    """Cooijmans et al. 2017: step k normalises with its own running statistics. With the
+    step-1 running variance 4 (the others 1) and f as above: h₀ = 2s, h₁ = 2(1 + h₀)/√(4 + ε),
+    h₂ = 2s(1 + h₁)."""
+    layer = RecurrentConv(1, t=2).eval()
+    with torch.no_grad():
+        layer.conv[0].weight.zero_()
+        layer.conv[0].weight[0, 0, 1, 1] = 2.0
+        layer.step_stats[0].running_var.fill_(4.0)
+        out = layer(torch.ones(1, 1, 3, 3))
+    s = 1 / math.sqrt(1 + 1e-5)
+    h = 2 * s * (1 + 2 * (1 + 2 * s) / math.sqrt(4 + 1e-5))
+    torch.testing.assert_close(out, torch.full((1, 1, 3, 3), h))
+    layer.train()
+    layer(torch.randn(2, 1, 5, 5))  # each step updates its own statistics
+    means = [layer.conv[1].running_mean, *(n.running_mean for n in layer.step_stats)]
+    assert len({m.item() for m in means}) == 3

@@ -36,7 +36,8 @@ def make_spec(**train: object) -> dict:
         "loss": {"dice": 1.0}, "augmentation": {},
         "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "optimizer": "adam",
                   "weight_decay": 0.0, "encoder_lr_mult": 0.1, "scheduler": "none",
-                  "early_stop_patience": 0, "snapshot_epochs": [1, 2], "amp": False, **train},
+                  "early_stop_patience": 0, "snapshot_epochs": [1, 2], "amp": False,
+                  **train},
     }
 
 
