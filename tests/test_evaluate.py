@@ -64,15 +64,26 @@ def logits_on_test(checkpoint: dict, cache: Path) -> torch.Tensor:
         return model(x)[:, 0]
 
 
+def widest_gap_near(ordered: np.ndarray, q: float) -> float:
+    """The middle of the widest gap between neighbours of the sorted ``ordered`` within 5 % of
+    the values around its ``q`` quantile: no value lies close to it, so a threshold there
+    splits the values alike whatever last bits another CPU computes."""
+    n = len(ordered)
+    low, high = int(n * (q - 0.05)), int(n * (q + 0.05))
+    i = low + int(np.argmax(np.diff(ordered[low:high + 1])))
+    return float(ordered[i] + ordered[i + 1]) / 2
+
+
 def spread_head(run_dir: Path, cache: Path) -> None:
     """Rescale the 1×1 head of model.pt and of every snapshot (the same affine map) so that
-    model.pt's test logits have their median at 0 and their upper quartile at logit(0.9): at
+    model.pt's test logits have (about) their median at 0 and their upper quartile at logit(0.9),
+    each in the widest nearby gap between logits (:func:`widest_gap_near`): at
     threshold 0.5 it predicts the top half of the test pixels, at 0.9 the top quarter, whatever
     the few trained epochs learnt on this CPU. The tests then never depend on where a short
     training trajectory ends."""
     checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
-    median, upper = torch.quantile(logits_on_test(checkpoint, cache).flatten(),
-                                   torch.tensor([0.5, 0.75])).tolist()
+    logits = np.sort(logits_on_test(checkpoint, cache).flatten().numpy())
+    median, upper = (widest_gap_near(logits, q) for q in (0.5, 0.75))
     scale = np.log(9) / (upper - median)  # logit(0.9) = ln 9
     for path in [run_dir / "model.pt", *sorted((run_dir / "snapshots").glob("*.pt"))]:
         checkpoint = torch.load(path, weights_only=True)
