@@ -320,7 +320,8 @@ def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty unless saved under fp16: e.g. begun on a bf16 GPU or the CPU
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
