@@ -47,7 +47,7 @@ from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
 from segpipe.files import atomic_path
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
-                             forward_logits, peak_memory_mb)
+                             forward_logits, peak_memory_mb, place)
 from segpipe.spec import check_spec
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     autocast = amp_dtype(device, cfg["amp"])
 
     _seed_everything(seed)
-    model = build_model(spec["architecture"], spec["backbone"]).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place(build_model(spec["architecture"], spec["backbone"]), device)
     criterion = build_loss(spec["loss"])
     pretrained = spec["backbone"].get("weights", "none") != "none"
     optimizer = build_optimizer(model, cfg, pretrained)
