@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from segpipe import SegpipeError
-from segpipe.runtime import acquire_device, amp_dtype, choose_device, nvidia_driver_version
+from segpipe.models import build_model
+from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype, choose_device,
+                             forward_logits, normalise, nvidia_driver_version, place)
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -133,3 +135,22 @@ def test_driver_version_from_nvidia_smi_else_unknown(tmp_path):
     fake_nvidia_smi(tmp_path, "echo 'NVIDIA-SMI has failed'; exit 9")  # a driver it cannot use
     assert nvidia_driver_version(absent, str(smi)) == "unknown"
     assert nvidia_driver_version(absent, str(tmp_path / "absent")) == "unknown"
+
+
+@pytest.mark.parametrize("architecture, backbone", [
+    ({"model": "unet", "width": 4, "depth": 3}, {}),
+    ({"model": "attention_r2unet", "width": 4, "depth": 2}, {}),
+    ({"model": "unetpp", "width": 4, "depth": 2}, {"encoder": "resnet18", "weights": "none"}),
+])
+def test_channels_last_computes_what_the_default_layout_does(architecture, backbone):
+    """place() and forward_logits() run the model in channels_last (tests/test_gpu.py: CUDA)."""
+    torch.manual_seed(0)
+    model = build_model(architecture, backbone).eval()
+    images = torch.randint(0, 256, (2, 3, 37, 29), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        expected = model(normalise(images, IMAGENET_MEAN, IMAGENET_STD))
+        got = forward_logits(place(model, cpu), images, cpu, IMAGENET_MEAN, IMAGENET_STD)
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters() if p.ndim == 4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
