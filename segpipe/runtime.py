@@ -165,7 +165,8 @@ def nvidia_driver_version(proc_file: Path = NVIDIA_PROC_VERSION,
 def acquire_device(setting: str = "auto") -> torch.device:
     """The device of a job (:func:`choose_device` with this machine's probes): the CPU, or a
     free GPU, taken with :func:`lock_free_gpu` and made the current CUDA device (so that no
-    library call makes a CUDA context on another job's GPU)."""
+    library call makes a CUDA context on another job's GPU), with cuDNN autotuning on (a job's
+    images all have one size, so the fastest convolution algorithms are found once)."""
     kind = choose_device(setting, os.environ, sorted(glob.glob(NVIDIA_DEVICE_FILES)),
                          torch.cuda.is_available(), nvidia_driver_version, torch.version.cuda)
     if kind == "cpu":
@@ -174,6 +175,7 @@ def acquire_device(setting: str = "auto") -> torch.device:
              for i in range(torch.cuda.device_count())]
     index = lock_free_gpu(uuids)
     torch.cuda.set_device(index)
+    torch.backends.cudnn.benchmark = True
     log.info("using GPU %d (%s, compute capability %d.%d, uuid %s)", index,
              torch.cuda.get_device_name(index), *torch.cuda.get_device_capability(index),
              uuids[index])
