@@ -135,10 +135,10 @@ def choose_device(setting: str, env: Mapping[str, str], device_files: Sequence[s
     build = f"built for CUDA {torch_cuda}" if torch_cuda else "a CPU-only build"
     raise SegpipeError(
         f"device {setting!r}: this job was given a GPU ({given}) but torch cannot use it: "
-        f"NVIDIA driver version {driver_version()}, torch {torch.__version__} {build}. Install the torch "
-        "build for the CUDA version that the driver supports (`nvidia-smi` shows it), see "
-        "docs/cluster.md \"A GPU that torch cannot use\"; or pass --device cpu to run on the "
-        "CPU on purpose")
+        f"NVIDIA driver version {driver_version()}, torch {torch.__version__} {build}. "
+        "Install the torch build for the CUDA version that the driver supports (`nvidia-smi` "
+        "shows it), see docs/cluster.md \"A GPU that torch cannot use\"; or pass --device cpu "
+        "to run on the CPU on purpose")
 
 
 def nvidia_driver_version(proc_file: Path = NVIDIA_PROC_VERSION,

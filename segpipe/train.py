@@ -175,13 +175,17 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     size = list(val_set[0][0].shape[1:])
     augment = build_augmentation(spec["augmentation"], tuple(size))
     train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
+    # Workers live for the whole run (a GPU would idle while new ones start every epoch); the
+    # sampler has its own generator, which the loader's per-iterator draws do not touch.
     shuffle = torch.Generator()
     loader_options = dict(batch_size=cfg["batch_size"], num_workers=num_workers,
-                          worker_init_fn=_seed_worker, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=shuffle,
-                                               **loader_options)
-    val_loader = torch.utils.data.DataLoader(val_set, generator=torch.Generator().manual_seed(0),
-                                             **loader_options)
+                          worker_init_fn=_seed_worker, pin_memory=device.type == "cuda",
+                          persistent_workers=num_workers > 0,
+                          generator=torch.Generator().manual_seed(seed))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, sampler=torch.utils.data.RandomSampler(train_set, generator=shuffle),
+        **loader_options)
+    val_loader = torch.utils.data.DataLoader(val_set, **loader_options)
 
     state_path, pending = out_dir / "state.pt", out_dir / "state_snapshots"
     key = fingerprint(spec, cache)
