@@ -1,6 +1,6 @@
 """Training-step throughput of segpipe's models side by side with their nearest peers.
 
-    python benchmarks/bench_models.py [--device auto|cuda|cpu] [--size 512] [--batch 8]
+    python benchmarks/bench_models.py [--device auto|cuda|cpu] [--size S] [--batch 8]
         [--width W] [--models unet attention_unet unet+resnet34 ... | all] [--rounds 5]
         [--steps 3] [--threads N] [--compile] [--peak-tflops T] [--no-peers]
 
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="as segpipe train's: a free GPU (held through its lock) or the CPU")
-    parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    parser.add_argument("--size", type=int,
+                        help="image side (default: 512 on a GPU, 128 on the CPU)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--width", type=int, help="first-level width of scratch models and "
                         "their peers (default: each architecture's, 64)")
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = acquire_device(args.device)
     autocast = amp_dtype(device, amp=True)
+    args.size = args.size or (512 if device.type == "cuda" else 128)
 
     peers = not args.no_peers
     if peers:
