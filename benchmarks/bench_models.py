@@ -15,7 +15,7 @@ fp32), BCE loss in fp32 (the mean over a deep-supervision list), backward, Adam 
 Every model, segpipe's and the peers', lives in this one process and is timed in interleaved
 rounds: a round runs ``--steps`` steps of each model in turn, so a load change (a shared machine,
 GPU clocks) hits all alike. images/s is the median over rounds, a ratio the median of the
-per-round ratios. One untimed round comes first (cuDNN autotuning, compilation).
+per-round ratios. Each model first runs two untimed steps (cuDNN autotuning, compilation).
 
 - GFLOPs: forward GFLOPs per image as ``segpipe models`` counts them
   (:func:`segpipe.models.model_cost`: 2 per multiply-accumulate of convolutions and matrix
@@ -90,8 +90,8 @@ def build_segpipe(name: str, width: int | None) -> nn.Module:
     return build_model({"model": architecture}, {"encoder": backbone, "weights": "none"})
 
 
-def nearest_peer(name: str, width: int | None) -> tuple[str, Callable[[], nn.Module]] | None:
-    """(peer name, builder) of a segpipe model, or None when it has none."""
+def nearest_peer(name: str, width: int | None) -> tuple[str, Callable[[], nn.Module]]:
+    """(name, builder) of a segpipe model's nearest peer (the module docstring)."""
     architecture, _, backbone = name.partition("+")
     if backbone not in ("", "scratch"):
         import segmentation_models_pytorch as smp
