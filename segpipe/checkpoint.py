@@ -16,7 +16,7 @@ from torch import nn
 
 from segpipe import SegpipeError, __version__
 from segpipe.files import atomic_path
-from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD
+from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, place
 
 REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean", "std")
 """What a reader needs: weights, the architecture and backbone definitions, the run spec, the
@@ -39,9 +39,9 @@ def save_checkpoint(path: Path, spec: dict, state_dict: dict, size: Sequence[int
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The model of a checkpoint (eval mode, on ``device``; channels_last on CUDA) and the
-    checkpoint dict. Pretrained backbones are rebuilt with ``weights: none`` (nothing is
-    downloaded) before the stored weights are loaded."""
+    """The model of a checkpoint (eval mode, on ``device`` in channels_last:
+    :func:`segpipe.runtime.place`) and the checkpoint dict. Pretrained backbones are rebuilt
+    with ``weights: none`` (nothing is downloaded) before the stored weights are loaded."""
     from segpipe.models import build_model
 
     path, device = Path(path), torch.device(device)
@@ -60,7 +60,4 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         backbone["weights"] = "none"
     model = build_model(checkpoint["architecture"], backbone)
     model.load_state_dict(checkpoint["state_dict"])
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model, checkpoint
+    return place(model, device).eval(), checkpoint

@@ -98,7 +98,7 @@ def _cmd_summary(a: argparse.Namespace) -> None:
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
-                        help="auto (default): a free GPU when CUDA is available, else the CPU")
+                        help="auto (default): a free GPU when the job was given one, else the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
 from segpipe.files import atomic_path
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
-                             forward_logits, peak_memory_mb)
+                             forward_logits, peak_memory_mb, place)
 from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
                             snapshots)
 from segpipe.spec import check_model, check_spec
@@ -179,9 +179,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     autocast = amp_dtype(device, cfg["amp"])
 
     _seed_everything(seed)
-    model = build_model(spec["architecture"], spec["backbone"]).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place(build_model(spec["architecture"], spec["backbone"]), device)
     criterion = build_loss(spec["loss"])
     pretrained = spec["backbone"].get("weights", "none") != "none"
     optimizer = build_optimizer(model, cfg, pretrained)
@@ -190,13 +188,17 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
 
     augment = build_augmentation(spec["augmentation"], tuple(size))
     train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
+    # Workers live for the whole run (a GPU would idle while new ones start every epoch); the
+    # sampler has its own generator, which the loader's per-iterator draws do not touch.
     shuffle = torch.Generator()
     loader_options = dict(batch_size=cfg["batch_size"], num_workers=num_workers,
-                          worker_init_fn=_seed_worker, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=shuffle,
-                                               **loader_options)
-    val_loader = torch.utils.data.DataLoader(val_set, generator=torch.Generator().manual_seed(0),
-                                             **loader_options)
+                          worker_init_fn=_seed_worker, pin_memory=device.type == "cuda",
+                          persistent_workers=num_workers > 0,
+                          generator=torch.Generator().manual_seed(seed))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, sampler=torch.utils.data.RandomSampler(train_set, generator=shuffle),
+        **loader_options)
+    val_loader = torch.utils.data.DataLoader(val_set, **loader_options)
 
     state_path, pending = out_dir / "state.pt", out_dir / "state_snapshots"
     key = fingerprint(spec, cache)
@@ -340,7 +342,8 @@ def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty unless saved under fp16: e.g. begun on a bf16 GPU or the CPU
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)

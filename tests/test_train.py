@@ -25,7 +25,8 @@ from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset
 from segpipe.models import build_model
 from segpipe.runtime import lock_free_gpu
-from segpipe.train import HISTORY_COLUMNS, build_optimizer, fingerprint, train_run
+from segpipe.train import (HISTORY_COLUMNS, _restore, _state, build_optimizer, fingerprint,
+                           train_run)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -255,3 +256,18 @@ def test_gpu_locks_give_concurrent_jobs_different_gpus(tmp_path):
         holder.wait()
     assert lock_free_gpu([a], tmp_path, wait_s=0) == 0  # released when its holder died
 
+
+def test_state_saved_without_fp16_resumes_under_fp16():
+    """A run begun where the gradient scaler is off (the CPU, a bf16 GPU: its state is empty)
+    resumes on an fp16 GPU, whose scaler starts afresh; and the other way round."""
+    cpu = torch.device("cpu")
+    model = build_model({"model": "unet", "width": 4, "depth": 2}, {})
+    optimizer = torch.optim.Adam(model.parameters())
+    off, on = (torch.amp.GradScaler("cpu", enabled=e, init_scale=1024.0) for e in (False, True))
+    progress = {"epoch": 1}
+    assert _restore(_state(model, optimizer, None, off, cpu, progress, "k"), model, optimizer,
+                    None, on, cpu) == progress
+    assert on.get_scale() == 1024.0
+    _restore(_state(model, optimizer, None, on, cpu, progress, "k"), model, optimizer, None, off,
+             cpu)
+    assert not off.is_enabled()

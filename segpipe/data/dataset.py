@@ -23,8 +23,8 @@ class SegmentationH5Dataset(Dataset):
     The file is opened lazily, once per process (a DataLoader worker opens its own handle).
     ``transform(image_hwc, mask_hw, rng)`` receives ``rng = np.random.default_rng([seed,
     epoch, row])`` with ``row`` the cache row, so augmentation depends neither on the worker
-    count nor on resuming. Call :meth:`set_epoch` before each epoch; with DataLoader workers
-    keep ``persistent_workers=False`` so the workers see the new epoch.
+    count nor on resuming. Call :meth:`set_epoch` before each epoch: the epoch lives in shared
+    memory, so DataLoader workers see it, persistent ones too.
     """
 
     def __init__(
@@ -42,12 +42,12 @@ class SegmentationH5Dataset(Dataset):
             raise SegpipeError(f"{self.path}: indices out of range for {count} images")
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._file: h5py.File | None = None
         self._pid: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -58,7 +58,7 @@ class SegmentationH5Dataset(Dataset):
         row = int(self.indices[item])
         image, mask = self._file["images"][row], self._file["masks"][row]
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, row])
+            rng = np.random.default_rng([self.seed, int(self._epoch), row])
             image, mask = self.transform(image, mask, rng)
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return image, torch.from_numpy(np.ascontiguousarray(mask)[None])
