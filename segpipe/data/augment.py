@@ -30,8 +30,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from segpipe.runtime import IMAGENET_MEAN
 from segpipe.spec import check_definition
@@ -52,6 +50,11 @@ class Augmentation:
     def __init__(self, size: tuple[int, int], crop_min_scale: float | None = None,
                  hflip: float = 0.0, vflip: float = 0.0, rotate: float = 0.0,
                  jitter: float = 0.0, erase: float = 0.0) -> None:
+        # torchvision is imported here, not at the top: a run without augmentation (or with
+        # the crop only) is spared its import, about 1 s of every job's start-up.
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
         self.size = tuple(size)
         self.crop_min_scale = crop_min_scale  # None: no crop
         both = []  # transforms of image and mask
@@ -78,6 +81,8 @@ class Augmentation:
             image, mask = self._crop(image, mask, rng)
         if self.both is None and self.erase is None:
             return image, mask
+        from torchvision import tv_tensors
+
         image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
         with torch.random.fork_rng(devices=[]):

@@ -13,21 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from segpipe import SegpipeError
 from segpipe.models.blocks import downsample
 from segpipe.spec import RESNET_DEPTH
 
-RESNETS = {
-    # name: (torchvision builder, ImageNet weights, channels at strides 1, 2, 4, 8, 16, 32)
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                 [3, 64, 64, 128, 256, 512]),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-                 [3, 64, 64, 128, 256, 512]),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-                 [3, 64, 256, 512, 1024, 2048]),
+RESNETS = {  # name: channels at strides 1, 2, 4, 8, 16, 32 of torchvision.models.<name>
+    "resnet18": [3, 64, 64, 128, 256, 512],
+    "resnet34": [3, 64, 64, 128, 256, 512],
+    "resnet50": [3, 64, 256, 512, 1024, 2048],
 }
 
 
@@ -70,8 +65,11 @@ def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH) -> Encode
     deepest layers. ``weights``: ``imagenet`` (torchvision's IMAGENET1K_V1, from the torch hub
     cache or downloaded), ``none`` (random initialisation) or the path of a saved
     ``state_dict()`` of that torchvision ResNet (its ``fc`` entries are ignored)."""
-    builder, imagenet, channels = RESNETS[name]
-    net = builder(weights=None)
+    import torchvision  # here, not at the top: a job without a ResNet is spared its import
+
+    channels = RESNETS[name]
+    net = getattr(torchvision.models, name)(weights=None)
+    imagenet = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     net.fc = nn.Identity()
     if weights != "none":
         state = _imagenet_state_dict(name, imagenet) if weights == "imagenet" else \
@@ -88,7 +86,7 @@ def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH) -> Encode
     return Encoder(stages[:depth + 1], channels[:depth + 1])
 
 
-def _imagenet_state_dict(name: str, weights: torchvision.models.WeightsEnum) -> dict:
+def _imagenet_state_dict(name: str, weights: "torchvision.models.WeightsEnum") -> dict:
     try:
         return weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as exc:
