@@ -36,64 +36,65 @@ def _json_arg(text: str) -> dict:
     return value
 
 
-def _cmd_synth(a: argparse.Namespace) -> None:
+def _cmd_synth(args: argparse.Namespace) -> None:
     from segpipe.data.synthetic import write_dataset
 
-    write_dataset(a.output, count=a.count, seed=a.seed, size=tuple(a.size))
+    write_dataset(args.output, count=args.count, seed=args.seed, size=tuple(args.size))
 
 
-def _cmd_rasterise(a: argparse.Namespace) -> None:
+def _cmd_rasterise(args: argparse.Namespace) -> None:
     from segpipe.data.cache import build_cache
 
     build_cache(
-        a.input,
-        a.output,
-        size=tuple(a.size),
-        foreground=a.foreground,
-        background=a.background,
-        val_fraction=a.val_fraction,
-        split_seed=a.split_seed,
-        folds=a.folds,
-        group=a.group,
+        args.input,
+        args.output,
+        size=tuple(args.size),
+        foreground=args.foreground,
+        background=args.background,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        folds=args.folds,
+        group=args.group,
     )
 
 
-def _cmd_models(a: argparse.Namespace) -> None:
+def _cmd_models(args: argparse.Namespace) -> None:
     from segpipe.models import print_model_table
 
-    print_model_table(size=a.size, markdown=a.markdown)
+    print_model_table(size=args.size, markdown=args.markdown)
 
 
-def _cmd_train(a: argparse.Namespace) -> None:
+def _cmd_train(args: argparse.Namespace) -> None:
     from segpipe.train import train_run
 
-    train_run(a.spec, cache=a.cache, out_dir=a.output_dir, device=a.device,
-              num_workers=a.num_workers)
+    train_run(args.spec, cache=args.cache, out_dir=args.output_dir, device=args.device,
+              num_workers=args.num_workers)
 
 
-def _cmd_evaluate(a: argparse.Namespace) -> None:
+def _cmd_evaluate(args: argparse.Namespace) -> None:
     from segpipe.evaluate import evaluate_run
 
-    evaluate_run(a.run_dir, cache=a.cache, threshold=a.threshold, n_examples=a.examples,
-                 device=a.device)
+    evaluate_run(args.run_dir, cache=args.cache, threshold=args.threshold, n_examples=args.examples,
+                 device=args.device)
 
 
-def _cmd_predict(a: argparse.Namespace) -> None:
+def _cmd_predict(args: argparse.Namespace) -> None:
     from segpipe.predict import predict_folder
 
-    predict_folder(a.checkpoint, a.input, a.output, threshold=a.threshold, device=a.device)
+    predict_folder(args.checkpoint, args.input, args.output, threshold=args.threshold,
+                   device=args.device)
 
 
-def _cmd_aggregate(a: argparse.Namespace) -> None:
+def _cmd_aggregate(args: argparse.Namespace) -> None:
     from segpipe.aggregate import aggregate_experiment
 
-    aggregate_experiment(a.experiment, a.spec, a.output_dir)
+    aggregate_experiment(args.experiment, args.spec, args.output_dir)
 
 
-def _cmd_summary(a: argparse.Namespace) -> None:
+def _cmd_summary(args: argparse.Namespace) -> None:
     from segpipe.aggregate import write_summary
 
-    write_summary(a.experiments, a.output)
+    write_summary(args.experiments, args.output)
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
