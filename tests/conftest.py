@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import cv2
@@ -68,3 +71,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def killed_after_first_epoch():
+    """``kill(command, env, out, timeout_s)``: start the `segpipe train` ``command`` and SIGKILL
+    it once it has saved a resumable state in ``out``; asserts it died of the kill, mid-run."""
+
+    def kill(command: list[str], env: dict[str, str], out: Path, timeout_s: float) -> None:
+        proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout_s
+        while (not (out / "state.pt").exists() and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, stderr
+        assert (out / "state.pt").exists() and not (out / "model.pt").exists()
+
+    return kill

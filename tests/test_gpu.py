@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +152,7 @@ def test_two_jobs_take_different_gpus_or_wait_for_each_other(tmp_path):
         assert float(taken) > float(released)  # only once the first had let it go
 
 
-def test_kill_and_resume_on_cuda(cache, tmp_path):
+def test_kill_and_resume_on_cuda(cache, tmp_path, killed_after_first_epoch):
     """`segpipe train --device cuda` killed once an epoch's state is saved, then run again,
     finishes the run: every epoch in the history once, the snapshots, no state left."""
     epochs = 40
@@ -164,14 +162,7 @@ def test_kill_and_resume_on_cuda(cache, tmp_path):
     command = [sys.executable, "-m", "segpipe", "train", "--cache", str(cache), "--spec",
                f"@{spec}", "--output-dir", str(out), "--device", "cuda"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}  # private GPU locks
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, stderr
-    assert (out / "state.pt").exists() and not (out / "model.pt").exists()
+    killed_after_first_epoch(command, env, out, timeout_s=300)
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -142,7 +140,8 @@ def test_same_result_with_dataloader_workers(cache, short_run, tmp_path):
     assert_same_weights(tmp_path / "model.pt", short_run / "model.pt")
 
 
-def test_kill_and_resume_equals_uninterrupted(cache, short_run, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(cache, short_run, tmp_path,
+                                              killed_after_first_epoch):
     """A `segpipe train` process killed (SIGKILL) once an epoch's state is saved, then run
     again, ends with the weights and history of the uninterrupted run."""
     spec = tmp_path / "spec.json"
@@ -151,14 +150,7 @@ def test_kill_and_resume_equals_uninterrupted(cache, short_run, tmp_path):
     command = [sys.executable, "-m", "segpipe", "train", "--cache", str(cache),
                "--spec", f"@{spec}", "--output-dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, stderr
-    assert (out / "state.pt").exists() and not (out / "model.pt").exists()
+    killed_after_first_epoch(command, env, out, timeout_s=120)
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
