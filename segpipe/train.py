@@ -169,21 +169,21 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     from segpipe.losses import build_loss
     from segpipe.models import build_model
 
-    run, seed, cfg = spec["run"], spec["seed"], spec["train"]
+    run, seed, settings = spec["run"], spec["seed"], spec["train"]
     train_idx, val_idx, _ = split_indices(cache, spec.get("fold"))
     _check_split(cache, train_idx, val_idx)
     val_set = SegmentationH5Dataset(cache, indices=val_idx)
     size = list(val_set[0][0].shape[1:])
     check_model(spec["architecture"], spec["backbone"], size)
     device = acquire_device(device_setting)
-    autocast = amp_dtype(device, cfg["amp"])
+    autocast = amp_dtype(device, settings["amp"])
 
     _seed_everything(seed)
     model = place(build_model(spec["architecture"], spec["backbone"]), device)
     criterion = build_loss(spec["loss"])
     pretrained = spec["backbone"].get("weights", "none") != "none"
-    optimizer = build_optimizer(model, cfg, pretrained)
-    scheduler = build_scheduler(optimizer, cfg)
+    optimizer = build_optimizer(model, settings, pretrained)
+    scheduler = build_scheduler(optimizer, settings)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
     augment = build_augmentation(spec["augmentation"], tuple(size))
@@ -191,7 +191,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     # Workers live for the whole run (a GPU would idle while new ones start every epoch); the
     # sampler has its own generator, which the loader's per-iterator draws do not touch.
     shuffle = torch.Generator()
-    loader_options = dict(batch_size=cfg["batch_size"], num_workers=num_workers,
+    loader_options = dict(batch_size=settings["batch_size"], num_workers=num_workers,
                           worker_init_fn=_seed_worker, pin_memory=device.type == "cuda",
                           persistent_workers=num_workers > 0,
                           generator=torch.Generator().manual_seed(seed))
@@ -200,16 +200,17 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         **loader_options)
     val_loader = torch.utils.data.DataLoader(val_set, **loader_options)
 
-    state_path, pending = out_dir / "state.pt", out_dir / "state_snapshots"
-    key = fingerprint(spec, cache)
-    state = _load_state(state_path, key)
+    state_path, pending_snapshots = out_dir / "state.pt", out_dir / "state_snapshots"
+    state_key = fingerprint(spec, cache)
+    state = _load_state(state_path, state_key)
     if state is not None and not set(expected_snapshots(
-            cfg["snapshot_epochs"], state["progress"]["epoch"])) <= set(snapshots(pending)):
+            settings["snapshot_epochs"], state["progress"]["epoch"])
+    ) <= set(snapshots(pending_snapshots)):
         log.warning("ignoring %s: %s lacks snapshots it records; starting over", state_path,
-                    pending)
+                    pending_snapshots)
         state = None
     if state is None:
-        shutil.rmtree(pending, ignore_errors=True)
+        shutil.rmtree(pending_snapshots, ignore_errors=True)
         progress = {"epoch": 0, "history": [], "best_dice": -math.inf, "best_epoch": 0,
                     "best_state": None, "stale": 0, "peak_memory_mb": 0.0}
     else:
@@ -217,18 +218,22 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         log.info("%s: resuming after epoch %d from %s", run, progress["epoch"], state_path)
 
     parameters = sum(p.numel() for p in model.parameters())
-    patience = cfg["early_stop_patience"]
+    patience = settings["early_stop_patience"]
     log.info("%s: %d train / %d val images %s, %s parameters, device %s%s", run, len(train_idx),
              len(val_idx), "x".join(map(str, size)), f"{parameters:,}", device,
              f", autocast {autocast}" if autocast else "")
-    while progress["epoch"] < cfg["epochs"] and not (patience and progress["stale"] >= patience):
+
+    def stopped_early() -> bool:
+        return bool(patience) and progress["stale"] >= patience
+
+    while progress["epoch"] < settings["epochs"] and not stopped_early():
         epoch = progress["epoch"] + 1
         start = time.perf_counter()
         lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")
         train_set.set_epoch(epoch)
         shuffle.manual_seed(_epoch_seed(seed, epoch))
         train_loss = _train_epoch(model, train_loader, criterion, optimizer, scaler, device,
-                                  autocast, desc=f"{run} epoch {epoch}/{cfg['epochs']}")
+                                  autocast, desc=f"{run} epoch {epoch}/{settings['epochs']}")
         if not math.isfinite(train_loss):
             raise SegpipeError(f"run {run}: the training loss is {train_loss} in epoch {epoch}; "
                                "lower train.lr or check the loss definition")
@@ -249,16 +254,18 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         else:
             progress["stale"] += 1
         meta = _meta(progress, parameters)
-        if epoch in cfg["snapshot_epochs"]:
-            save_checkpoint(snapshot_path(pending, epoch), spec, _cpu_state_dict(model), size,
+        if epoch in settings["snapshot_epochs"]:
+            save_checkpoint(snapshot_path(pending_snapshots, epoch), spec,
+                            _cpu_state_dict(model), size,
                             epoch=epoch, val_dice=val["dice"], **meta)
-        save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, key), state_path)
+        save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, state_key),
+                    state_path)
         log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val dice %.4f, lr %.2e, %.1f s%s",
-                 run, epoch, cfg["epochs"], train_loss, val["loss"], val["dice"], lr,
+                 run, epoch, settings["epochs"], train_loss, val["loss"], val["dice"], lr,
                  progress["history"][-1]["seconds"],
                  " *" if progress["best_epoch"] == epoch else "")
 
-    if patience and progress["stale"] >= patience:
+    if stopped_early():
         log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
                  run, progress["epoch"], patience)
     meta = _meta(progress, parameters)
@@ -267,12 +274,12 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     with atomic_path(out_dir / "history.csv") as tmp:
         pd.DataFrame(progress["history"], columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
     # The state goes first: killed after this, a re-run starts over instead of finishing
-    # without the pending snapshots.
+    # without the pending_snapshots snapshots.
     state_path.unlink()
     shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
-    pending.mkdir(exist_ok=True)
-    os.replace(pending, out_dir / "snapshots")
-    check_snapshots(out_dir / "snapshots", cfg["snapshot_epochs"], progress["epoch"])
+    pending_snapshots.mkdir(exist_ok=True)
+    os.replace(pending_snapshots, out_dir / "snapshots")
+    check_snapshots(out_dir / "snapshots", settings["snapshot_epochs"], progress["epoch"])
     log.info("%s: best val dice %.4f at epoch %d of %d; %.0f s training, peak memory %.0f MiB",
              run, progress["best_dice"], progress["best_epoch"], progress["epoch"],
              meta["train_seconds"], meta["peak_memory_mb"])
