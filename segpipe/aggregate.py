@@ -12,9 +12,11 @@ a run is evaluated once per fold, each fold on its own test images; its folds ar
   images and seeds (``<metric>_lo``, ``<metric>_hi``);
 * the other metrics, validation Dice: mean over seeds ± the Student t 95 % half-width
   (``<metric>_ci95``; NaN with one seed, "—" in ``summary.md``);
-* the reference is the group with the highest mean validation Dice (each run's best epoch in
-  ``history.csv``) — the test split is never used to choose it; every other group gets ΔDice
-  and ΔIoU with bootstrap intervals, a Holm-adjusted two-sided Wilcoxon p and a verdict;
+* the reference is chosen on validation Dice (each run's best epoch in ``history.csv``) —
+  the test split is never used to choose it: the best mean, or the experiment's baseline when
+  the best is ahead by at most one standard error (:func:`segpipe.stats.choose_reference`);
+  every other group gets ΔDice and ΔIoU with bootstrap intervals, Holm-adjusted two-sided
+  Wilcoxon and seeds × images p-values and a verdict;
 * ranks by mean test Dice with their bootstrap distribution (``ranking.png``) and the pairwise
   significance map (``significance.png``);
 * in cross-validation, each fold's mean test Dice over its images and the seeds
@@ -42,7 +44,7 @@ PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from pe
 TEST_METRIC = "dice"  # the metric of the tests, verdicts, ranks and the significance map
 COMPARISON_COLUMNS = ("reference",
                       *(f"delta_{m}{end}" for m in PER_IMAGE_METRICS for end in ("", "_lo", "_hi")),
-                      "p_wilcoxon", "p_holm", "verdict")
+                      "p_wilcoxon", "p_holm", "p_mrmc", "p_mrmc_holm", "verdict")
 EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names", "threshold")
 # The figures aggregate_experiment writes (sweep.png only with a sweep), in summary.md's order.
 FIGURES = ("curves", "bars", "sweep", "significance", "ranking", "evolution", "samples")
@@ -118,6 +120,10 @@ def _check_spec(name: str, spec: dict) -> tuple[list[str], list[dict]]:
             raise SegpipeError(f"experiment '{name}': runs[{i}] lacks key(s) {', '.join(missing)}")
         if "folds" in run and not (isinstance(run["folds"], list) and run["folds"]):
             raise SegpipeError(f"experiment '{name}': runs[{i}].folds must be a non-empty list")
+    baseline = spec.get("baseline")
+    if baseline is not None and not (isinstance(baseline, dict) and set(axes) <= set(baseline)):
+        raise SegpipeError(f"experiment '{name}': spec key 'baseline' must map every axis "
+                           f"({', '.join(axes)}) to a value")
     if len({len(run.get("folds", ())) for run in runs}) > 1:
         raise SegpipeError(f"experiment '{name}': its runs have different numbers of folds")
     return list(axes), runs
@@ -167,6 +173,12 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     return run, curves, per_image
 
 
+def group_name(experiment: str, axes: Sequence[str], values: dict) -> str:
+    """A group's name: its values of the varied axes joined by " / " (the experiment's name
+    when nothing varies)."""
+    return " / ".join(str(values[axis]) for axis in axes) or experiment
+
+
 def _load_runs(name: str, axes: list[str], runs: list[dict]
                ) -> tuple[pd.DataFrame, pd.DataFrame, list[pd.DataFrame]]:
     """One row per run (group, seed, test metrics, best validation Dice, its evaluation
@@ -175,7 +187,7 @@ def _load_runs(name: str, axes: list[str], runs: list[dict]
     rows, by_epoch, per_image = [], [], []
     for run in runs:
         folders = [Path(folder) for folder in run.get("folds", [run["dir"]])]
-        group = " / ".join(str(run[axis]) for axis in axes) or name
+        group = group_name(name, axes, run)
         metrics, curves, scores = _load_run(folders)
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
                      "seed": run["seed"], "run": run["run"], "dir": Path(run["dir"]),
@@ -232,12 +244,14 @@ def _per_image_files(folders: list[Path]) -> str:
 
 def summarise(runs: pd.DataFrame, axes: Sequence[str],
               scores: dict[str, dict[str, stats.Scores]], bootstrap: stats.Bootstrap,
-              ranks: np.ndarray, image_folds: np.ndarray | None = None) -> pd.DataFrame:
+              ranks: np.ndarray, image_folds: np.ndarray | None = None,
+              baseline: str | None = None) -> pd.DataFrame:
     """summary.csv: one row per group in order of appearance (columns in docs/outputs.md).
 
     ``scores``: per-image scores as from ``_image_scores``; ``ranks``: bootstrap ranks by
     ``TEST_METRIC`` (n_resamples, groups) in the same group order; ``image_folds``: in
-    cross-validation, the fold of each image of ``scores``."""
+    cross-validation, the fold of each image of ``scores``; ``baseline``: the group the
+    reference falls back to (:func:`segpipe.stats.choose_reference`)."""
     rows = []
     for group, members in runs.groupby("group", sort=False):
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
@@ -263,8 +277,9 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
                      "best_run_val_dice": math.nan if best is None else best["val_dice"]})
     summary = pd.DataFrame(rows)
 
-    reference = (summary.loc[summary["val_dice_mean"].idxmax(), "group"]
-                 if summary["val_dice_mean"].notna().any() else None)
+    reference = stats.choose_reference(
+        {group: dict(zip(members["seed"], members["val_dice"]))
+         for group, members in runs.groupby("group", sort=False)}, baseline)
     compared = ({**stats.compare_with_reference(reference, scores, bootstrap, TEST_METRIC),
                  reference: {"verdict": "reference"}} if reference is not None else {})
     comparisons = pd.DataFrame([{"reference": reference, **compared.get(group, {})}
@@ -342,6 +357,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set).
 
     ``spec``: ``{"axes": [...], "sweep": null | {"axis", "param", "values": {value: number}},
+    "baseline": null | {<axis>: value, ...},
     "runs": [{"run", "dir", "seed", <axis>: value, ..., optional "folds": [fold folders]}]}``
     (docs/formats.md)."""
     axes, run_specs = _check_spec(name, spec)
@@ -351,7 +367,8 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     bootstrap = stats.Bootstrap(n_images=test_scores[0].values.shape[1])
     ranks = bootstrap.ranks(test_scores)
     image_folds = per_image[0]["fold"].to_numpy() if "fold" in per_image[0] else None
-    summary = summarise(runs, axes, scores, bootstrap, ranks, image_folds)
+    baseline = group_name(name, axes, spec["baseline"]) if spec.get("baseline") else None
+    summary = summarise(runs, axes, scores, bootstrap, ranks, image_folds, baseline)
     groups = list(summary["group"])
     sweep = spec.get("sweep")
     x = _sweep_values(name, sweep, axes, summary) if sweep else None
@@ -425,9 +442,13 @@ def _count(parameters: float) -> str:
 
 def _verdict(row: pd.Series) -> str:
     """One comparison in words, e.g. "b: worse than a: ΔDice −0.040 [−0.070, −0.010], Holm
-    p = 0.003" or "b: no detectable difference (ΔDice … , Holm p = 0.41)"."""
+    p = 0.003 (Wilcoxon), 0.012 (seeds × images)" or "b: no detectable difference (ΔDice …)".
+    With one seed there is no seeds × images p."""
+    p = f"Holm p {_p_value(row['p_holm'])} (Wilcoxon)"
+    if not math.isnan(row["p_mrmc_holm"]):
+        p += f", {_p_value(row['p_mrmc_holm']).removeprefix('= ')} (seeds × images)"
     delta = (f"ΔDice {_signed(row['delta_dice'])} [{_signed(row['delta_dice_lo'])}, "
-             f"{_signed(row['delta_dice_hi'])}], Holm p {_p_value(row['p_holm'])}")
+             f"{_signed(row['delta_dice_hi'])}], {p}")
     if row["verdict"] in ("better", "worse"):
         return f"{row['group']}: {row['verdict']} than {row['reference']}: {delta}"
     return f"{row['group']}: {row['verdict']} ({delta})"
@@ -447,10 +468,11 @@ def _comparisons(summary: pd.DataFrame) -> list[str]:
     reference = summary["reference"].iloc[0]
     return [f"Compared with **{reference}** image by image: ΔDice = group − {reference}, the "
             "mean paired difference over test images and shared seeds [95 % paired bootstrap "
-            "interval]; p: two-sided Wilcoxon signed-rank test on the per-image Dice "
-            "differences (averaged over shared seeds), Holm-adjusted over the "
-            f"{len(others)} comparison(s); better or worse where p < {stats.ALPHA:g} and the "
-            "interval excludes 0.", "",
+            f"interval]; Holm p: Holm-adjusted over the {len(others)} comparison(s), of the "
+            "two-sided Wilcoxon signed-rank test on the per-image Dice differences (averaged "
+            "over shared seeds) and of the seeds × images test, which also counts the "
+            "training runs as random (docs/metrics.md); better or worse where both p < "
+            f"{stats.ALPHA:g} and the interval excludes 0.", "",
             *(f"- {_verdict(row)}" for _, row in others.iterrows())]
 
 
@@ -459,13 +481,14 @@ def _experiment_section(folder: Path, output: Path) -> str:
     intervals = {m: ("lo", "hi") if m in PER_IMAGE_METRICS else ("ci95",)
                  for m in SUMMARY_COLUMNS}
     numeric = ["n_seeds", "n_images", "parameters", "train_seconds_mean", "best_run_val_dice",
-               "delta_dice", "delta_dice_lo", "delta_dice_hi", "p_holm", "rank", "rank_lo",
+               "delta_dice", "delta_dice_lo", "delta_dice_hi", "p_holm", "p_mrmc_holm",
+               "rank", "rank_lo",
                "rank_hi", *(f"{m}_{s}" for m, ends in intervals.items()
                             for s in ("mean", *ends))]
     summary = _read_csv(path, numeric, text=("group", "best_run", "reference", "verdict"))
     axes = list(summary.columns[1:list(summary.columns).index("n_seeds")])
     is_reference = summary["verdict"] == "reference"
-    best = summary.index[is_reference][0] if is_reference.any() else None
+    reference = summary.index[is_reference][0] if is_reference.any() else None
 
     fewest, most = int(summary["n_seeds"].min()), int(summary["n_seeds"].max())
     seeds = str(most) if fewest == most else f"{fewest}–{most}"
@@ -484,27 +507,32 @@ def _experiment_section(folder: Path, output: Path) -> str:
              f"interval, {stats.N_RESAMPLES} resamples of the test images and the seeds, "
              f"generator seed {stats.SEED}]; mAP, pooled Dice, val Dice: mean ± 95 % CI over "
              "seeds (Student t). Rank: by mean test Dice [95 % bootstrap interval]. **Bold**: "
-             "the reference, the group with the best mean validation Dice — the test split is "
-             "never used to choose it." + (" Dice per fold: the mean test Dice of each fold's "
-                                           "images, folds 0, 1, …" if folds else ""), "",
+             "the reference, chosen on validation Dice — never on test: the best mean, or the "
+             "experiment's baseline (its default group) when the best is ahead of it by at most "
+             "one standard error." + (" Dice per fold: the mean test Dice of each fold's "
+                                      "images, folds 0, 1, …" if folds else ""), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in summary.iterrows():
-        group = f"**{row['group']}**" if i == best else row["group"]
+        group = f"**{row['group']}**" if i == reference else row["group"]
         per_fold = [" · ".join(f"{row[c]:.3f}" for c in folds)] if folds else []
         cells = [group, str(int(row["n_seeds"])), *(_estimate(row, m) for m in SUMMARY_COLUMNS),
                  *per_fold, f"{int(row['rank'])} [{int(row['rank_lo'])}, {int(row['rank_hi'])}]",
                  _count(row["parameters"]), f"{row['train_seconds_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if best is None:
-        lines.append("Best by validation Dice: not available (no validation Dice recorded).")
+    if reference is None:
+        lines.append("Reference: not available (no validation Dice recorded).")
     else:
-        row = summary.loc[best]
+        row = summary.loc[reference]
+        top = summary.loc[summary["val_dice_mean"].idxmax()]
+        why = ("the best validation Dice" if top["group"] == row["group"] else
+               f"the baseline: {top['group']} has the best mean validation Dice "
+               f"({top['val_dice_mean']:.3f}), ahead by at most one standard error")
         lines.append(
-            f"Best by validation Dice: **{row['group']}** (val Dice "
-            f"{_estimate(row, 'val_dice')}); its test Dice {_estimate(row, 'dice')}, IoU "
-            f"{_estimate(row, 'iou')}, mAP {_estimate(row, 'map')}. Its best run: "
-            f"`{row['best_run']}` (val Dice {row['best_run_val_dice']:.3f}).")
+            f"Reference: **{row['group']}**, {why} (val Dice {_estimate(row, 'val_dice')}); its "
+            f"test Dice {_estimate(row, 'dice')}, IoU {_estimate(row, 'iou')}, mAP "
+            f"{_estimate(row, 'map')}. Its best run: `{row['best_run']}` (val Dice "
+            f"{row['best_run_val_dice']:.3f}).")
     lines += ["", *_comparisons(summary)]
     figures = [folder / f"{figure}.png" for figure in FIGURES]
     links = [f"[{path.stem}]({Path(os.path.relpath(path, output.parent)).as_posix()})"

@@ -17,7 +17,16 @@ are compared image by image (paired).
   differences are dropped; the exact null distribution without ties or zeros (up to 50 images),
   with them an exhaustive permutation test up to 13 images, beyond that the normal
   approximation with continuity correction. When all differences are zero, p = 1.
+* Seeds × images test, the multi-reader multi-case analysis of radiology (Dorfman, Berbaum &
+  Metz 1992, Invest. Radiol. 27:723; Hillis, Berbaum & Metz 2008, Acad. Radiol. 15:647) with
+  seeds as readers and test images as cases: the paired differences ``d[s, i]`` are a two-way
+  layout with random seed and image effects, so a training run that went well or badly counts
+  as the chance it is, which the Wilcoxon test on seed-averaged differences ignores
+  (:func:`mrmc_p`).
 * Holm's step-down correction (Holm 1979) over the tests of one experiment.
+* The reference, chosen on validation Dice with the one-standard-error rule (Breiman et al.
+  1984; Hastie, Tibshirani & Friedman 2009, §7.10) in favour of the experiment's baseline
+  (:func:`choose_reference`).
 * Per-run statistics without per-image values (pooled metrics, validation Dice, …): mean over
   seeds ± the half-width of the Student t 95 % interval (``mean_ci95``).
 """
@@ -115,6 +124,37 @@ def wilcoxon_p(differences: np.ndarray, alternative: str = "two-sided") -> float
     return float(scipy.stats.wilcoxon(d, alternative=alternative).pvalue)
 
 
+def mrmc_p(differences: Scores) -> float:
+    """Two-sided p-value that the mean of ``differences`` (seeds × images) is 0, with seeds
+    and images both random (module docstring); NaN with fewer than 2 seeds or 2 images.
+
+    With the mean squares of the two-way layout — seeds MS_S (n_s − 1 degrees of freedom),
+    images MS_I (n_i − 1), residual MS_E — the variance of the mean difference is
+    (MS_S + max(MS_I − MS_E, 0)) / (n_s·n_i) (the denominator of Hillis et al. 2008), and
+    t = mean / √variance has the Satterthwaite (1946) degrees of freedom of that sum,
+    (MS_S + M_I)² / (MS_S²/(n_s − 1) + M_I²/(n_i − 1)) with M_I = max(MS_I − MS_E, 0).
+    Differences constant over images reduce it to the one-sample t-test of the seed means,
+    differences constant over seeds to that of the image means. Zero variance: p = 1 when the
+    mean is 0, else 0."""
+    d = np.asarray(differences.values, dtype=float)
+    n_seeds, n_images = d.shape
+    if n_seeds < 2 or n_images < 2:
+        return math.nan
+    mean = d.mean()
+    seed_means, image_means = d.mean(axis=1), d.mean(axis=0)
+    residual = d - seed_means[:, None] - image_means[None, :] + mean
+    ms_seeds = n_images * seed_means.var(ddof=1)
+    ms_images = n_seeds * image_means.var(ddof=1)
+    ms_error = (residual**2).sum() / ((n_seeds - 1) * (n_images - 1))
+    image_term = max(ms_images - ms_error, 0.0)
+    total = ms_seeds + image_term
+    if total <= 0:
+        return 1.0 if mean == 0 else 0.0
+    dof = total**2 / (ms_seeds**2 / (n_seeds - 1) + image_term**2 / (n_images - 1))
+    t = abs(mean) / math.sqrt(total / (n_seeds * n_images))
+    return float(2 * scipy.stats.t.sf(t, dof))
+
+
 def holm(p_values: Sequence[float]) -> np.ndarray:
     """Holm-adjusted p-values (Holm 1979): with p₍₁₎ ≤ … ≤ p₍ₘ₎ sorted,
     p̃₍ₖ₎ = min(1, max_{j ≤ k} (m − j + 1)·p₍ⱼ₎), returned in the input order."""
@@ -126,17 +166,20 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
-def verdict(low: float, high: float, p_holm: float, alpha: float = ALPHA) -> str:
-    """'better' or 'worse' where both say so: the Holm-adjusted Wilcoxon p < ``alpha`` and the
-    bootstrap interval [``low``, ``high``] of Δ excludes 0 (its side gives the direction); else
-    'no detectable difference'.
+def verdict(low: float, high: float, p_holm: float, p_mrmc_holm: float,
+            alpha: float = ALPHA) -> str:
+    """'better' or 'worse' where everything says so: the Holm-adjusted Wilcoxon p and
+    seeds × images p are below ``alpha`` and the bootstrap interval [``low``, ``high``] of Δ
+    excludes 0 (its side gives the direction); else 'no detectable difference'. A NaN
+    ``p_mrmc_holm`` (one seed: no training variance to estimate) is not required.
 
-    The two answer different questions. The Wilcoxon test treats the images as the only source
-    of variation (per-image differences averaged over the seeds), so with many images it calls
-    a small gap that one unlucky seed could reverse significant; the two-level bootstrap
-    interval also resamples the seeds. Requiring both keeps a verdict from contradicting its
-    own interval."""
-    if p_holm < alpha and (low > 0 or high < 0):
+    Each guards against its own mistake. The Wilcoxon test, free of any distribution, treats
+    the images as the only source of variation, so with many images it calls a gap that one
+    unlucky training run could reverse significant; the seeds × images test counts the runs as
+    the random draws they are, but assumes normal errors; the interval keeps a verdict from
+    contradicting the interval printed beside it."""
+    seeds_agree = math.isnan(p_mrmc_holm) or p_mrmc_holm < alpha
+    if p_holm < alpha and seeds_agree and (low > 0 or high < 0):
         return "better" if low > 0 else "worse"
     return "no detectable difference"
 
@@ -150,10 +193,9 @@ def compare_with_reference(reference: str, scores: Mapping[str, Mapping[str, Sco
     paired difference group − reference) with its bootstrap interval ``delta_<metric>_lo``,
     ``delta_<metric>_hi``; on ``test_metric``, ``p_wilcoxon`` (two-sided, per-image differences
     averaged over the shared seeds), ``p_holm`` (Holm over these comparisons) and ``verdict``
-    (:func:`verdict`)."""
+    (:func:`verdict`), ``p_mrmc`` (:func:`mrmc_p`) and ``p_mrmc_holm``."""
     groups = [g for g in scores[test_metric] if g != reference]
     result: dict[str, dict[str, float | str]] = {g: {} for g in groups}
-    p = []
     for metric, by_group in scores.items():
         for group in groups:
             diff = paired_difference(by_group[group], by_group[reference])
@@ -161,13 +203,42 @@ def compare_with_reference(reference: str, scores: Mapping[str, Mapping[str, Sco
             result[group].update({f"delta_{metric}": diff.mean(), f"delta_{metric}_lo": lo,
                                   f"delta_{metric}_hi": hi})
             if metric == test_metric:
-                p.append(wilcoxon_p(diff.values.mean(axis=0)))
-    for group, p_raw, p_adjusted in zip(groups, p, holm(p)):
-        result[group].update(p_wilcoxon=p_raw, p_holm=p_adjusted,
-                             verdict=verdict(result[group][f"delta_{test_metric}_lo"],
-                                             result[group][f"delta_{test_metric}_hi"],
-                                             p_adjusted, alpha))
+                result[group].update(p_wilcoxon=wilcoxon_p(diff.values.mean(axis=0)),
+                                     p_mrmc=mrmc_p(diff))
+    for test, adjusted in (("p_wilcoxon", "p_holm"), ("p_mrmc", "p_mrmc_holm")):
+        for group, p in zip(groups, holm([result[g][test] for g in groups])):
+            result[group][adjusted] = p
+    for group in groups:
+        row = result[group]
+        row["verdict"] = verdict(row[f"delta_{test_metric}_lo"], row[f"delta_{test_metric}_hi"],
+                                 row["p_holm"], row["p_mrmc_holm"], alpha)
     return result
+
+
+def choose_reference(val_dice: Mapping[str, Mapping[int, float]],
+                     baseline: str | None = None) -> str | None:
+    """The reference of an experiment from ``val_dice`` ({group: {seed: validation Dice}}):
+    the group with the highest mean, unless ``baseline`` (the experiment's default group) is
+    within one standard error of it — the mean paired difference best − baseline over the
+    seeds both have is at most its standard error (at least 2 shared seeds). None when no
+    group has a validation Dice.
+
+    The one-standard-error rule of model selection (Breiman et al. 1984; Hastie, Tibshirani &
+    Friedman 2009, §7.10): a best-by-validation pick among groups closer than their noise is
+    a coin flip, and every comparison of the experiment is made against it."""
+    known = {g: {s: x for s, x in by_seed.items() if not math.isnan(x)}
+             for g, by_seed in val_dice.items()}
+    means = {g: float(np.mean(list(by_seed.values()))) for g, by_seed in known.items() if by_seed}
+    if not means:
+        return None
+    best = max(means, key=means.get)
+    if baseline not in means or baseline == best:
+        return best
+    shared = sorted(set(known[best]) & set(known[baseline]))
+    if len(shared) < 2:
+        return best
+    gain = np.array([known[best][s] - known[baseline][s] for s in shared])
+    return baseline if gain.mean() <= gain.std(ddof=1) / math.sqrt(len(gain)) else best
 
 
 def significance(groups: Sequence[Scores]) -> np.ndarray:

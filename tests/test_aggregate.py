@@ -11,6 +11,7 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
 from segpipe import SegpipeError
 from segpipe.aggregate import (
@@ -105,7 +106,8 @@ def test_summary_csv_columns_order_and_values(experiment):
         "group", "loss", "n_seeds", "n_images", *metric_columns, "parameters",
         "train_seconds_mean", "epochs_mean", "best_run", "best_run_val_dice", "reference",
         "delta_dice", "delta_dice_lo", "delta_dice_hi", "delta_iou", "delta_iou_lo",
-        "delta_iou_hi", "p_wilcoxon", "p_holm", "verdict", "rank", "rank_mean", "rank_lo",
+        "delta_iou_hi", "p_wilcoxon", "p_holm", "p_mrmc", "p_mrmc_holm", "verdict", "rank",
+        "rank_mean", "rank_lo",
         "rank_hi"]
     assert list(summary["group"]) == ["dice", "bce", "focal"]
     assert list(summary["n_seeds"]) == [3, 2, 1] and list(summary["n_images"]) == [3, 3, 3]
@@ -137,7 +139,9 @@ def test_comparisons_with_the_validation_chosen_reference(experiment):
     image's difference averaged over seeds is +0.05: three tied positive differences, exact
     permutation p = 2 · 1/8 = 0.25; resampling the 2 seeds gives Δ 0, 0.05, 0.1 with
     probabilities 1/4, 1/2, 1/4, so the interval is [0, 0.1]. focal − bce on seed 0: −0.08 on
-    every image, p = 0.25, interval [−0.08, −0.08]. Holm over the two: 0.5 and 0.5."""
+    every image, p = 0.25, interval [−0.08, −0.08]. Holm over the two: 0.5 and 0.5. Seeds ×
+    images: dice's seed means +0.1 and 0 and no image effect make it the t-test of (0.1, 0),
+    t = 1 with 1 degree of freedom, p = 0.5; focal has one seed (NaN); Holm: 1 and NaN."""
     summary = pd.read_csv(experiment / "summary.csv").set_index("group")
     assert (summary["reference"] == "bce").all()
     assert list(summary["verdict"]) == ["no detectable difference", "reference",
@@ -153,6 +157,8 @@ def test_comparisons_with_the_validation_chosen_reference(experiment):
     assert dice["delta_iou"] == pytest.approx((iou(shared_dice) - iou(shared_bce)).mean())
     assert dice["p_wilcoxon"] == pytest.approx(0.25) and focal["p_wilcoxon"] == pytest.approx(0.25)
     assert dice["p_holm"] == pytest.approx(0.5) and focal["p_holm"] == pytest.approx(0.5)
+    assert dice["p_mrmc"] == pytest.approx(0.5) and dice["p_mrmc_holm"] == pytest.approx(1.0)
+    assert math.isnan(focal["p_mrmc"]) and math.isnan(focal["p_mrmc_holm"])
 
 
 def test_ranks_and_their_bootstrap_intervals(experiment):
@@ -186,10 +192,15 @@ def architecture_spec(root):
 
 def test_verdicts_in_words(tmp_path):
     """unet is the reference (best validation Dice). attention_unet is worse on all 8 images,
-    unetpp better (exact p = 2/2⁸ each); Holm over two: 4/256 = 0.0156 for both."""
+    unetpp better (exact p = 2/2⁸ each); Holm over two: 4/256 = 0.0156 for both. Both seeds
+    give the same differences, so the seeds × images test is the t-test of the 8 image
+    differences ±0.01 … ±0.08, Holm-adjusted: 2 · p."""
     aggregate_experiment("architecture", architecture_spec(tmp_path), tmp_path / "architecture")
     summary = pd.read_csv(tmp_path / "architecture" / "summary.csv").set_index("group")
     assert summary.loc["attention_unet", "p_holm"] == pytest.approx(4 / 256)
+    p_mrmc = 2 * scipy.stats.ttest_1samp(STEPS, 0).pvalue
+    assert summary.loc[["attention_unet", "unetpp"], "p_mrmc_holm"].tolist() == pytest.approx(
+        [p_mrmc, p_mrmc])
     assert list(summary["verdict"]) == ["reference", "worse", "better"]
     assert list(summary["rank"]) == [2, 3, 1]
     write_summary([tmp_path / "architecture"], tmp_path / "summary.md")
@@ -200,13 +211,30 @@ def test_verdicts_in_words(tmp_path):
         return f"[{lo:+.3f}, {hi:+.3f}]".replace("-", "−")
 
     assert (f"- attention_unet: worse than unet: ΔDice −0.045 {interval('attention_unet')}, "
-            "Holm p = 0.0156") in text
-    assert (f"- unetpp: better than unet: ΔDice +0.045 {interval('unetpp')}, Holm p = 0.0156"
-            in text)
+            f"Holm p = 0.0156 (Wilcoxon), {p_mrmc:.3g} (seeds × images)") in text
+    assert (f"- unetpp: better than unet: ΔDice +0.045 {interval('unetpp')}, Holm p = 0.0156 "
+            f"(Wilcoxon), {p_mrmc:.3g} (seeds × images)" in text)
     assert "Varied: architecture; 3 group(s), 2 seed(s) each, 8 test images." in text
     assert "2000 resamples of the test images and the seeds" in text
     assert "Holm-adjusted over the 2 comparison(s)" in text
     assert "| **unet** | 2 | 0.675 [" in text and "| 2 [2, 2] |" in text
+
+
+def test_the_baseline_stays_the_reference_within_one_standard_error(tmp_path):
+    """b has the best mean validation Dice (0.76 vs 0.75), but b − a is +0.08 and −0.06 on the
+    two seeds: mean 0.01, standard error 0.07. The baseline a stays the reference."""
+    spec = make_spec(tmp_path, {"a": [(0, 0.6, 0.70), (1, 0.6, 0.80)],
+                                "b": [(0, 0.7, 0.78), (1, 0.7, 0.74)]})
+    spec["baseline"] = {"loss": "a"}
+    aggregate_experiment("losses", spec, tmp_path / "losses")
+    summary = pd.read_csv(tmp_path / "losses" / "summary.csv").set_index("group")
+    assert (summary["reference"] == "a").all() and summary.loc["b", "delta_dice"] > 0
+    write_summary([tmp_path / "losses"], tmp_path / "summary.md")
+    assert ("Reference: **a**, the baseline: b has the best mean validation Dice (0.760), ahead "
+            "by at most one standard error" in (tmp_path / "summary.md").read_text())
+    spec["baseline"] = {"architecture": "unet"}
+    with pytest.raises(SegpipeError, match="spec key 'baseline' must map every axis"):
+        aggregate_experiment("losses", spec, tmp_path / "bad")
 
 
 def _read_png(path):
@@ -426,20 +454,20 @@ def test_summary_md_one_table_per_experiment_and_best_by_validation(experiment, 
     bce = next(line for line in losses.splitlines()
                if line.startswith("| **bce** | 2 | 0.600 ["))
     assert "| 0.600 ± 1.271 |" in bce  # mAP: Student t over the 2 seeds
-    assert "Best by validation Dice: **bce** (val Dice 0.850 ± 0.635)" in losses
+    assert "Reference: **bce**, the best validation Dice (val Dice 0.850 ± 0.635)" in losses
     assert "`unet__scratch__bce__plain__s1` (val Dice 0.900)" in losses
     # Dice, IoU: bootstrap interval (IoU = D / (2 − D) of 0.32, 0.42, 0.52: 0.190, 0.266,
     # 0.351, mean 0.269); mAP: no interval from one seed
     assert "| focal | 1 | 0.420 [0.320, 0.520] | 0.269 [0.190, 0.351] | 0.420 ± — |" in losses
     assert "1–3 seed(s) each, 3 test images" in losses
-    assert ("- dice: no detectable difference (ΔDice +0.050 [+0.000, +0.100], Holm p = 0.5)"
-            in losses)
-    assert ("- focal: no detectable difference (ΔDice −0.080 [−0.080, −0.080], Holm p = 0.5)"
-            in losses)
-    assert "Best by validation Dice: **resunet**" in architecture
+    assert ("- dice: no detectable difference (ΔDice +0.050 [+0.000, +0.100], Holm p = 0.5 "
+            "(Wilcoxon), 1 (seeds × images))" in losses)
+    assert ("- focal: no detectable difference (ΔDice −0.080 [−0.080, −0.080], Holm p = 0.5 "
+            "(Wilcoxon))" in losses)  # one seed: no seeds × images test
+    assert "Reference: **resunet**, the best validation Dice" in architecture
     # 3 images cannot show a difference: the smallest two-sided p is 2/2³
-    assert ("- unet: no detectable difference (ΔDice +0.700 [+0.700, +0.700], Holm p = 0.25)"
-            in architecture)
+    assert ("- unet: no detectable difference (ΔDice +0.700 [+0.700, +0.700], Holm p = 0.25 "
+            "(Wilcoxon))" in architecture)
     assert "| 1.23 M |" in losses
     assert "[sweep](" not in text
     for name in ("curves", "bars", "significance", "ranking", "evolution", "samples"):

@@ -9,9 +9,11 @@ import scipy.stats
 from segpipe.stats import (
     Bootstrap,
     Scores,
+    choose_reference,
     compare_with_reference,
     holm,
     mean_ci95,
+    mrmc_p,
     paired_difference,
     rank_descending,
     rank_interval,
@@ -156,11 +158,67 @@ def test_identical_groups_are_no_detectable_difference():
 
 
 def test_verdict_rule():
-    """A verdict needs Holm p < 0.05 and an interval of Δ on one side of 0."""
-    assert verdict(0.01, 0.05, 0.01) == "better" and verdict(-0.05, -0.01, 0.049) == "worse"
-    assert verdict(0.01, 0.05, 0.05) == "no detectable difference"  # p not below alpha
-    assert verdict(-0.025, 0.01, 1e-8) == "no detectable difference"  # interval straddles 0
-    assert verdict(0.0, 0.02, 0.001) == "no detectable difference"  # interval touches 0
+    """A verdict needs both Holm p < 0.05 and an interval of Δ on one side of 0; a NaN seeds ×
+    images p (one seed) is not required."""
+    assert verdict(0.01, 0.05, 0.01, 0.04) == "better"
+    assert verdict(-0.05, -0.01, 0.049, 0.01) == "worse"
+    assert verdict(-0.05, -0.01, 0.01, math.nan) == "worse"  # one seed
+    assert verdict(0.01, 0.05, 0.05, 0.01) == "no detectable difference"  # Wilcoxon p = alpha
+    assert verdict(0.01, 0.05, 0.01, 0.06) == "no detectable difference"  # seeds disagree
+    assert verdict(-0.025, 0.01, 1e-8, 1e-8) == "no detectable difference"  # straddles 0
+    assert verdict(0.0, 0.02, 0.001, 0.001) == "no detectable difference"  # touches 0
+
+
+def test_mrmc_p_hand_computed():
+    """d = [[.1, .3, .5], [.3, .3, .6]]: mean 0.35, seed means .3, .4, image means .2, .3, .55.
+    MS_S = 3 · 0.005 = 0.015, MS_I = 2 · 0.065 / 2 = 0.065; residuals ±0.05 (four) and 0 (two),
+    MS_E = 0.01 / 2 = 0.005. Variance (0.015 + 0.06) / 6 = 0.0125, t = 0.35 / √0.0125;
+    df = 0.075² / (0.015² / 1 + 0.06² / 2) = 25/9."""
+    d = Scores((0, 1), np.array([[0.1, 0.3, 0.5], [0.3, 0.3, 0.6]]))
+    assert mrmc_p(d) == pytest.approx(2 * scipy.stats.t.sf(0.35 / math.sqrt(0.0125), 25 / 9))
+
+
+def test_mrmc_p_reduces_to_t_tests_of_seed_or_image_means():
+    rng = np.random.default_rng(3)
+    seed_effects, image_effects = rng.normal(0.05, 0.1, 4), rng.normal(0.05, 0.1, 12)
+    by_seed = Scores((0, 1, 2, 3), np.tile(seed_effects[:, None], (1, 12)))
+    by_image = Scores((0, 1, 2, 3), np.tile(image_effects, (4, 1)))
+    assert mrmc_p(by_seed) == pytest.approx(scipy.stats.ttest_1samp(seed_effects, 0).pvalue)
+    assert mrmc_p(by_image) == pytest.approx(scipy.stats.ttest_1samp(image_effects, 0).pvalue)
+    assert math.isnan(mrmc_p(Scores((0,), image_effects[None, :])))  # one seed
+    assert mrmc_p(Scores((0, 1), np.zeros((2, 5)))) == 1.0
+    assert mrmc_p(Scores((0, 1), np.full((2, 5), 0.1))) == 0.0
+
+
+def test_a_gap_that_one_seed_reverses_is_no_detectable_difference():
+    """Seeds 0 and 1 are 0.10 and 0.12 behind on every image, seed 2 0.05 ahead: averaged over
+    seeds every image is behind, so the Wilcoxon test rejects (p = 2/2¹⁶), but the three runs
+    disagree, and the seeds × images test does not (t over seed means −0.057 ± 0.054)."""
+    noise = np.linspace(-0.01, 0.01, 16)
+    reference = Scores((0, 1, 2), np.tile(0.6 + noise, (3, 1)))
+    group = Scores((0, 1, 2), reference.values + np.array([[-0.10], [-0.12], [0.05]]) + noise)
+    result = compare_with_reference("ref", {"dice": {"ref": reference, "g": group}},
+                                    Bootstrap(n_images=16))["g"]
+    assert result["p_holm"] == pytest.approx(2 / 2**16)
+    assert result["p_mrmc_holm"] > 0.3
+    assert result["verdict"] == "no detectable difference"
+
+
+def test_reference_by_validation_dice_with_the_one_standard_error_rule():
+    val = {"base": {0: 0.70, 1: 0.60, 2: 0.75}, "b": {0: 0.72, 1: 0.70, 2: 0.72},
+           "c": {0: 0.50, 1: 0.55, 2: 0.52}}
+    # b − base = 0.02, 0.10, −0.03: mean 0.030, standard error 0.0379 → b is best, but base is
+    # within one standard error of it and stays the reference; with b's seed 2 at 0.80 the
+    # differences 0.02, 0.10, 0.05 (mean 0.057, standard error 0.023) make b the reference
+    assert choose_reference(val) == "b" and choose_reference(val, "c") == "b"
+    assert choose_reference({**val, "b": {0: 0.72, 1: 0.70, 2: 0.80}}, "base") == "b"
+    assert choose_reference(val, "base") == "base"
+    assert choose_reference(val, "b") == "b" and choose_reference(val, "unknown") == "b"
+    # one shared seed: no standard error, the best is the reference
+    assert choose_reference({"base": {0: 0.70}, "b": {0: 0.71}}, "base") == "b"
+    # NaN validation Dice is ignored; no validation Dice at all: no reference
+    assert choose_reference({"a": {0: math.nan}, "b": {0: 0.3}}, "a") == "b"
+    assert choose_reference({"a": {0: math.nan}}) is None
 
 
 def test_significance_map_hand_computed():

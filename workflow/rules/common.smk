@@ -219,11 +219,13 @@ def experiment_spec(wildcards):
     for r in EXPERIMENTS[name]:
         folds = {"folds": job_dirs(r)} if FOLDS else {}  # the run's evaluation folders
         runs.append({"run": RUN.format(**r), "dir": run_dir(r), **r, **folds})
+    axes = list(config["experiments"][name]["vary"])
     return json.dumps(
         {
             "name": name,
-            "axes": list(config["experiments"][name]["vary"]),
+            "axes": axes,
             "sweep": SWEEPS[name],
+            "baseline": {axis: config["defaults"][axis] for axis in axes},
             "runs": runs,
         },
         sort_keys=True,
