@@ -24,7 +24,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -32,7 +31,7 @@ from segpipe import SegpipeError
 from segpipe.checkpoint import load_checkpoint
 from segpipe.columns import (AXES, BY_EPOCH_CSV, MEAN_COLUMNS, METRICS, METRICS_CSV,
                              PER_IMAGE_CSV, POOLED_COLUMNS, RUN_COLUMNS)
-from segpipe.files import atomic_path
+from segpipe.files import atomic_path, write_csv
 from segpipe.metrics import PooledMetrics, per_image_metrics
 from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits
@@ -94,10 +93,11 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
         by_epoch.append({"epoch": epoch, **_metric_columns(snapshot_per_image, snapshot_pooled)})
         evolution.append(snapshot_probs)
     # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
-    _write_csv(pd.DataFrame([row], columns=METRICS_CSV), run_dir / "metrics.csv")
-    _write_csv(pd.DataFrame({"name": all_names, **per_image}, columns=PER_IMAGE_CSV),
-               run_dir / "per_image.csv")
-    _write_csv(pd.DataFrame(by_epoch, columns=BY_EPOCH_CSV), run_dir / "metrics_by_epoch.csv")
+    write_csv(run_dir / "metrics.csv", METRICS_CSV, [row])
+    write_csv(run_dir / "per_image.csv", PER_IMAGE_CSV,
+              [{"name": name, **{m: values[k] for m, values in per_image.items()}}
+               for k, name in enumerate(all_names)])
+    write_csv(run_dir / "metrics_by_epoch.csv", BY_EPOCH_CSV, by_epoch)
     with atomic_path(run_dir / "evolution.npz") as tmp:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
@@ -136,14 +136,11 @@ def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
                      probs: np.ndarray, threshold: float, path: Path, title: str) -> None:
     """A figure with one row per image: image, truth, prediction (``prob >= threshold``),
     probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
 
     rows = len(names)
-    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows + 0.5), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(10, 2.6 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, 4, squeeze=False)
     for r in range(rows):
         panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
                   (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
@@ -160,7 +157,6 @@ def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
     fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)
 
 
 def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float]) -> dict[str, float]:
@@ -184,8 +180,3 @@ def _read_test_images(cache: Path, rows: np.ndarray | None, count: int
     if not names:
         raise SegpipeError(f"{cache}: the test cache holds no images")
     return names, images, masks
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)

@@ -4,12 +4,13 @@ reader never sees a partial file. Standard library only: the workflow may import
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import logging
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from segpipe import SegpipeError
@@ -115,3 +116,16 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's process
         pass
     return True
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping]) -> None:
+    """Write ``rows`` (mappings with the keys ``columns``) under a header of ``columns`` as a
+    CSV file at ``path``, atomically; None and NaN are empty cells, as pandas writes them."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_cell(row[column]) for column in columns] for row in rows)
+
+
+def _cell(value: object) -> object:
+    return "" if value is None or value != value else value  # NaN != NaN

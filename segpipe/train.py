@@ -44,14 +44,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
-from segpipe.files import atomic_path
+from segpipe.files import atomic_path, write_csv
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
                              forward_logits, peak_memory_mb, place)
 from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
@@ -271,8 +270,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     meta = _meta(progress, parameters)
     save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size,
                     epoch=progress["best_epoch"], val_dice=progress["best_dice"], **meta)
-    with atomic_path(out_dir / "history.csv") as tmp:
-        pd.DataFrame(progress["history"], columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
+    write_csv(out_dir / "history.csv", HISTORY_COLUMNS, progress["history"])
     # The state goes first: killed after this, a re-run starts over instead of finishing
     # without the pending_snapshots snapshots.
     state_path.unlink()

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from segpipe import SegpipeError
-from segpipe.files import HOST, atomic_path
+from segpipe.files import HOST, atomic_path, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +94,17 @@ def test_temporaries_of_killed_processes_of_this_host_are_removed(tmp_path):
         live.wait()
     assert not killed.exists()
     assert sorted(tmp_path.iterdir()) == sorted([target, *kept])
+
+
+def test_write_csv_writes_what_pandas_reads_back(tmp_path):
+    """Header, one line per row in column order, NaN and None as empty cells (as pandas writes
+    them), floats in full precision; nothing but the file is left."""
+    path = tmp_path / "metrics.csv"
+    write_csv(path, ["name", "dice", "epoch"],
+              [{"epoch": 1, "name": "a", "dice": 0.1 + 0.2},
+               {"epoch": 2, "name": "b,c", "dice": float("nan")},
+               {"epoch": 3, "name": "d", "dice": None}])
+    assert path.read_text() == 'name,dice,epoch\na,0.30000000000000004,1\n"b,c",,2\nd,,3\n'
+    frame = pd.read_csv(path)
+    assert frame["dice"].iloc[0] == 0.1 + 0.2 and frame["dice"].iloc[1:].isna().all()
+    assert list(tmp_path.iterdir()) == [path]

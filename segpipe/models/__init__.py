@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from segpipe.models.atrous_unet import AtrousUNet
 from segpipe.models.attention_unet import AttentionUNet
@@ -68,6 +67,8 @@ def model_cost(model: nn.Module, size: int) -> tuple[int, float]:
     put in eval mode):
     2 FLOPs per multiply-accumulate of convolutions and matrix products, as counted by
     ``torch.utils.flop_counter``. On the meta device nothing is computed."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton where installed
+
     device = next(model.parameters()).device
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.eval()(torch.empty(1, 3, size, size, device=device))
