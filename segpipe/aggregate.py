@@ -527,11 +527,11 @@ def _experiment_section(folder: Path, output: Path) -> str:
         top = summary.loc[summary["val_dice_mean"].idxmax()]
         why = ("the best validation Dice" if top["group"] == row["group"] else
                f"the baseline: {top['group']} has the best mean validation Dice "
-               f"({top['val_dice_mean']:.3f}), ahead by at most one standard error")
+               f"({top['val_dice_mean']:.3f}), ahead of it by at most one standard error")
         lines.append(
-            f"Reference: **{row['group']}**, {why} (val Dice {_estimate(row, 'val_dice')}); its "
-            f"test Dice {_estimate(row, 'dice')}, IoU {_estimate(row, 'iou')}, mAP "
-            f"{_estimate(row, 'map')}. Its best run: `{row['best_run']}` (val Dice "
+            f"Reference: **{row['group']}** (val Dice {_estimate(row, 'val_dice')}), {why}. "
+            f"Its test Dice {_estimate(row, 'dice')}, IoU {_estimate(row, 'iou')}, mAP "
+            f"{_estimate(row, 'map')}; its best run: `{row['best_run']}` (val Dice "
             f"{row['best_run_val_dice']:.3f}).")
     lines += ["", *_comparisons(summary)]
     figures = [folder / f"{figure}.png" for figure in FIGURES]

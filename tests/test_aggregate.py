@@ -230,8 +230,9 @@ def test_the_baseline_stays_the_reference_within_one_standard_error(tmp_path):
     summary = pd.read_csv(tmp_path / "losses" / "summary.csv").set_index("group")
     assert (summary["reference"] == "a").all() and summary.loc["b", "delta_dice"] > 0
     write_summary([tmp_path / "losses"], tmp_path / "summary.md")
-    assert ("Reference: **a**, the baseline: b has the best mean validation Dice (0.760), ahead "
-            "by at most one standard error" in (tmp_path / "summary.md").read_text())
+    assert ("Reference: **a** (val Dice 0.750 ± 0.635), the baseline: b has the best mean "
+            "validation Dice (0.760), ahead of it by at most one standard error."
+            in (tmp_path / "summary.md").read_text())
     spec["baseline"] = {"architecture": "unet"}
     with pytest.raises(SegpipeError, match="spec key 'baseline' must map every axis"):
         aggregate_experiment("losses", spec, tmp_path / "bad")
@@ -454,7 +455,7 @@ def test_summary_md_one_table_per_experiment_and_best_by_validation(experiment, 
     bce = next(line for line in losses.splitlines()
                if line.startswith("| **bce** | 2 | 0.600 ["))
     assert "| 0.600 ± 1.271 |" in bce  # mAP: Student t over the 2 seeds
-    assert "Reference: **bce**, the best validation Dice (val Dice 0.850 ± 0.635)" in losses
+    assert "Reference: **bce** (val Dice 0.850 ± 0.635), the best validation Dice." in losses
     assert "`unet__scratch__bce__plain__s1` (val Dice 0.900)" in losses
     # Dice, IoU: bootstrap interval (IoU = D / (2 − D) of 0.32, 0.42, 0.52: 0.190, 0.266,
     # 0.351, mean 0.269); mAP: no interval from one seed
@@ -464,7 +465,7 @@ def test_summary_md_one_table_per_experiment_and_best_by_validation(experiment, 
             "(Wilcoxon), 1 (seeds × images))" in losses)
     assert ("- focal: no detectable difference (ΔDice −0.080 [−0.080, −0.080], Holm p = 0.5 "
             "(Wilcoxon))" in losses)  # one seed: no seeds × images test
-    assert "Reference: **resunet**, the best validation Dice" in architecture
+    assert "Reference: **resunet** (val Dice 0.400 ± —), the best validation Dice" in architecture
     # 3 images cannot show a difference: the smallest two-sided p is 2/2³
     assert ("- unet: no detectable difference (ΔDice +0.700 [+0.700, +0.700], Holm p = 0.25 "
             "(Wilcoxon))" in architecture)
