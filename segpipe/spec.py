@@ -32,7 +32,8 @@ SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
 SCRATCH_DEPTH = 4
 """Default ``depth`` of every family's own encoder (the classes of :mod:`segpipe.models`)."""
 RESNET_DEPTH = 5
-"""Stride-2 stages of a ResNet encoder: the most ``depth`` can be under one, and its default."""
+"""Stride-2 stages of a ResNet encoder with its ImageNet stem: the most ``depth`` can be under
+one, and its default (:func:`resnet_depth`)."""
 
 
 @functools.cache
@@ -137,6 +138,12 @@ def check_model(architecture: object, backbone: object,
     _raise(model_errors(architecture, backbone, size))
 
 
+def resnet_depth(backbone: dict) -> int:
+    """The stride-2 stages of a ResNet backbone definition: :data:`RESNET_DEPTH`, one fewer
+    with ``stem: small``, whose first convolution keeps the image's resolution."""
+    return RESNET_DEPTH - (backbone.get("stem") == "small")
+
+
 def check_spec(spec: object) -> None:
     """Raise :class:`SegpipeError` naming the key when a run specification is malformed: not
     ``$defs.run_spec`` of the schema, a ``train`` setting missing, or definitions that
@@ -151,20 +158,22 @@ def model_errors(architecture: dict, backbone: dict, size: Sequence[int] | None 
                  where: tuple[str, str] = ("architecture", "backbone")) -> list[str]:
     """The rules between a schema-valid architecture and backbone definition that the schema
     cannot state, as messages ``<key path>: <problem>`` (``where``: the definitions' paths).
-    Under a ResNet, ``down`` does not apply and ``depth`` is at most :data:`RESNET_DEPTH`.
+    Under a ResNet, ``down`` does not apply and ``depth`` is at most :func:`resnet_depth`.
     With ``size`` (H, W) given, the deepest feature map, ``⌈H/2^depth⌉ × ⌈W/2^depth⌉`` pixels
     (models pad to a multiple of ``2^depth``), must have 2 pixels or more: at 1×1, BatchNorm
     sees one value per channel on a batch of one image (e.g. an epoch's last) and training
     fails."""
     encoder = backbone.get("encoder", "scratch")
     resnet = encoder != "scratch"
-    depth = architecture.get("depth", RESNET_DEPTH if resnet else SCRATCH_DEPTH)
+    stages = resnet_depth(backbone)
+    depth = architecture.get("depth", stages if resnet else SCRATCH_DEPTH)
     arch, resnet_name = where[0], f"the {encoder} encoder ({where[1]})"
     if resnet and "down" in architecture:
         return [f"{arch}.down: does not apply under {resnet_name}, which does its own "
                 f"downsampling"]
-    if resnet and depth > RESNET_DEPTH:
-        return [f"{arch}.depth: {depth} exceeds the {RESNET_DEPTH} stages of {resnet_name}"]
+    if resnet and depth > stages:
+        stem = " with stem: small" if backbone.get("stem") == "small" else ""
+        return [f"{arch}.depth: {depth} exceeds the {stages} stages of {resnet_name}{stem}"]
     if size is None or _deepest_pixels(size, depth) >= 2:
         return []
     fits = max((d for d in range(1, depth) if _deepest_pixels(size, d) >= 2), default=None)

@@ -124,8 +124,12 @@ def edited(change) -> dict:
      "losses.l: needs a term (bce, dice or focal_tversky) with a weight > 0"),
     (lambda c: c["backbones"].update(r={"encoder": "resnet34"}), "backbones.r.weights: missing"),
     (lambda c: c["backbones"]["scratch"].update(weights="none"),
-     "backbones.scratch: the scratch encoder takes no weights (it starts from random "
+     "backbones.scratch: the scratch encoder takes no weights or stem (it starts from random "
      "initialisation)"),
+    (lambda c: c["backbones"].update(r={"encoder": "resnet18", "weights": "imagenet",
+                                        "stem": "small"}),
+     "backbones.r: stem: small starts from random initialisation (weights: none): ImageNet "
+     "weights were learned with the ImageNet stem"),
     (lambda c: c["train"].update(lr=float("nan")), "train.lr: nan is not of type 'number'"),
     (lambda c: c["data"].update(size=[32, 32.0]), "data.size[1]: 32.0 is not of type 'integer'"),
 ])

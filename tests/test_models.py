@@ -267,6 +267,25 @@ def test_atrous_block_sees_exactly_its_dilated_taps():
     assert seen == {(dy * r, dx * r) for r in (6, 12, 18) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
 
 
+def test_small_stem_resnet_starts_at_the_image_resolution():
+    """stem: small: conv1 is a 3×3 convolution of stride 1, so the pyramid is conv1 (stride 1),
+    maxpool + layer1 (2), layer2 (4), layer3 (8), layer4 (16) — one stride-2 stage fewer,
+    all used by default — and the ResNet's parameters but conv1's are torchvision's."""
+    model = build_model({"model": "unet", "width": 4},
+                        {"encoder": "resnet18", "weights": "none", "stem": "small"})
+    features = model.encoder(torch.zeros(1, 3, 32, 48))
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (64, 32, 48), (64, 16, 24), (128, 8, 12), (256, 4, 6), (512, 2, 3)]
+    conv1 = model.encoder.stages[0][0]
+    assert (conv1.kernel_size, conv1.stride) == ((3, 3), (1, 1))
+    assert sum(p.numel() for p in model.encoder.parameters()) == \
+        RESNET_ENCODER_PARAMETERS["resnet18"] - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3
+    assert model(torch.randn(2, 3, 30, 44)).shape == (2, 1, 30, 44)
+    shallow = build_model({"model": "attention_unet", "width": 4, "depth": 2},
+                          {"encoder": "resnet34", "weights": "none", "stem": "small"})
+    assert shallow.encoder.out_channels == [64, 64, 128]
+
+
 def test_resnet_weights_from_a_local_state_dict(tmp_path):
     torch.manual_seed(1)
     reference = torchvision.models.resnet18()
@@ -340,7 +359,13 @@ def test_bad_state_dict_files(tmp_path, content, message):
      "backbone definition: encoder: 'vgg16' is not one of scratch, resnet18"),
     ({"model": "unet"}, {"encoder": "resnet34"}, "backbone definition: weights: missing"),
     ({"model": "unet"}, {"encoder": "resnet34", "weights": "none", "frozen": True},
-     r"frozen: unknown key \(allowed: encoder, weights\)"),
+     r"frozen: unknown key \(allowed: encoder, weights, stem\)"),
+    ({"model": "unet"}, {"stem": "small"}, "the scratch encoder takes no weights or stem"),
+    ({"model": "unet"}, {"encoder": "resnet18", "weights": "imagenet", "stem": "small"},
+     r"stem: small starts from random initialisation \(weights: none\)"),
+    ({"model": "unet", "depth": 5}, {"encoder": "resnet18", "weights": "none", "stem": "small"},
+     r"architecture.depth: 5 exceeds the 4 stages of the resnet18 encoder \(backbone\) with "
+     "stem: small"),
     ({"model": "unet"}, {"weights": "imagenet"}, "the scratch encoder takes no weights"),
     ({"model": "unet", "down": "strided"}, {"encoder": "resnet18", "weights": "none"},
      r"architecture.down: does not apply under the resnet18 encoder \(backbone\)"),

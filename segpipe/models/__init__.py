@@ -15,11 +15,11 @@ from torch import nn
 from segpipe.models.atrous_unet import AtrousUNet
 from segpipe.models.attention_unet import AttentionUNet
 from segpipe.models.base import SegmentationModel
-from segpipe.models.encoders import RESNET_DEPTH, RESNETS, resnet_encoder
+from segpipe.models.encoders import RESNETS, resnet_encoder
 from segpipe.models.r2unet import AttentionR2UNet, R2UNet
 from segpipe.models.unet import UNet
 from segpipe.models.unetpp import UNetPlusPlus
-from segpipe.spec import check_model
+from segpipe.spec import check_model, resnet_depth
 
 __all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost",
            "model_table", "print_model_table"]
@@ -45,8 +45,9 @@ def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
     ``architecture``: ``model`` (a key of :data:`ARCHITECTURES`) and that family's options
     (the keyword arguments of its class, e.g. ``width``, ``depth``, ``down``, ``up``).
     ``backbone``: ``{}`` for the family's scratch encoder, or ``{"encoder": "resnet18" |
-    "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>}``; under a ResNet,
-    ``depth`` (default 5) selects how many ResNet stages are used, ``width`` defaults to
+    "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>, optional "stem":
+    "imagenet" | "small"}``; under a ResNet, ``depth`` (default: all its stride-2 stages, 5,
+    or 4 with the small stem) selects how many ResNet stages are used, ``width`` defaults to
     :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Both definitions are checked
     against the config schema (:mod:`segpipe.spec`); bad input raises :class:`SegpipeError`
     naming the key.
@@ -57,9 +58,10 @@ def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
     name = backbone.get("encoder", "scratch")
     if name == "scratch":
         return cls(**options)
-    depth = options.pop("depth", RESNET_DEPTH)
+    stem = backbone.get("stem", "imagenet")
+    depth = options.pop("depth", resnet_depth(backbone))
     options.setdefault("width", RESNET_DECODER_WIDTH)
-    return cls(**options, encoder=resnet_encoder(name, backbone["weights"], depth))
+    return cls(**options, encoder=resnet_encoder(name, backbone["weights"], depth, stem))
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:

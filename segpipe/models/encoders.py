@@ -58,13 +58,19 @@ def conv_encoder(block: Callable[[int, int], nn.Module], width: int, depth: int,
     return Encoder(stages, channels)
 
 
-def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH) -> Encoder:
-    """A torchvision ResNet (He et al. 2016, arXiv:1512.03385) as an encoder: stage 0 is the
-    image itself (3 channels, the finest skip), then conv1-bn-relu (stride 2),
-    maxpool + layer1 (4), layer2 (8), layer3 (16), layer4 (32); ``depth`` < 5 drops the
-    deepest layers. ``weights``: ``imagenet`` (torchvision's IMAGENET1K_V1, from the torch hub
-    cache or downloaded), ``none`` (random initialisation) or the path of a saved
-    ``state_dict()`` of that torchvision ResNet (its ``fc`` entries are ignored)."""
+def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH,
+                   stem: str = "imagenet") -> Encoder:
+    """A torchvision ResNet (He et al. 2016, arXiv:1512.03385) as an encoder.
+
+    ``stem``: ``imagenet`` — stage 0 is the image itself (3 channels, the finest skip), then
+    conv1-bn-relu (7×7, stride 2), maxpool + layer1 (4), layer2 (8), layer3 (16), layer4 (32);
+    ``small`` — conv1 is a 3×3 convolution of stride 1, as in the CIFAR ResNets of He et al.
+    (§4.2), so stage 0 is conv1-bn-relu at the image's resolution, then maxpool + layer1 (2),
+    layer2 (4), layer3 (8), layer4 (16): one stride-2 stage fewer. ``depth`` < the number of
+    stride-2 stages drops the deepest layers. ``weights``: ``imagenet`` (torchvision's
+    IMAGENET1K_V1, from the torch hub cache or downloaded), ``none`` (random initialisation) or
+    the path of a saved ``state_dict()`` of that torchvision ResNet (its ``fc`` entries are
+    ignored); the small stem takes ``none`` only (the schema says so)."""
     import torchvision  # here, not at the top: a job without a ResNet is spared its import
 
     channels = RESNETS[name]
@@ -83,6 +89,11 @@ def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH) -> Encode
                                f"{detail}") from None
     stages = [nn.Identity(), nn.Sequential(net.conv1, net.bn1, net.relu),
               nn.Sequential(net.maxpool, net.layer1), net.layer2, net.layer3, net.layer4]
+    if stem == "small":
+        net.conv1 = nn.Conv2d(3, channels[1], 3, padding=1, bias=False)  # torchvision's init:
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        stages[1] = nn.Sequential(net.conv1, net.bn1, net.relu)
+        stages, channels = stages[1:], channels[1:]
     return Encoder(stages[:depth + 1], channels[:depth + 1])
 
 
