@@ -192,8 +192,8 @@ def compare_with_reference(reference: str, scores: Mapping[str, Mapping[str, Sco
     ``scores``: {metric: {group: Scores}}. Per group: for each metric ``delta_<metric>`` (mean
     paired difference group − reference) with its bootstrap interval ``delta_<metric>_lo``,
     ``delta_<metric>_hi``; on ``test_metric``, ``p_wilcoxon`` (two-sided, per-image differences
-    averaged over the shared seeds), ``p_holm`` (Holm over these comparisons) and ``verdict``
-    (:func:`verdict`), ``p_mrmc`` (:func:`mrmc_p`) and ``p_mrmc_holm``."""
+    averaged over the shared seeds), ``p_mrmc`` (:func:`mrmc_p`), each Holm-adjusted over these
+    comparisons (``p_holm``, ``p_mrmc_holm``), and ``verdict`` (:func:`verdict`)."""
     groups = [g for g in scores[test_metric] if g != reference]
     result: dict[str, dict[str, float | str]] = {g: {} for g in groups}
     for metric, by_group in scores.items():
