@@ -214,7 +214,8 @@ def plot_significance(groups: Sequence[str], means: Sequence[float], p_values: n
     where group i is significantly better than group j (``p_values[i, j] < alpha``), groups in
     the given order (by mean Dice, best first) on both axes, each cell labelled with its p.
 
-    ``p_values``: (G, G) Holm-adjusted one-sided p-values, NaN on the diagonal."""
+    ``p_values``: (G, G) one-sided p-values (:func:`segpipe.stats.significance`), NaN on the
+    diagonal."""
     n = len(groups)
     side = min(11.0, 3.2 + 0.75 * n)
     fig = Figure(figsize=(side + 1.5, side + 0.6), dpi=DPI, layout="constrained")
@@ -242,11 +243,11 @@ def plot_significance(groups: Sequence[str], means: Sequence[float], p_values: n
                      label=f"row better than column (Holm p < {alpha:g})"),
                Patch(facecolor=SIGNIFICANCE_COLOURS[False], label="not significant")]
     _legend_below(fig, handles, [h.get_label() for h in handles])
-    _caption(ax, "Filled: the row group is significantly better than the column group — "
-                 "one-sided Wilcoxon signed-rank test on the per-image differences of test "
-                 "Dice (averaged over shared seeds), Holm-adjusted over all ordered pairs; "
-                 "numbers are the adjusted p-values. Groups ordered by mean test Dice, best "
-                 "first.", side - 0.4)
+    _caption(ax, "Filled: the row group is significantly better than the column group by "
+                 "both one-sided tests — Wilcoxon signed-rank on the per-image differences of "
+                 "test Dice (averaged over shared seeds) and seeds × images — each "
+                 "Holm-adjusted over all ordered pairs; numbers are the larger adjusted "
+                 "p-value. Groups ordered by mean test Dice, best first.", side - 0.4)
     fig.suptitle(title)
     return fig
 

@@ -124,9 +124,10 @@ def wilcoxon_p(differences: np.ndarray, alternative: str = "two-sided") -> float
     return float(scipy.stats.wilcoxon(d, alternative=alternative).pvalue)
 
 
-def mrmc_p(differences: Scores) -> float:
-    """Two-sided p-value that the mean of ``differences`` (seeds × images) is 0, with seeds
-    and images both random (module docstring); NaN with fewer than 2 seeds or 2 images.
+def mrmc_p(differences: Scores, alternative: str = "two-sided") -> float:
+    """p-value of the test that the mean of ``differences`` (seeds × images) is 0
+    (``alternative``: 'two-sided', or 'greater' / 'less' than 0), with seeds and images both
+    random (module docstring); NaN with fewer than 2 seeds or 2 images.
 
     With the mean squares of the two-way layout — seeds MS_S (n_s − 1 degrees of freedom),
     images MS_I (n_i − 1), residual MS_E — the variance of the mean difference is
@@ -134,8 +135,8 @@ def mrmc_p(differences: Scores) -> float:
     t = mean / √variance has the Satterthwaite (1946) degrees of freedom of that sum,
     (MS_S + M_I)² / (MS_S²/(n_s − 1) + M_I²/(n_i − 1)) with M_I = max(MS_I − MS_E, 0).
     Differences constant over images reduce it to the one-sample t-test of the seed means,
-    differences constant over seeds to that of the image means. Zero variance: p = 1 when the
-    mean is 0, else 0."""
+    differences constant over seeds to that of the image means. Zero variance: the p-value of
+    a t of ±∞ (0 or 1), or 1 when the mean is 0 too."""
     d = np.asarray(differences.values, dtype=float)
     n_seeds, n_images = d.shape
     if n_seeds < 2 or n_images < 2:
@@ -149,10 +150,15 @@ def mrmc_p(differences: Scores) -> float:
     image_term = max(ms_images - ms_error, 0.0)
     total = ms_seeds + image_term
     if total <= 0:
-        return 1.0 if mean == 0 else 0.0
-    dof = total**2 / (ms_seeds**2 / (n_seeds - 1) + image_term**2 / (n_images - 1))
-    t = abs(mean) / math.sqrt(total / (n_seeds * n_images))
-    return float(2 * scipy.stats.t.sf(t, dof))
+        if mean == 0:
+            return 1.0
+        t, dof = math.copysign(math.inf, mean), 1.0
+    else:
+        dof = total**2 / (ms_seeds**2 / (n_seeds - 1) + image_term**2 / (n_images - 1))
+        t = mean / math.sqrt(total / (n_seeds * n_images))
+    if alternative == "two-sided":
+        return float(min(1.0, 2 * scipy.stats.t.sf(abs(t), dof)))
+    return float(scipy.stats.t.sf(t if alternative == "greater" else -t, dof))
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -242,17 +248,20 @@ def choose_reference(val_dice: Mapping[str, Mapping[int, float]],
 
 
 def significance(groups: Sequence[Scores]) -> np.ndarray:
-    """challengeR's significance map: ``p[i, j]`` is the Holm-adjusted p-value (over all
-    ordered pairs) of the one-sided Wilcoxon signed-rank test that group i is better than
-    group j, on the per-image differences i − j averaged over their shared seeds; the diagonal
-    is NaN."""
+    """challengeR's significance map with the verdicts' two tests: ``p[i, j]`` is the larger
+    of two Holm-adjusted p-values (each over all ordered pairs) that group i is better than
+    group j — the one-sided Wilcoxon signed-rank test on the per-image differences i − j
+    averaged over their shared seeds, and the one-sided seeds × images test (:func:`mrmc_p`;
+    left out with one shared seed) — so ``p[i, j] < α`` where both reject; the diagonal is
+    NaN."""
     n = len(groups)
     pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    p = [wilcoxon_p(paired_difference(groups[i], groups[j]).values.mean(axis=0), "greater")
-         for i, j in pairs]
+    differences = [paired_difference(groups[i], groups[j]) for i, j in pairs]
+    wilcoxon = holm([wilcoxon_p(d.values.mean(axis=0), "greater") for d in differences])
+    seeds_images = holm([mrmc_p(d, "greater") for d in differences])
     matrix = np.full((n, n), np.nan)
-    for (i, j), p_adjusted in zip(pairs, holm(p)):
-        matrix[i, j] = p_adjusted
+    for (i, j), p in zip(pairs, np.fmax(wilcoxon, seeds_images)):
+        matrix[i, j] = p
     return matrix
 
 

@@ -185,9 +185,13 @@ def test_mrmc_p_reduces_to_t_tests_of_seed_or_image_means():
     by_image = Scores((0, 1, 2, 3), np.tile(image_effects, (4, 1)))
     assert mrmc_p(by_seed) == pytest.approx(scipy.stats.ttest_1samp(seed_effects, 0).pvalue)
     assert mrmc_p(by_image) == pytest.approx(scipy.stats.ttest_1samp(image_effects, 0).pvalue)
+    for alternative in ("greater", "less"):
+        assert mrmc_p(by_seed, alternative) == pytest.approx(
+            scipy.stats.ttest_1samp(seed_effects, 0, alternative=alternative).pvalue)
     assert math.isnan(mrmc_p(Scores((0,), image_effects[None, :])))  # one seed
     assert mrmc_p(Scores((0, 1), np.zeros((2, 5)))) == 1.0
     assert mrmc_p(Scores((0, 1), np.full((2, 5), 0.1))) == 0.0
+    assert mrmc_p(Scores((0, 1), np.full((2, 5), 0.1)), "less") == 1.0
 
 
 def test_a_gap_that_one_seed_reverses_is_no_detectable_difference():
@@ -202,6 +206,19 @@ def test_a_gap_that_one_seed_reverses_is_no_detectable_difference():
     assert result["p_holm"] == pytest.approx(2 / 2**16)
     assert result["p_mrmc_holm"] > 0.3
     assert result["verdict"] == "no detectable difference"
+
+
+def test_significance_map_fills_where_both_tests_reject():
+    """b beats a on every image of every seed (by 0.05 + noise); c beats a on every image when
+    the seeds are averaged, but one of its three seeds is behind. Wilcoxon alone would fill
+    both cells; the seeds × images test keeps c's empty."""
+    noise = np.linspace(-0.01, 0.01, 16)
+    a = Scores((0, 1, 2), np.tile(0.6 + noise, (3, 1)))
+    b = Scores((0, 1, 2), a.values + np.array([[0.04], [0.05], [0.06]]) + noise[::-1])
+    c = Scores((0, 1, 2), a.values + np.array([[0.10], [0.12], [-0.05]]) + noise[::-1])
+    p = significance([b, c, a])
+    assert p[0, 2] < 0.05 and p[1, 2] > 0.05
+    assert wilcoxon_p((c.values - a.values).mean(axis=0), "greater") < 1e-4
 
 
 def test_reference_by_validation_dice_with_the_one_standard_error_rule():
