@@ -173,7 +173,7 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     return run, curves, per_image
 
 
-def group_name(experiment: str, axes: Sequence[str], values: dict) -> str:
+def _group_name(experiment: str, axes: Sequence[str], values: dict) -> str:
     """A group's name: its values of the varied axes joined by " / " (the experiment's name
     when nothing varies)."""
     return " / ".join(str(values[axis]) for axis in axes) or experiment
@@ -187,7 +187,7 @@ def _load_runs(name: str, axes: list[str], runs: list[dict]
     rows, by_epoch, per_image = [], [], []
     for run in runs:
         folders = [Path(folder) for folder in run.get("folds", [run["dir"]])]
-        group = group_name(name, axes, run)
+        group = _group_name(name, axes, run)
         metrics, curves, scores = _load_run(folders)
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
                      "seed": run["seed"], "run": run["run"], "dir": Path(run["dir"]),
@@ -367,7 +367,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     bootstrap = stats.Bootstrap(n_images=test_scores[0].values.shape[1])
     ranks = bootstrap.ranks(test_scores)
     image_folds = per_image[0]["fold"].to_numpy() if "fold" in per_image[0] else None
-    baseline = group_name(name, axes, spec["baseline"]) if spec.get("baseline") else None
+    baseline = _group_name(name, axes, spec["baseline"]) if spec.get("baseline") else None
     summary = summarise(runs, axes, scores, bootstrap, ranks, image_folds, baseline)
     groups = list(summary["group"])
     sweep = spec.get("sweep")
