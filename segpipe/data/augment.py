@@ -20,9 +20,10 @@ and erasing its rectangle, with :data:`FILL`, the ImageNet mean colour (0 once n
 corners are background in the mask, and erasing leaves the mask as it is.
 
 All randomness comes from the ``rng`` the dataset passes for the item (``seed, epoch, row``):
-the crop draws from it, and torchvision, which draws from torch's global generator, runs in a
-:func:`torch.random.fork_rng` seeded from it. So the result depends on ``rng`` only (not on the
-worker count, on resuming, or on other uses of torch's generator), which stays untouched.
+the crop draws from it, and torchvision, which draws from torch's CPU generator, runs in a
+:func:`torch.random.fork_rng` that seeds that generator alone from it. So the result depends on
+``rng`` only (not on the worker count, on resuming, or on other uses of torch's generators),
+and no generator's state changes.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Augmentation:
     def __init__(self, size: tuple[int, int], crop_min_scale: float | None = None,
                  hflip: float = 0.0, vflip: float = 0.0, rotate: float = 0.0,
                  jitter: float = 0.0, erase: float = 0.0) -> None:
-        # torchvision is imported here, not at the top: a run without augmentation (or with
-        # the crop only) is spared its import, about 1 s of every job's start-up.
+        # torchvision is imported here, not at the top: a run without augmentation (plain)
+        # is spared its import, about 1 s of every job's start-up.
         from torchvision import tv_tensors
         from torchvision.transforms import v2
 
@@ -85,13 +86,13 @@ class Augmentation:
 
         image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2**63)))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator's state, restored after
+            torch.default_generator.manual_seed(int(rng.integers(2**63)))
             if self.both is not None:
                 image, mask = self.both(image, mask)
             if self.erase is not None:
                 image = self.erase(image)
-        return np.ascontiguousarray(image.permute(1, 2, 0).numpy()), mask.numpy()
+        return image.permute(1, 2, 0).numpy(), mask.numpy()  # a view: the dataset transposes
 
     def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         """A crop of side fraction s ~ U(crop_min_scale, 1) that contains the bounding box of
@@ -134,5 +135,5 @@ def build_augmentation(definition: dict, size: tuple[int, int]) -> Augmentation 
     params = {key: float(value) for key, value in definition.items() if key != "crop"}
     if crop is None and not any(params.values()):
         return None
-    return Augmentation(size=tuple(size), **params,
+    return Augmentation(size=size, **params,
                         crop_min_scale=None if crop is None else float(crop.get("min_scale", 0.5)))
