@@ -62,7 +62,8 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
 
     device = acquire_device(device)
     model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
-    fold = checkpoint["spec"].get("fold")
+    spec = checkpoint["spec"]
+    fold = spec.get("fold")
     rows = None if fold is None else split_indices(cache, fold)[2]
     all_names, images, masks = _read_test_images(cache, rows, n_examples)
     names = all_names[: len(images)]
@@ -73,7 +74,6 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
     loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache, indices=rows),
                                          batch_size=8)
 
-    spec = checkpoint["spec"]
     check_snapshots(run_dir / "snapshots", spec["train"]["snapshot_epochs"], checkpoint["epochs"])
     per_image, pooled, probs = score(model, checkpoint, loader, device, threshold, len(names))
     row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},

@@ -18,11 +18,11 @@ import contextlib
 import fcntl
 import os
 import re
-import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from segpipe import SegpipeError
+from segpipe.files import HOST
 
 LOCK_FILE = ".segpipe.lock"
 
@@ -43,7 +43,7 @@ def run_lock(run_dir: Path, step: str) -> Iterator[None]:
                                f"writer: wait for it to end (or stop it), then run again"
                                ) from None
         lock.truncate(0)
-        lock.write(f"segpipe {step} (pid {os.getpid()} on {socket.gethostname()})\n")
+        lock.write(f"segpipe {step} (pid {os.getpid()} on {HOST})\n")
         lock.flush()
         yield
 

@@ -272,7 +272,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
                     epoch=progress["best_epoch"], val_dice=progress["best_dice"], **meta)
     write_csv(out_dir / "history.csv", HISTORY_COLUMNS, progress["history"])
     # The state goes first: killed after this, a re-run starts over instead of finishing
-    # without the pending_snapshots snapshots.
+    # without the pending snapshots.
     state_path.unlink()
     shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
     pending_snapshots.mkdir(exist_ok=True)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
 from segpipe.data.labelme import check_label_rule, load_annotation, rasterise
-from segpipe.data.split import assign_folds, group_ids, group_keys, split_validation
+from segpipe.data.split import (assign_folds, group_count, group_ids, group_keys,
+                                split_validation)
 from segpipe.files import atomic_path, labelme_files
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def build_cache(
 
 def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
     """E.g. " in 12 groups (9 train, 3 val)" or " in 12 groups (folds of 4, 4, 4 images)"."""
-    n_groups = int(groups.max()) + 1
+    n_groups = group_count(groups)
     in_groups = f" in {n_groups} groups" if n_groups < len(groups) else ""
     if "fold" in split:
         sizes = ", ".join(map(str, np.bincount(split["fold"])))

@@ -76,10 +76,10 @@ def split_indices(path: str | Path, fold: int | None = None
     path = Path(path)
     key = "is_val" if fold is None else "fold"
     with _open_cache(path) as h5:
-        if fold is None and key not in h5:
+        if key not in h5 and fold is None:
             hint = " (a cross-validation cache: train one of its folds)" if "fold" in h5 else ""
             raise SegpipeError(f"{path}: no validation split 'is_val'{hint}")
-        if key not in h5:
+        if key not in h5:  # fold given
             raise SegpipeError(f"{path}: no cross-validation folds 'fold' for fold {fold} "
                                "(rasterise with --folds)")
         split = h5[key][()]

@@ -50,6 +50,11 @@ def group_ids(keys: Sequence[str]) -> np.ndarray:
     return np.array([numbers.setdefault(key, len(numbers)) for key in keys], dtype=np.int64)
 
 
+def group_count(groups: np.ndarray) -> int:
+    """How many groups the ids of :func:`group_ids` (0, 1, …) name; 0 without images."""
+    return int(groups.max()) + 1 if len(groups) else 0
+
+
 def split_validation(groups: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """Boolean (N,) marking the validation images of the fixed test-folder mode.
 
@@ -59,7 +64,7 @@ def split_validation(groups: np.ndarray, val_fraction: float, seed: int) -> np.n
     than the target; the last group of that order is never taken, so training keeps one. With
     one image per group this is the first ``round(val_fraction·N)`` images of the permutation.
     """
-    count, n_groups = len(groups), int(groups.max()) + 1 if len(groups) else 0
+    count, n_groups = len(groups), group_count(groups)
     n_val = round(val_fraction * count)
     if val_fraction > 0:
         if n_groups < 2:
@@ -83,7 +88,7 @@ def assign_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     (a stable sort: equal sizes keep the shuffled order), and each is put in turn into the fold
     holding the fewest images so far (the lowest such fold on ties). So the folds differ in
     size by at most the largest group, by at most one image without groups."""
-    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    n_groups = group_count(groups)
     if folds < 3:
         raise SegpipeError(f"folds = {folds}: expected at least 3 (a fold tests, the next "
                            "validates, the others train)")
