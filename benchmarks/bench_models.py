@@ -67,7 +67,7 @@ class Entry:
     """A model under test with its optimizer and measurements."""
 
     name: str
-    model: nn.Module
+    parameters: int
     gflops: float
     peer: str | None = None  # name of the nearest peer's entry (segpipe models only)
     step: Callable[[], None] | None = None
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         sync(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         model = place(build(), device)
-        entry = Entry(name, model, model_cost(model, args.size)[1], peer)
+        entry = Entry(name, *model_cost(model, args.size), peer)
         model.train()
         if args.compile:
             model.compile()
@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             other.images_per_s))
             versus = (f"   {speed:.2f}x, {speed * entry.gflops / other.gflops:.2f}x "
                       f"vs {entry.peer}")
-        parameters = sum(p.numel() for p in entry.model.parameters())
-        print(f"{name:<32} {parameters:>11,} {entry.gflops:>8.2f} {rate:>9.2f} {tflops:>8.3f}"
+        print(f"{name:<32} {entry.parameters:>11,} {entry.gflops:>8.2f} {rate:>9.2f} {tflops:>8.3f}"
               f"{percent} {memory}{versus}", flush=True)
 
 

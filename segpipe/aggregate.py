@@ -190,7 +190,7 @@ def _load_runs(name: str, axes: list[str], runs: list[dict]
         group = _group_name(name, axes, run)
         metrics, curves, scores = _load_run(folders)
         rows.append({"group": group, **{axis: str(run[axis]) for axis in axes},
-                     "seed": run["seed"], "run": run["run"], "dir": Path(run["dir"]),
+                     "seed": run["seed"], "run": run["run"],
                      "folders": folders, **metrics})
         by_epoch.append(curves.assign(group=group, seed=run["seed"]))
         per_image.append(scores)
@@ -252,8 +252,9 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
     ``TEST_METRIC`` (n_resamples, groups) in the same group order; ``image_folds``: in
     cross-validation, the fold of each image of ``scores``; ``baseline``: the group the
     reference falls back to (:func:`segpipe.stats.choose_reference`)."""
-    rows = []
+    rows, val_dice_by_seed = [], {}
     for group, members in runs.groupby("group", sort=False):
+        val_dice_by_seed[group] = dict(zip(members["seed"], members["val_dice"]))
         row = {"group": group, **members.iloc[0][list(axes)].to_dict(), "n_seeds": len(members),
                "n_images": scores[TEST_METRIC][group].values.shape[1]}
         for metric in METRIC_COLUMNS:
@@ -277,9 +278,7 @@ def summarise(runs: pd.DataFrame, axes: Sequence[str],
                      "best_run_val_dice": math.nan if best is None else best["val_dice"]})
     summary = pd.DataFrame(rows)
 
-    reference = stats.choose_reference(
-        {group: dict(zip(members["seed"], members["val_dice"]))
-         for group, members in runs.groupby("group", sort=False)}, baseline)
+    reference = stats.choose_reference(val_dice_by_seed, baseline)
     compared = ({**stats.compare_with_reference(reference, scores, bootstrap, TEST_METRIC),
                  reference: {"verdict": "reference"}} if reference is not None else {})
     comparisons = pd.DataFrame([{"reference": reference, **compared.get(group, {})}

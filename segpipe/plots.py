@@ -119,7 +119,7 @@ def _clip_to_unit(ax) -> None:
     ax.set_ylim(max(bottom, -0.02), min(top, 1.02))
 
 
-def interval(table: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def _interval(table: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper end of the 95 % CI of ``metric`` in each row of a summary table: its
     bootstrap interval (``<metric>_lo``, ``<metric>_hi``) where the table has one, else
     ``<metric>_mean`` ∓ ``<metric>_ci95``."""
@@ -147,11 +147,11 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
     for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
         for group, colour in zip(groups, colours):
             rows = by_epoch[by_epoch["group"] == group]
-            mean, ci = rows[f"{metric}_mean"], rows[f"{metric}_ci95"]
-            ax.plot(rows["epoch"], mean, marker="o", markersize=3, color=colour, label=group)
+            ax.plot(rows["epoch"], rows[f"{metric}_mean"], marker="o", markersize=3,
+                    color=colour, label=group)
             if len(groups) <= MAX_BANDS:
-                ax.fill_between(rows["epoch"], mean - ci, mean + ci, color=colour, alpha=0.15,
-                                linewidth=0)
+                ax.fill_between(rows["epoch"], *_interval(rows, metric), color=colour,
+                                alpha=0.15, linewidth=0)
         ax.set(title=label, xlabel="epoch", ylabel=label)
         if by_epoch.empty:
             ax.text(0.5, 0.5, "no snapshot epoch was reached", transform=ax.transAxes,
@@ -175,7 +175,7 @@ def plot_bars(summary: pd.DataFrame, colours: Sequence, title: str) -> Figure:
     width = 0.8 / n
     means = summary[[f"{m}_mean" for m in BAR_METRICS]].to_numpy(float)
     # (metrics, low/high, groups) -> low and high, each (groups, metrics)
-    lows, highs = np.array([interval(summary, m) for m in BAR_METRICS]).transpose(1, 2, 0)
+    lows, highs = np.array([_interval(summary, m) for m in BAR_METRICS]).transpose(1, 2, 0)
     for i, (group, colour) in enumerate(zip(summary["group"], colours)):
         ax.bar(x + (i - (n - 1) / 2) * width, means[i], width,
                yerr=[means[i] - lows[i], highs[i] - means[i]], color=colour, label=group,
@@ -196,7 +196,7 @@ def plot_sweep(summary: pd.DataFrame, x: Sequence[float], xlabel: str, title: st
     for (metric, label), colour in zip(SWEEP_METRICS.items(), group_colours(3)):
         ax.plot(table["x"], table[f"{metric}_mean"], marker="o", markersize=4, color=colour,
                 label=label)
-        ax.fill_between(table["x"], *interval(table, metric), color=colour, alpha=0.15,
+        ax.fill_between(table["x"], *_interval(table, metric), color=colour, alpha=0.15,
                         linewidth=0)
     if len(table) <= 12:
         ax.set_xticks(table["x"], [f"{v:g}" for v in table["x"]])

@@ -27,7 +27,6 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from segpipe import SegpipeError
 from segpipe.columns import AXES
 
-SPEC_KEYS = ("run", "seed", "names", *AXES, "train")
 SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
 SCRATCH_DEPTH = 4
 """Default ``depth`` of every family's own encoder (the classes of :mod:`segpipe.models`)."""

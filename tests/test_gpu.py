@@ -18,11 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_train import make_spec
+from test_train import cache, make_spec  # noqa: F401 (cache: the training cache fixture)
 
 from segpipe.checkpoint import load_checkpoint
-from segpipe.data.cache import build_cache
-from segpipe.data.synthetic import write_dataset
 from segpipe.evaluate import evaluate_run
 from segpipe.losses import build_loss
 from segpipe.models import build_model
@@ -34,7 +32,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
 FAMILIES = {  # every family, small, and one under a ResNet encoder
     "unet": ({"model": "unet", "width": 8, "depth": 3}, {}),
     "unetpp": ({"model": "unetpp", "width": 8, "depth": 3, "deep_supervision": True}, {}),
@@ -61,15 +58,6 @@ def ieee_fp32():
     torch.backends.cudnn.conv.fp32_precision = "ieee"
     yield
     torch.backends.cudnn.conv.fp32_precision = before
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """48 synthetic images at 32×32, 12 of them in the validation split."""
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root / "labelme", count=48, seed=0, size=(64, 64))
-    build_cache(root / "labelme", root / "train.h5", size=(SIZE, SIZE), val_fraction=0.25)
-    return root / "train.h5"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -63,21 +63,28 @@ def trained_runs(jobs: dict[str, set[str]]) -> set[str]:
     return {Path(p).parent.name for p in jobs.get("train", ())}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A workdir in which the tiny study ran to completion."""
-    workdir = tmp_path_factory.mktemp("study")
-    shutil.copy(TINY, workdir / "config.yaml")
+def run_study(config: Path, workdir: Path) -> Path:
+    """``workdir`` in which the study of ``config`` ran to completion."""
+    shutil.copy(config, workdir / "config.yaml")
     snakemake(workdir)
     return workdir
 
 
-@pytest.fixture
-def study(finished: Path, tmp_path: Path) -> Path:
-    """A private copy of the finished study (results and Snakemake metadata)."""
-    workdir = tmp_path / "study"
+def private_copy(finished: Path, workdir: Path) -> Path:
+    """A copy of a finished study (results and Snakemake metadata) that a test may change."""
     shutil.copytree(finished, workdir, symlinks=True)
     return workdir
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A workdir in which the tiny study ran to completion."""
+    return run_study(TINY, tmp_path_factory.mktemp("study"))
+
+
+@pytest.fixture
+def study(finished: Path, tmp_path: Path) -> Path:
+    return private_copy(finished, tmp_path / "study")
 
 
 def edit_config(workdir: Path, change) -> None:
@@ -293,17 +300,12 @@ def trained_folds(jobs: dict[str, set[str]]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def finished_cv(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("cv_study")
-    shutil.copy(TINY_CV, workdir / "config.yaml")
-    snakemake(workdir)
-    return workdir
+    return run_study(TINY_CV, tmp_path_factory.mktemp("cv_study"))
 
 
 @pytest.fixture
 def cv_study(finished_cv: Path, tmp_path: Path) -> Path:
-    workdir = tmp_path / "cv_study"
-    shutil.copytree(finished_cv, workdir, symlinks=True)
-    return workdir
+    return private_copy(finished_cv, tmp_path / "cv_study")
 
 
 def test_cross_validation_tests_every_image_once(finished_cv: Path):
