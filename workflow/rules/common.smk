@@ -22,7 +22,7 @@ RUN = "__".join([*(f"{{{axis}}}" for axis in AXES), "s{seed}"])
 RUN_DIR = f"results/runs/{RUN}"
 FOLDS = config["data"]["folds"]  # None: the fixed test folder
 # What one train and one evaluate job make: a run, or in cross-validation one fold of a run.
-JOB = RUN + ("/fold{fold}" if FOLDS else "")
+JOB = f"{RUN}/fold{{fold}}" if FOLDS else RUN
 JOB_DIR = f"results/runs/{JOB}"
 # The cache holding the test images: a fold's are in the training cache (its `fold`).
 TEST_CACHE = "results/data/train.h5" if FOLDS else "results/data/test.h5"

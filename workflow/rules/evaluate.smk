@@ -22,9 +22,10 @@ rule evaluate:
     threads: 1
     resources:
         gpu=config["resources"]["train_gpus"],
+        device=config["resources"]["device"],  # as train's: changing it re-runs nothing
     conda:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m segpipe evaluate --run-dir {params.dir} --cache {input.cache}"
-        " --threshold {params.threshold} --examples {params.examples} --device {config[resources][device]}"
+        " --threshold {params.threshold} --examples {params.examples} --device {resources.device}"
         " > {log} 2>&1"

@@ -20,10 +20,12 @@ rule train:
         gpu=config["resources"]["train_gpus"],
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime_min"],
+        # Execution settings as resources, not params: changing them re-runs nothing.
+        device=config["resources"]["device"],
+        num_workers=config["resources"]["num_workers"],
     conda:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m segpipe train --cache {input.cache}"
-        " --spec {params.spec:q} --output-dir {params.dir} --device {config[resources][device]}"
-        # Execution settings, read here rather than as params: changing them re-runs nothing.
-        " --num-workers {config[resources][num_workers]} > {log} 2>&1"
+        " --spec {params.spec:q} --output-dir {params.dir} --device {resources.device}"
+        " --num-workers {resources.num_workers} > {log} 2>&1"
