@@ -34,6 +34,7 @@ from segpipe.data.augment import build_augmentation
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import SegmentationH5Dataset, split_indices
 from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.labels import Labels
 from segpipe.data.synthetic import write_dataset
 from segpipe.models import build_model
 from segpipe.runtime import acquire_device, amp_dtype, place
@@ -53,7 +54,7 @@ class PerItemDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         annotation = load_annotation(self.files[index])
-        mask = rasterise(annotation, self.size, background=["grass"])
+        mask = rasterise(annotation, self.size, Labels.from_config(background=["grass"]))
         image = annotation.image
         if annotation.size != self.size:
             image = cv2.resize(image, self.size[::-1], interpolation=cv2.INTER_AREA)
@@ -126,7 +127,7 @@ def main() -> None:
         write_dataset(folder, count=args.count, seed=0, size=source)
         synth = args.count / (time.perf_counter() - start)
         start = time.perf_counter()
-        build_cache(folder, cache, size, background=["grass"], val_fraction=0.2)
+        build_cache(folder, cache, size, Labels.from_config(background=["grass"]), val_fraction=0.2)
         raster = args.count / (time.perf_counter() - start)
         timing = args.epochs, args.batch, args.workers[0]
         per_item = samples_per_second(PerItemDataset(folder, size), *timing)

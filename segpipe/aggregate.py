@@ -37,7 +37,9 @@ from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, plots, stats
 from segpipe.columns import METRIC_COLUMNS, RUN_COLUMNS
+from segpipe.columns import CONFUSION_CSV
 from segpipe.files import atomic_path
+from segpipe.labels import Labels
 from segpipe.stats import mean_ci95
 
 PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from per_image.csv
@@ -46,8 +48,10 @@ COMPARISON_COLUMNS = ("reference",
                       *(f"delta_{m}{end}" for m in PER_IMAGE_METRICS for end in ("", "_lo", "_hi")),
                       "p_wilcoxon", "p_holm", "p_mrmc", "p_mrmc_holm", "verdict")
 EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names", "threshold")
-# The figures aggregate_experiment writes (sweep.png only with a sweep), in summary.md's order.
-FIGURES = ("curves", "bars", "sweep", "significance", "ranking", "evolution", "samples")
+# The figures aggregate_experiment writes (sweep.png only with a sweep; classes.png and
+# confusion.png only with several classes), in summary.md's order.
+FIGURES = ("curves", "bars", "sweep", "classes", "confusion", "significance", "ranking",
+           "evolution", "samples")
 MAX_EVOLUTION_ROWS = 9
 MAX_SAMPLES = 3
 
@@ -99,10 +103,11 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
         raise SegpipeError(f"{path}: holds neither a snapshot epoch nor probs_best, so there "
                            "is no prediction to show")
     h, w = data["masks"].shape[1:] if data["masks"].ndim == 3 else (None, None)
-    expected = {"probs": (s, k, h, w), "images": (k, h, w, 3), "masks": (k, h, w),
+    channels = data["probs"].shape[2:-2]  # (C,) with several classes
+    expected = {"probs": (s, k, *channels, h, w), "images": (k, h, w, 3), "masks": (k, h, w),
                 "threshold": ()}
     if "probs_best" in data:
-        expected["probs_best"] = (k, h, w)
+        expected["probs_best"] = (k, *channels, h, w)
     wrong = [f"{key} {data[key].shape} (expected {shape})" for key, shape in expected.items()
              if data[key].shape != shape]
     if wrong:
@@ -140,7 +145,7 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     (for per-image means, exactly the mean over all images; at a snapshot epoch, over the folds
     whose training reached it), training seconds are summed, epochs and the best validation
     Dice averaged. One folder's values are returned as they are."""
-    metrics, by_epoch, per_image, val_dice = [], [], [], []
+    metrics, by_epoch, per_image, val_dice, confusion = [], [], [], [], 0
     for fold, folder in enumerate(folders):
         metrics.append(_read_csv(folder / "metrics.csv", (*METRIC_COLUMNS, *RUN_COLUMNS)).iloc[0])
         val_dice.append(_read_csv(folder / "history.csv", ("val_dice",))["val_dice"].max())
@@ -150,6 +155,8 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
                               allow_empty=True)
         by_epoch.append(snapshots.assign(images=len(table)))
         per_image.append(table.assign(fold=fold) if len(folders) > 1 else table)
+        if not Labels.from_columns(table.columns).binary:
+            confusion = confusion + _read_confusion(folder / CONFUSION_CSV, table.columns)
     images = np.array([len(table) for table in per_image], float)
     weights = images / images.sum()
     per_image = pd.concat(per_image, ignore_index=True)
@@ -165,12 +172,22 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     run.update(parameters=metrics[0]["parameters"],
                train_seconds=sum(m["train_seconds"] for m in metrics),
                epochs=float(np.mean([m["epochs"] for m in metrics])),
-               val_dice=float(np.mean(val_dice)))
+               val_dice=float(np.mean(val_dice)), confusion=confusion)
     by_epoch = pd.concat(by_epoch, ignore_index=True)
     fold_weights = by_epoch["images"] / by_epoch.groupby("epoch")["images"].transform("sum")
     curves = (by_epoch[list(plots.CURVE_METRICS)].mul(fold_weights, axis=0)
               .groupby(by_epoch["epoch"]).sum().reset_index())
     return run, curves, per_image
+
+
+def _read_confusion(path: Path, per_image_columns: Sequence[str]) -> np.ndarray:
+    """confusion.csv's counts (C, C), its classes those of per_image.csv's header."""
+    names = Labels.from_columns(per_image_columns).class_names
+    table = _read_csv(path, names, text=("truth",))
+    if list(table["truth"].astype(str)) != list(names) or list(table.columns[1:]) != list(names):
+        raise SegpipeError(f"{path}: rows and columns must be the classes "
+                           f"{', '.join(names)}, as in per_image.csv")
+    return table[list(names)].to_numpy(np.int64)
 
 
 def _group_name(experiment: str, axes: Sequence[str], values: dict) -> str:
@@ -219,8 +236,7 @@ def _image_scores(name: str, runs: pd.DataFrame, per_image: list[pd.DataFrame]
         if not np.isfinite(values.to_numpy()).all():
             raise SegpipeError(f"{path}: missing or non-finite {', '.join(PER_IMAGE_METRICS)}")
         aligned.append(values)
-    groups = [(group, members.sort_values("seed", kind="stable"))
-              for group, members in runs.groupby("group", sort=False)]
+    groups = _groups(runs)
     if not set.intersection(*(set(members["seed"]) for _, members in groups)):
         seeds = "; ".join(f"{group}: {', '.join(map(str, members['seed']))}"
                           for group, members in groups)
@@ -231,6 +247,65 @@ def _image_scores(name: str, runs: pd.DataFrame, per_image: list[pd.DataFrame]
                                                    for i in members.index]))
                      for group, members in groups}
             for metric in PER_IMAGE_METRICS}
+
+
+def _class_scores(runs: pd.DataFrame, per_image: list[pd.DataFrame], labels: Labels
+                  ) -> dict[str, dict[str, stats.Scores]]:
+    """``{class: {group: Scores}}`` of the per-class test Dice, on the test images whose truth
+    holds the class. That set depends on the truth only, so it is the same for every run (the
+    comparisons stay paired); a run that disagrees is an error."""
+    names = list(per_image[0]["name"])
+    tables = [table.set_index("name").loc[names] for table in per_image]
+    scores = {}
+    for name in labels.names:
+        column = f"dice.{name}"
+        defined = tables[0][column].notna().to_numpy()
+        for folders, table in zip(runs["folders"], tables):
+            if not np.array_equal(table[column].notna().to_numpy(), defined):
+                raise SegpipeError(f"{_per_image_files(folders)}: defines {column} on other "
+                                   "images than the experiment's first run; its truth differs")
+        scores[name] = {group: stats.Scores(tuple(members["seed"]), np.stack(
+                            [tables[i][column].to_numpy(float)[defined] for i in members.index]))
+                        for group, members in _groups(runs)}
+    return scores
+
+
+def _groups(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(group, its runs by ascending seed), in order of appearance."""
+    return [(group, members.sort_values("seed", kind="stable"))
+            for group, members in runs.groupby("group", sort=False)]
+
+
+def class_summary(summary: pd.DataFrame, class_scores: dict[str, dict[str, stats.Scores]]
+                  ) -> pd.DataFrame:
+    """summary.csv's per-class columns, appended: for each class ``n_images.<class>`` (test
+    images whose truth holds it), ``dice.<class>_mean`` with its two-level bootstrap interval
+    ``_lo``, ``_hi``, and against the reference ``delta_dice.<class>`` with its paired
+    interval ``_lo``, ``_hi`` (NaN for the reference itself)."""
+    reference = summary["reference"].iloc[0]
+    columns: dict[str, list[float]] = {}
+    for name, by_group in class_scores.items():
+        n_images = next(iter(by_group.values())).values.shape[1]
+        columns[f"n_images.{name}"] = [n_images] * len(summary)
+        if n_images == 0:
+            for end in ("_mean", "_lo", "_hi"):
+                columns[f"dice.{name}{end}"] = [math.nan] * len(summary)
+                columns[f"delta_dice.{name}{end.replace('_mean', '')}"] = [math.nan] * len(summary)
+            continue
+        bootstrap = stats.Bootstrap(n_images)
+        for group in summary["group"]:
+            scores = by_group[group]
+            low, high = bootstrap.interval(scores)
+            delta = [math.nan] * 3
+            if isinstance(reference, str) and group != reference:
+                diff = stats.paired_difference(scores, by_group[reference])
+                delta = [diff.mean(), *bootstrap.interval(diff)]
+            for column, value in zip(
+                    (f"dice.{name}_mean", f"dice.{name}_lo", f"dice.{name}_hi",
+                     f"delta_dice.{name}", f"delta_dice.{name}_lo", f"delta_dice.{name}_hi"),
+                    (scores.mean(), low, high, *delta)):
+                columns.setdefault(column, []).append(value)
+    return pd.concat([summary, pd.DataFrame(columns, index=summary.index)], axis=1)
 
 
 def _per_image_files(folders: list[Path]) -> str:
@@ -368,6 +443,9 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     image_folds = per_image[0]["fold"].to_numpy() if "fold" in per_image[0] else None
     baseline = _group_name(name, axes, spec["baseline"]) if spec.get("baseline") else None
     summary = summarise(runs, axes, scores, bootstrap, ranks, image_folds, baseline)
+    labels = Labels.from_columns(per_image[0].columns)
+    if not labels.binary:
+        summary = class_summary(summary, _class_scores(runs, per_image, labels))
     groups = list(summary["group"])
     sweep = spec.get("sweep")
     x = _sweep_values(name, sweep, axes, summary) if sweep else None
@@ -386,6 +464,13 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
         _save(plots.plot_sweep(summary, x, f"{sweep['axis']} {sweep['param']}",
                                f"{name}: test metrics vs {sweep['axis']} {sweep['param']}"),
               output_dir / "sweep.png")
+    if not labels.binary:
+        _save(plots.plot_class_bars(summary, labels.names, colours,
+                                    f"{name}: test Dice per class"), output_dir / "classes.png")
+        confusion = [sum(members["confusion"]) for _, members in _groups(runs)]
+        _save(plots.plot_confusion(confusion, groups, labels.class_names,
+                                   f"{name}: test pixels by true and predicted class "
+                                   "(all runs of each group)"), output_dir / "confusion.png")
 
     _save(plots.plot_significance(list(ranked["group"]), ranked[f"{TEST_METRIC}_mean"],
                                   stats.significance([test_scores[i] for i in order]),
@@ -402,7 +487,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
                 for k in range(min(per_group, len(data["names"])))]
     shown = "lowest seed of each group" + (", fold 0" if image_folds is not None else "")
     _save(plots.plot_evolution(examples, f"{name}: predictions at each snapshot epoch "
-                               f"({shown})", threshold=threshold),
+                               f"({shown})", threshold=threshold, labels=labels),
           output_dir / "evolution.png")
 
     k = min(MAX_SAMPLES, len(first["names"]))
@@ -411,7 +496,7 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     source += ", fold 0" if image_folds is not None else ""
     _save(plots.plot_samples(groups, predictions, first["images"][:k], first["masks"][:k],
                              first["names"][:k], f"{name}: test predictions ({source})",
-                             threshold=threshold),
+                             threshold=threshold, labels=labels),
           output_dir / "samples.png")
 
 
@@ -532,12 +617,44 @@ def _experiment_section(folder: Path, output: Path) -> str:
             f"Its test Dice {_estimate(row, 'dice')}, IoU {_estimate(row, 'iou')}, mAP "
             f"{_estimate(row, 'map')}; its best run: `{row['best_run']}` (val Dice "
             f"{row['best_run_val_dice']:.3f}).")
-    lines += ["", *_comparisons(summary)]
+    lines += ["", *_comparisons(summary), *_class_table(summary)]
     figures = [folder / f"{figure}.png" for figure in FIGURES]
     links = [f"[{path.stem}]({Path(os.path.relpath(path, output.parent)).as_posix()})"
              for path in figures if path.is_file()]
     lines += ["", "Figures: " + " · ".join(links), ""]
     return "\n".join(lines)
+
+
+def _class_table(summary: pd.DataFrame) -> list[str]:
+    """With several classes: each group's test Dice per class [95 % bootstrap interval] and its
+    ΔDice against the reference [95 % paired interval], so a reader sees which class a model
+    wins on."""
+    classes = [c.removeprefix("dice.").removesuffix("_mean") for c in summary.columns
+               if c.startswith("dice.") and c.endswith("_mean")]
+    if not classes:
+        return []
+    reference = summary["reference"].iloc[0]
+    images = ", ".join(f"{c} {int(summary[f'n_images.{c}'].iloc[0])}" for c in classes)
+    lines = ["", f"Per class: test Dice on the images whose truth holds the class ({images}) "
+             "[95 % bootstrap interval]" + (f"; Δ: group − {reference} on those images [95 % "
+                                            "paired interval]" if isinstance(reference, str)
+                                            else "") + ".", "",
+             "| group | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for _, row in summary.iterrows():
+        cells = []
+        for c in classes:
+            if math.isnan(row[f"dice.{c}_mean"]):
+                cells.append("—")
+                continue
+            cell = (f"{row[f'dice.{c}_mean']:.3f} [{row[f'dice.{c}_lo']:.3f}, "
+                    f"{row[f'dice.{c}_hi']:.3f}]")
+            if not math.isnan(row[f"delta_dice.{c}"]):
+                cell += (f" Δ {_signed(row[f'delta_dice.{c}'])} "
+                         f"[{_signed(row[f'delta_dice.{c}_lo'])}, "
+                         f"{_signed(row[f'delta_dice.{c}_hi'])}]")
+            cells.append(cell)
+        lines.append(f"| {row['group']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_summary(experiment_dirs: list[Path], output: Path) -> None:

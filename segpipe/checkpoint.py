@@ -16,6 +16,7 @@ from torch import nn
 
 from segpipe import SegpipeError, __version__
 from segpipe.files import atomic_path
+from segpipe.labels import Labels
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, place
 
 REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean", "std")
@@ -23,19 +24,28 @@ REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean
 input size [H, W] and the normalisation mean/std."""
 
 
-def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int], **meta: object) -> dict:
-    """The checkpoint of a model trained from run ``spec`` at input ``size`` [H, W]."""
+def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int], labels: Labels,
+                    **meta: object) -> dict:
+    """The checkpoint of a model trained from run ``spec`` at input ``size`` [H, W] on the
+    classes ``labels`` (key ``labels``, absent for the binary study without classes)."""
+    classes = labels.to_dict()
     return {"state_dict": state_dict, "architecture": spec["architecture"],
             "backbone": spec["backbone"], "spec": spec, "size": list(size),
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            **({} if classes is None else {"labels": classes}),
             "segpipe_version": __version__, **meta}
 
 
+def checkpoint_labels(checkpoint: dict) -> Labels:
+    """The classes a checkpoint's model predicts (:class:`segpipe.labels.Labels`)."""
+    return Labels.from_dict(checkpoint.get("labels"))
+
+
 def save_checkpoint(path: Path, spec: dict, state_dict: dict, size: Sequence[int],
-                    **meta: object) -> None:
+                    labels: Labels, **meta: object) -> None:
     """Write :func:`make_checkpoint` to ``path`` atomically."""
     with atomic_path(Path(path)) as tmp:
-        torch.save(make_checkpoint(spec, state_dict, size, **meta), tmp)
+        torch.save(make_checkpoint(spec, state_dict, size, labels, **meta), tmp)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -58,6 +68,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     backbone = dict(checkpoint["backbone"])
     if "weights" in backbone:
         backbone["weights"] = "none"
-    model = build_model(checkpoint["architecture"], backbone)
+    model = build_model(checkpoint["architecture"], backbone,
+                        checkpoint_labels(checkpoint).outputs)
     model.load_state_dict(checkpoint["state_dict"])
     return place(model, device).eval(), checkpoint

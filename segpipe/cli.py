@@ -36,6 +36,17 @@ def _json_arg(text: str) -> dict:
     return value
 
 
+def _json_list(text: str) -> list:
+    """A JSON list given inline."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise argparse.ArgumentTypeError("not a valid JSON list") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
+    return value
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from segpipe.data.synthetic import write_dataset
 
@@ -44,13 +55,13 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 def _cmd_rasterise(args: argparse.Namespace) -> None:
     from segpipe.data.cache import build_cache
+    from segpipe.labels import Labels
 
     build_cache(
         args.input,
         args.output,
         size=tuple(args.size),
-        foreground=args.foreground,
-        background=args.background,
+        labels=Labels.from_config(args.classes, args.foreground, args.background, args.ignore),
         val_fraction=args.val_fraction,
         split_seed=args.split_seed,
         folds=args.folds,
@@ -123,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels drawn as foreground (default: every label not in --background)")
     s.add_argument("--background", nargs="*", default=[], metavar="LABEL",
                    help="labels that erase (drawn as background, in file order)")
+    s.add_argument("--classes", type=_json_list, default=None, metavar="JSON",
+                   help='several classes, as data.classes: a JSON list of labels or {"name": '
+                        '[labels]}, e.g. \'["leaf", {"rock": ["stone", "pebble"]}]\'')
+    s.add_argument("--ignore", nargs="*", default=[], metavar="LABEL",
+                   help="labels whose pixels no loss or metric counts")
     s.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of images marked as validation split")
     s.add_argument("--folds", type=int, default=None, metavar="K",

@@ -30,3 +30,31 @@ PER_IMAGE_CSV = ("name", *METRICS)
 """``per_image.csv``: one row per test image, the best model's metrics."""
 BY_EPOCH_CSV = ("epoch", *METRIC_COLUMNS)
 """``metrics_by_epoch.csv``: one row per snapshot epoch, its metrics on the test split."""
+CONFUSION_CSV = "confusion.csv"
+"""With several classes: the pooled confusion matrix of the best model on the test split."""
+
+
+def class_metric_columns(labels) -> list[str]:
+    """The per-class columns of metrics.csv and metrics_by_epoch.csv for the classes of
+    ``labels`` (:class:`segpipe.labels.Labels`): ``<metric>.<class>``, the mean over the test
+    images whose truth holds the class, and ``pooled_<metric>.<class>``; none when binary."""
+    from segpipe.labels import CLASS_METRICS
+
+    return [c for prefix in ("", "pooled_") for m in CLASS_METRICS
+            for c in labels.class_columns(prefix + m)]
+
+
+def metrics_csv(labels) -> tuple[str, ...]:
+    """metrics.csv's columns: :data:`METRICS_CSV`, with several classes the per-class columns
+    before the run columns."""
+    return ("run", *AXES, "seed", *METRIC_COLUMNS, *class_metric_columns(labels), *RUN_COLUMNS)
+
+
+def per_image_csv(labels) -> tuple[str, ...]:
+    """per_image.csv's columns: :data:`PER_IMAGE_CSV`, then the per-class metrics and counts."""
+    return (*PER_IMAGE_CSV, *labels.per_image_columns())
+
+
+def by_epoch_csv(labels) -> tuple[str, ...]:
+    """metrics_by_epoch.csv's columns: :data:`BY_EPOCH_CSV`, then the per-class ones."""
+    return (*BY_EPOCH_CSV, *class_metric_columns(labels))

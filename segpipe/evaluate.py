@@ -28,13 +28,16 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError
-from segpipe.checkpoint import load_checkpoint
-from segpipe.columns import (AXES, BY_EPOCH_CSV, MEAN_COLUMNS, METRICS, METRICS_CSV,
-                             PER_IMAGE_CSV, POOLED_COLUMNS, RUN_COLUMNS)
+from segpipe.checkpoint import checkpoint_labels, load_checkpoint
+from segpipe.columns import (AXES, CONFUSION_CSV, MEAN_COLUMNS, METRICS, POOLED_COLUMNS,
+                             RUN_COLUMNS, by_epoch_csv, class_metric_columns, metrics_csv,
+                             per_image_csv)
 from segpipe.files import atomic_path, write_csv
-from segpipe.metrics import PooledMetrics, per_image_metrics
+from segpipe.labels import Labels
+from segpipe.metrics import (PooledClassMetrics, PooledMetrics, per_image_class_metrics,
+                             per_image_metrics)
 from segpipe.rundir import check_snapshots, run_lock, snapshots
-from segpipe.runtime import acquire_device, forward_logits
+from segpipe.runtime import acquire_device, forward_logits, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
 
     device = acquire_device(device)
     model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
-    spec = checkpoint["spec"]
+    spec, labels = checkpoint["spec"], checkpoint_labels(checkpoint)
     fold = spec.get("fold")
     rows = None if fold is None else split_indices(cache, fold)[2]
     all_names, images, masks = _read_test_images(cache, rows, n_examples)
@@ -71,13 +74,18 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
                            f"{run_dir / 'model.pt'} was trained at "
                            f"{checkpoint['size'][0]}x{checkpoint['size'][1]}")
-    loader = torch.utils.data.DataLoader(SegmentationH5Dataset(cache, indices=rows),
-                                         batch_size=8)
+    test_set = SegmentationH5Dataset(cache, indices=rows)
+    if test_set.labels.class_names != labels.class_names:
+        raise SegpipeError(f"{cache}: holds the classes {', '.join(test_set.labels.class_names)}"
+                           f", but {run_dir / 'model.pt'} predicts "
+                           f"{', '.join(labels.class_names)}")
+    loader = torch.utils.data.DataLoader(test_set, batch_size=8)
 
     check_snapshots(run_dir / "snapshots", spec["train"]["snapshot_epochs"], checkpoint["epochs"])
-    per_image, pooled, probs = score(model, checkpoint, loader, device, threshold, len(names))
+    per_image, pooled, probs, confusion = score(model, checkpoint, loader, device, threshold,
+                                                len(names), labels)
     row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},
-           "seed": spec["seed"], **_metric_columns(per_image, pooled),
+           "seed": spec["seed"], **_metric_columns(per_image, pooled, labels),
            **{key: checkpoint[key] for key in RUN_COLUMNS}}
 
     epochs, by_epoch, evolution = [], [], []
@@ -87,64 +95,85 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
             raise SegpipeError(f"{path}: holds epoch {snapshot_checkpoint['epoch']} of run "
                                f"{snapshot_checkpoint['spec']['run']}, not epoch {epoch} of the "
                                f"run of {run_dir / 'model.pt'}")
-        snapshot_per_image, snapshot_pooled, snapshot_probs = score(
-            snapshot, snapshot_checkpoint, loader, device, threshold, len(names))
+        snapshot_per_image, snapshot_pooled, snapshot_probs, _ = score(
+            snapshot, snapshot_checkpoint, loader, device, threshold, len(names), labels)
         epochs.append(epoch)
-        by_epoch.append({"epoch": epoch, **_metric_columns(snapshot_per_image, snapshot_pooled)})
+        by_epoch.append({"epoch": epoch, **_metric_columns(snapshot_per_image, snapshot_pooled,
+                                                           labels)})
         evolution.append(snapshot_probs)
     # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
-    write_csv(run_dir / "metrics.csv", METRICS_CSV, [row])
-    write_csv(run_dir / "per_image.csv", PER_IMAGE_CSV,
+    write_csv(run_dir / "metrics.csv", metrics_csv(labels), [row])
+    write_csv(run_dir / "per_image.csv", per_image_csv(labels),
               [{"name": name, **{m: values[k] for m, values in per_image.items()}}
                for k, name in enumerate(all_names)])
-    write_csv(run_dir / "metrics_by_epoch.csv", BY_EPOCH_CSV, by_epoch)
+    write_csv(run_dir / "metrics_by_epoch.csv", by_epoch_csv(labels), by_epoch)
+    if confusion is not None:
+        write_csv(run_dir / CONFUSION_CSV, ("truth", *labels.class_names),
+                  [{"truth": name, **dict(zip(labels.class_names, map(int, counts)))}
+                   for name, counts in zip(labels.class_names, confusion)])
     with atomic_path(run_dir / "evolution.npz") as tmp:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
             probs_best=probs.astype(np.float16), images=images, masks=masks,
             names=np.array(names, dtype=str), threshold=np.float64(threshold))
-    plot_predictions(names, images, masks, probs, threshold, run_dir / "predictions.png",
-                     title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
+    plot_predictions(names, images, masks, probs, threshold, labels,
+                     run_dir / "predictions.png", title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
              row["pooled_dice"], len(epochs))
 
 
 @torch.no_grad()
 def score(model: nn.Module, checkpoint: dict, loader: torch.utils.data.DataLoader,
-          device: torch.device, threshold: float, keep: int
-          ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray]:
-    """Per-image metrics ``{name: (N,)}``, pooled metrics, and the probabilities float32
-    (keep, H, W) of the first ``keep`` images."""
-    pooled = PooledMetrics(threshold)
-    per_image: dict[str, list] = {m: [] for m in METRICS}
+          device: torch.device, threshold: float, keep: int, labels: Labels
+          ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray, np.ndarray | None]:
+    """Per-image metrics ``{column: (N,)}``, pooled metrics, the probabilities float32 of the
+    first ``keep`` images ((keep, H, W) binary, (keep, C, H, W) with several classes) and,
+    with several classes, the pooled confusion matrix (C, C)."""
+    binary = labels.binary
+    pooled = PooledMetrics(threshold) if binary else PooledClassMetrics(labels)
+    per_image: dict[str, list] = {}
     kept: list[torch.Tensor] = []
     for images, masks in loader:
         logits = forward_logits(model, images, device, checkpoint["mean"], checkpoint["std"])
-        probs = torch.sigmoid(logits.float())
+        probs = probabilities(logits)
         masks = masks.to(device)
         pooled.update(probs, masks)
-        for name, values in per_image_metrics(probs, masks, threshold).items():
-            per_image[name].append(values.cpu())
+        metrics = (per_image_metrics(probs, masks, threshold) if binary
+                   else per_image_class_metrics(probs, masks, labels))
+        for name, values in metrics.items():
+            per_image.setdefault(name, []).append(values.cpu())
         if sum(map(len, kept)) < keep:
-            kept.append(probs[:keep, 0].cpu())
+            kept.append((probs[:keep, 0] if binary else probs[:keep]).cpu())
+    confusion = None if binary else pooled.confusion().numpy()
     return ({m: torch.cat(v).numpy() for m, v in per_image.items()}, pooled.compute(),
-            torch.cat(kept)[:keep].numpy())
+            torch.cat(kept)[:keep].numpy(), confusion)
 
 
 def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
-                     probs: np.ndarray, threshold: float, path: Path, title: str) -> None:
-    """A figure with one row per image: image, truth, prediction (``prob >= threshold``),
-    probability."""
+                     probs: np.ndarray, threshold: float, labels: Labels, path: Path,
+                     title: str) -> None:
+    """A figure with one row per image: image, truth, prediction, probability. Binary: the
+    prediction is ``prob >= threshold``; with several classes truth and prediction (argmax)
+    are in the classes' palette colours, with a legend, and the probability panel shows the
+    predicted class's probability."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
+    from matplotlib.patches import Patch
 
     rows = len(names)
-    fig = Figure(figsize=(10, 2.6 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(10, 2.6 * rows + 0.5 + (not labels.binary) * 0.4),
+                 layout="constrained")
     axes = fig.subplots(rows, 4, squeeze=False)
+    palette = np.array(labels.palette(), np.uint8)
     for r in range(rows):
-        panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
-                  (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
-                  (probs[r], "viridis", "probability")]
+        if labels.binary:
+            panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
+                      (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
+                      (probs[r], "viridis", "probability")]
+        else:
+            panels = [(images[r], None, "image"), (palette[masks[r]], None, "truth"),
+                      (palette[labels.predict(probs[r])], None, "prediction (argmax)"),
+                      (probs[r].max(axis=0), "viridis", "probability of the prediction")]
         for ax, (data, cmap, label) in zip(axes[r], panels):
             shown = ax.imshow(data, cmap=cmap, vmin=0, vmax=1 if cmap else None,
                               interpolation="nearest")
@@ -154,15 +183,29 @@ def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
             ax.set_yticks([])
         axes[r][0].set_ylabel(names[r], fontsize=9)
         fig.colorbar(shown, ax=axes[r][3], fraction=0.046)
+    if not labels.binary:
+        fig.legend([Patch(color=palette[i] / 255) for i in range(len(labels.class_names))],
+                   labels.class_names, loc="outside lower center", ncols=8, frameon=False,
+                   fontsize=9)
     fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
 
 
-def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float]) -> dict[str, float]:
-    """The metric columns: per-image means, then pooled values."""
-    return {**{col: float(per_image[m].mean()) for col, m in zip(MEAN_COLUMNS, METRICS)},
-            **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)}}
+def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float],
+                    labels: Labels) -> dict[str, float]:
+    """The metric columns: per-image means, then pooled values; with several classes then
+    each class's mean over the images whose truth holds it (NaN where none does) and its
+    pooled value."""
+    columns = {**{col: float(per_image[m].mean()) for col, m in zip(MEAN_COLUMNS, METRICS)},
+               **{col: pooled[m] for col, m in zip(POOLED_COLUMNS, METRICS)}}
+    for column in class_metric_columns(labels):
+        if column.startswith("pooled_"):
+            columns[column] = pooled[column]
+        else:
+            defined = per_image[column][~np.isnan(per_image[column])]
+            columns[column] = float(defined.mean()) if len(defined) else float("nan")
+    return columns
 
 
 def _read_test_images(cache: Path, rows: np.ndarray | None, count: int

@@ -8,10 +8,15 @@ A definition is a weighted sum of terms (weights are used as given, not normalis
     {"bce": 0.3, "dice": 0.7}             BCE+Dice with dice weight alpha = 0.7
     {"focal_tversky": 1.0, "tversky_alpha": 0.7, "tversky_beta": 0.3, "tversky_gamma": 0.75}
 
-Every loss is called as ``loss(logits, target)``: ``logits`` (N, 1, H, W) or a list of such
-(deep supervision: the loss is the mean over the outputs), ``target`` float in {0, 1} of the
-same shape. Sigmoid is applied inside; everything is computed in float32, also when the
-logits are bf16/fp16 under autocast. The result is a scalar (mean over the batch).
+Every loss is called as ``loss(logits, target)``: ``logits`` (N, C, H, W) or a list of such
+(deep supervision: the loss is the mean over the outputs), ``target`` (N, 1, H, W) the mask
+values (:mod:`segpipe.labels`) as floats. With one channel (binary) a term uses the sigmoid
+and ``target`` in {0, 1}; with C = 1 + K channels (K classes) the softmax, ``bce`` is the
+categorical cross-entropy and ``dice`` and ``focal_tversky`` are per foreground class, the
+background left out (MONAI ``DiceCELoss(softmax=True, to_onehot_y=True,
+include_background=False)``). Pixels of value :data:`~segpipe.labels.IGNORE` count in no term
+(when the study has ignore labels). Everything is computed in float32, also when the logits
+are bf16/fp16 under autocast. The result is a scalar (mean over the batch).
 """
 
 from __future__ import annotations
@@ -22,23 +27,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segpipe.spec import check_definition
+from segpipe import SegpipeError
+from segpipe.labels import IGNORE, Labels
 
 EPS = 1e-5
 """Smoothing constant of the soft Dice and Tversky ratios."""
+TVERSKY_DEFAULTS = {"alpha": 0.7, "beta": 0.3, "gamma": 0.75}
+"""Focal Tversky's weight of false negatives, of false positives, and exponent (Abraham &
+Khan 2019), when the definition leaves them out."""
 
 
 class BinaryCrossEntropy(nn.Module):
     """Mean binary cross-entropy with logits,
     ``−[w·g·log σ(x) + (1−g)·log(1−σ(x))]`` with positive-class weight ``w`` (default 1)."""
 
-    def __init__(self, pos_weight: float = 1.0) -> None:
+    def __init__(self, pos_weight: float = 1.0, ignore: bool = False) -> None:
         super().__init__()
-        self.pos_weight = pos_weight
+        self.pos_weight, self.ignore = pos_weight, ignore
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         weight = None if self.pos_weight == 1.0 else logits.new_tensor(self.pos_weight)
-        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        if not self.ignore:
+            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        valid = (target != IGNORE).float()
+        return F.binary_cross_entropy_with_logits(
+            logits, target * valid, weight=valid, pos_weight=weight, reduction="sum"
+        ) / valid.sum().clamp_min(1)
 
     def extra_repr(self) -> str:
         return f"pos_weight={self.pos_weight}"
@@ -49,17 +63,18 @@ class SoftDiceLoss(nn.Module):
 
     ``1 − (2·Σ p·g + ε) / (Σ p + Σ g + ε)`` with ``p = σ(logits)``, sums over each sample's
     pixels, averaged over the batch (MONAI ``DiceLoss(sigmoid=True)``). An empty target with
-    an empty prediction costs 0.
+    an empty prediction costs 0. With several classes, ``p`` is the softmax and the ratio is
+    taken per sample and foreground class, averaged over both (MONAI ``DiceLoss(softmax=True,
+    to_onehot_y=True, include_background=False)``).
     """
 
-    def __init__(self, eps: float = EPS) -> None:
+    def __init__(self, eps: float = EPS, ignore: bool = False) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.ignore = eps, ignore
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        p = torch.sigmoid(logits).flatten(1)
-        g = target.flatten(1)
-        dice = (2 * (p * g).sum(1) + self.eps) / (p.sum(1) + g.sum(1) + self.eps)
+        p, g = _probabilities_and_truth(logits, target, self.ignore)
+        dice = (2 * (p * g).sum(-1) + self.eps) / (p.sum(-1) + g.sum(-1) + self.eps)
         return (1 - dice).mean()
 
     def extra_repr(self) -> str:
@@ -74,26 +89,65 @@ class FocalTverskyLoss(nn.Module):
     ``FN = Σ (1−p)·g``, ``FP = Σ p·(1−g)``; loss ``(1 − TI)^γ`` averaged over the batch.
     α weighs false negatives. With α = β = 0.5 and γ = 1 this is the soft Dice loss (up to ε).
     ``1 − TI`` is clamped at 1e-12 so that the gradient of ``x^γ`` (γ < 1) stays finite at a
-    perfect prediction.
+    perfect prediction. With several classes: per sample and foreground class on the softmax,
+    averaged over both.
     """
 
-    def __init__(
-        self, alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75, eps: float = EPS
-    ) -> None:
+    def __init__(self, alpha: float, beta: float, gamma: float, eps: float = EPS,
+                 ignore: bool = False) -> None:
         super().__init__()
-        self.alpha, self.beta, self.gamma, self.eps = alpha, beta, gamma, eps
+        self.alpha, self.beta, self.gamma, self.eps, self.ignore = alpha, beta, gamma, eps, ignore
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        p = torch.sigmoid(logits).flatten(1)
-        g = target.flatten(1)
-        tp = (p * g).sum(1)
-        fn = ((1 - p) * g).sum(1)
-        fp = (p * (1 - g)).sum(1)
+        p, g = _probabilities_and_truth(logits, target, self.ignore)
+        valid = _valid(target, p.shape) if self.ignore else 1
+        tp = (p * g).sum(-1)
+        fn = ((1 - p) * g).sum(-1)
+        fp = (p * (1 - g) * valid).sum(-1)
         tversky = (tp + self.eps) / (tp + self.alpha * fn + self.beta * fp + self.eps)
         return ((1 - tversky).clamp_min(1e-12) ** self.gamma).mean()
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, eps={self.eps}"
+
+
+class CrossEntropy(nn.Module):
+    """Softmax cross-entropy over the classes, ``−Σ w_g·log softmax(x)_g / Σ w_g`` over the
+    pixels that are not ignored, ``g`` the true class and ``w`` the ``class_weights``
+    (default all 1): ``torch.nn.functional.cross_entropy(weight=w, ignore_index=255)``."""
+
+    def __init__(self, class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.class_weights = None if class_weights is None else list(class_weights)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        weight = None if self.class_weights is None else logits.new_tensor(self.class_weights)
+        return F.cross_entropy(logits, target[:, 0].long(), weight=weight, ignore_index=IGNORE)
+
+    def extra_repr(self) -> str:
+        return f"class_weights={self.class_weights}"
+
+
+def _valid(target: Tensor, shape: torch.Size) -> Tensor:
+    """1.0 where a pixel is not ignored, broadcast to the (N, C, pixels) of ``shape``."""
+    return (target != IGNORE).flatten(1)[:, None].float().expand(shape)
+
+
+def _probabilities_and_truth(logits: Tensor, target: Tensor, ignore: bool
+                             ) -> tuple[Tensor, Tensor]:
+    """(N, C', pixels) probabilities and one-hot truth of the foreground classes (binary: C' = 1,
+    the sigmoid; else the softmax without its background channel); ignored pixels 0 in both."""
+    if logits.shape[1] == 1:
+        p, g = torch.sigmoid(logits).flatten(2), target.flatten(2)
+    else:
+        classes = target[:, 0].long()
+        p = torch.softmax(logits, dim=1).flatten(2)[:, 1:]
+        g = F.one_hot(classes.where(classes != IGNORE, 0), logits.shape[1])
+        g = g.permute(0, 3, 1, 2).flatten(2)[:, 1:].float()
+    if ignore:
+        valid = _valid(target, p.shape)
+        p, g = p * valid, g * valid
+    return p, g
 
 
 class WeightedSumLoss(nn.Module):
@@ -113,7 +167,8 @@ class WeightedSumLoss(nn.Module):
             return torch.stack([self._weighted_sum(x.float(), target) for x in logits]).mean()
 
     def _weighted_sum(self, logits: Tensor, target: Tensor) -> Tensor:
-        if logits.shape != target.shape:
+        if (logits.shape[0], *logits.shape[2:]) != (target.shape[0], *target.shape[2:]) or \
+                target.shape[1] != 1:
             raise ValueError(f"logits {tuple(logits.shape)} and target "
                              f"{tuple(target.shape)} differ in shape")
         return sum(self.weights[name] * term(logits, target) for name, term in self.terms.items())
@@ -122,24 +177,42 @@ class WeightedSumLoss(nn.Module):
         return "weights=" + repr(self.weights)
 
 
-def build_loss(definition: dict) -> nn.Module:
-    """The loss of a config definition (see the module docstring), checked against the
-    config schema's ``$defs.loss`` (:mod:`segpipe.spec`; bad input raises
-    :class:`~segpipe.SegpipeError` naming the key).
+def build_loss(definition: dict, labels: Labels = Labels()) -> nn.Module:
+    """The loss of a schema-valid config definition (see the module docstring) for the classes
+    of ``labels`` (one output channel: binary terms, else softmax terms).
 
     Term weights are ≥ 0, at least one positive; terms of weight 0 are not computed.
-    ``pos_weight`` (> 0, default 1) applies to ``bce``; ``tversky_alpha`` (0.7),
-    ``tversky_beta`` (0.3), ``tversky_gamma`` (0.75) to ``focal_tversky``.
+    ``pos_weight`` (> 0, default 1) applies to ``bce``: the weight of positive pixels, with
+    several classes of every foreground class (background 1) unless ``class_weights`` (one per
+    class, background first) gives them; ``tversky_alpha``, ``tversky_beta``, ``tversky_gamma``
+    to ``focal_tversky`` (defaults in the schema). Raises :class:`~segpipe.SegpipeError` for
+    ``class_weights`` whose length is not the number of classes.
     """
-    check_definition("loss", definition)
+    ignore = bool(labels.ignore)
+    if labels.binary:
+        bce = lambda: BinaryCrossEntropy(float(definition.get("pos_weight", 1.0)), ignore)  # noqa: E731
+    else:
+        bce = lambda: CrossEntropy(_class_weights(definition, labels))  # noqa: E731
+    tversky = {key: float(definition.get(f"tversky_{key}", default))
+               for key, default in TVERSKY_DEFAULTS.items()}
     terms = {
-        "bce": lambda: BinaryCrossEntropy(float(definition.get("pos_weight", 1.0))),
-        "dice": SoftDiceLoss,
-        "focal_tversky": lambda: FocalTverskyLoss(
-            alpha=float(definition.get("tversky_alpha", 0.7)),
-            beta=float(definition.get("tversky_beta", 0.3)),
-            gamma=float(definition.get("tversky_gamma", 0.75)),
-        ),
+        "bce": bce,
+        "dice": lambda: SoftDiceLoss(ignore=ignore),
+        "focal_tversky": lambda: FocalTverskyLoss(**tversky, ignore=ignore),
     }
     return WeightedSumLoss({name: (float(definition[name]), make())
                             for name, make in terms.items() if definition.get(name, 0) > 0})
+
+
+def _class_weights(definition: dict, labels: Labels) -> list[float] | None:
+    """The cross-entropy weights of a multi-class study (None: all 1)."""
+    if "class_weights" in definition:
+        weights = list(map(float, definition["class_weights"]))
+        if len(weights) != labels.outputs:
+            raise SegpipeError(
+                f"loss: class_weights has {len(weights)} weights, but the study has "
+                f"{labels.outputs} classes ({', '.join(labels.class_names)})")
+        return weights
+    if "pos_weight" in definition:
+        return [1.0] + [float(definition["pos_weight"])] * (labels.outputs - 1)
+    return None

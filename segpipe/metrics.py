@@ -30,15 +30,19 @@ import torch
 from torch import Tensor
 
 from segpipe.columns import METRICS
+from segpipe.labels import CLASS_METRICS, COUNTS, IGNORE, Labels
 
 
 def per_image_metrics(probs: Tensor, masks: Tensor, threshold: float = 0.5) -> dict[str, Tensor]:
     """Metrics of each image: ``{name: float64 tensor (N,)}`` for the names in ``METRICS``,
     on the device of ``probs``. Their means over images are the per-image scores ("mAP" for
-    ``ap``)."""
-    probs, truth = _flatten(probs, masks)
-    ap = torch.stack([_average_precision(p, t) for p, t in zip(probs, truth)])
-    return _metrics(*_counts(probs >= threshold, truth), ap)
+    ``ap``). Pixels of ``masks`` equal to :data:`~segpipe.labels.IGNORE` are not counted."""
+    probs, truth, valid = _flatten(probs, masks)
+    if valid is None:
+        ap = torch.stack([_average_precision(p, t) for p, t in zip(probs, truth)])
+        return _metrics(*_counts(probs >= threshold, truth), ap)
+    ap = torch.stack([_average_precision(p[v], t[v]) for p, t, v in zip(probs, truth, valid)])
+    return _metrics(*_counts((probs >= threshold) & valid, truth), ap)
 
 
 class PooledMetrics:
@@ -57,8 +61,11 @@ class PooledMetrics:
 
     def update(self, probs: Tensor, masks: Tensor) -> None:
         """Add a batch: ``probs`` and ``masks`` as for :func:`per_image_metrics`."""
-        probs, truth = _flatten(probs, masks)
-        counts = _counts(probs >= self.threshold, truth)
+        probs, truth, valid = _flatten(probs, masks)
+        pred = probs >= self.threshold
+        if valid is not None:
+            pred, probs, truth = pred & valid, probs[valid], truth[valid]
+        counts = _counts(pred, truth if valid is None else _scatter(truth, valid))
         self._counts += torch.stack([c.sum() for c in counts]).cpu()
         self._probs.append(probs.reshape(-1).float().cpu())
         self._labels.append(truth.reshape(-1).cpu())
@@ -82,12 +89,24 @@ def average_precision(scores: Tensor, labels: Tensor) -> float:
     return _average_precision(scores, labels.bool()).item()
 
 
-def _flatten(probs: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, ...) probabilities and masks → (N, pixels) float and bool."""
+def _flatten(probs: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(N, ...) probabilities and masks → (N, pixels) float and bool, and the pixels that are
+    not ignored (None when none is)."""
     if probs.shape != masks.shape or probs.dim() < 2:
         raise ValueError(f"probs {tuple(probs.shape)} and masks {tuple(masks.shape)} must "
                          "have one shape (N, H, W) or (N, 1, H, W)")
-    return probs.flatten(1), masks.flatten(1).bool()
+    masks = masks.flatten(1)
+    ignored = masks == IGNORE
+    if not ignored.any():
+        return probs.flatten(1), masks.bool(), None
+    return probs.flatten(1), masks.bool() & ~ignored, ~ignored
+
+
+def _scatter(values: Tensor, where: Tensor) -> Tensor:
+    """A (N, pixels) bool tensor False except ``values`` at the True pixels of ``where``."""
+    out = torch.zeros_like(where)
+    out[where] = values
+    return out
 
 
 def _counts(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -131,3 +150,115 @@ def _average_precision(scores: Tensor, labels: Tensor) -> Tensor:
     precision = tp / (group_ends + 1)
     recall_gain = torch.diff(tp, prepend=tp.new_zeros(1)) / tp[-1]
     return (recall_gain * precision).sum()
+
+
+# --------------------------------------------------------------------------- several classes
+
+def per_image_class_metrics(probs: Tensor, masks: Tensor, labels: Labels
+                            ) -> dict[str, Tensor]:
+    """Metrics of each image of a multi-class study: ``{column: float64 tensor (N,)}`` for the
+    image scores ``METRICS`` and the per-class columns of
+    :meth:`~segpipe.labels.Labels.per_image_columns`.
+
+    ``probs`` (N, C, H, W) softmax probabilities, ``masks`` (N, H, W) or (N, 1, H, W) class
+    indices; the prediction is the argmax; ignored pixels count nowhere. For class c with
+    TP, FP, FN on the image: dice, iou, precision, recall as in the binary case and the
+    one-vs-rest AP of ``probs[:, c]``, all **undefined (NaN) when c is absent from the truth**
+    (whatever the prediction: its false-positive pixels are in ``fp.<c>``), and precision 0
+    when c is present but never predicted. An image's ``dice`` (``iou``, ``precision``,
+    ``recall``, ``ap``) is the mean over the classes its truth holds; an image whose truth
+    holds no class scores 1 when nothing is predicted either, else 0 (binary's "empty vs empty
+    = 1"). ``accuracy``: the share of its pixels whose class is right.
+    """
+    pred, truth, valid, flat = _classes(probs, masks)
+    columns: dict[str, Tensor] = {}
+    present, scores = [], {m: [] for m in CLASS_METRICS}
+    for c, name in enumerate(labels.names, start=1):
+        t, p = (truth == c) & valid, (pred == c) & valid
+        tp, fp, fn, _ = _counts(p, t)
+        ref, predicted = tp + fn, tp + fp
+        defined = ref > 0
+        ap = torch.stack([_average_precision(scores_[v], t_[v])
+                          for scores_, t_, v in zip(flat[:, c], t, valid)])
+        values = {"dice": _ratio(2 * tp, 2 * tp + fp + fn), "iou": _ratio(tp, tp + fp + fn),
+                  "precision": _ratio(tp, predicted), "recall": _ratio(tp, ref), "ap": ap}
+        for metric, value in values.items():
+            value = torch.where(defined, value, torch.nan)
+            columns[f"{metric}.{name}"] = value
+            scores[metric].append(value)
+        for count, value in zip(COUNTS, (tp, fp, fn, ref, predicted)):
+            columns[f"{count}.{name}"] = value.double()
+        present.append(defined)
+    present = torch.stack(present, 1)
+    nothing_predicted = ((pred > 0) & valid).sum(1) == 0
+    empty_score = nothing_predicted.double()
+    image = {m: torch.where(present.any(1), torch.stack(v, 1).nansum(1) / present.sum(1).clamp_min(1),
+                            empty_score) for m, v in scores.items()}
+    correct = ((pred == truth) & valid).sum(1)
+    image["accuracy"] = _ratio(correct, valid.sum(1)).where(valid.sum(1) > 0, 1.0)
+    return {**{m: image[m] for m in METRICS}, **columns}
+
+
+class PooledClassMetrics:
+    """Metrics of a multi-class study over all pixels of a dataset, batch by batch:
+    :meth:`compute` gives per class ``pooled_<metric>.<class>`` from the dataset's TP, FP, FN
+    (NaN for a class absent from the whole truth) and one-vs-rest AP, and for the names in
+    ``METRICS`` their means over the classes (the macro average over the foreground classes:
+    ``iou`` is the mIoU of computer-vision papers, without the background) and the pixel
+    accuracy; :meth:`confusion` the confusion matrix."""
+
+    def __init__(self, labels: Labels) -> None:
+        self.labels = labels
+        self._confusion = torch.zeros(labels.outputs, labels.outputs, dtype=torch.int64)
+        self._probs: list[Tensor] = []
+        self._truth: list[Tensor] = []
+
+    def update(self, probs: Tensor, masks: Tensor) -> None:
+        pred, truth, valid, flat = _classes(probs, masks)
+        n = self.labels.outputs
+        pairs = truth[valid].long() * n + pred[valid].long()
+        self._confusion += torch.bincount(pairs, minlength=n * n).reshape(n, n).cpu()
+        self._probs.append(flat.permute(1, 0, 2)[:, valid].float().cpu())
+        self._truth.append(truth[valid].cpu())
+
+    def confusion(self) -> Tensor:
+        """(C, C) int64 pixel counts, rows the true class, columns the predicted one."""
+        return self._confusion.clone()
+
+    def compute(self) -> dict[str, float]:
+        if not self._probs:
+            raise ValueError("PooledClassMetrics.compute() called before any update()")
+        probs, truth = torch.cat(self._probs, 1), torch.cat(self._truth)
+        matrix = self._confusion.double()
+        result, per_class = {}, {m: [] for m in CLASS_METRICS}
+        for c, name in enumerate(self.labels.names, start=1):
+            tp = matrix[c, c]
+            fp, fn = matrix[:, c].sum() - tp, matrix[c].sum() - tp
+            defined = bool(tp + fn > 0)
+            values = {"dice": _ratio(2 * tp, 2 * tp + fp + fn), "iou": _ratio(tp, tp + fp + fn),
+                      "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                      "ap": _average_precision(probs[c], truth == c)}
+            for metric, value in values.items():
+                value = value.item() if defined else float("nan")
+                result[f"pooled_{metric}.{name}"] = value
+                per_class[metric].append(value)
+        means = {m: float(torch.tensor(v).nanmean()) for m, v in per_class.items()}
+        means["accuracy"] = (matrix.diag().sum() / matrix.sum().clamp_min(1)).item()
+        return {**{m: means[m] for m in METRICS}, **result}
+
+
+def _classes(probs: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Predicted classes (N, pixels) by argmax, true classes, the pixels not ignored, and the
+    probabilities (N, C, pixels)."""
+    masks = masks.flatten(1)
+    if probs.dim() != 4 or masks.shape != (probs.shape[0], probs.shape[2] * probs.shape[3]):
+        raise ValueError(f"probs {tuple(probs.shape)} must be (N, C, H, W) and masks "
+                         f"{tuple(masks.shape)} (N, H, W) or (N, 1, H, W)")
+    flat = probs.flatten(2)
+    return flat.argmax(1), masks, masks != IGNORE, flat
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator as float64, 0 where the denominator is 0."""
+    value = numerator.double() / denominator.double().clamp_min(1)
+    return torch.where(denominator > 0, value, 0.0)

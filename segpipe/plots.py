@@ -15,6 +15,11 @@ with the truth and with the previous snapshot's prediction:
 * magenta: false positive (already wrong before)
 
 With no previous prediction (``previous = current``) only black, grey, orange and magenta occur.
+
+With several classes the mask panels use the classes' VOC palette colours
+(:func:`class_error_image`): a correct pixel in its class's colour, dimmed; a wrong one at full
+brightness in the colour of the class it was *predicted* as (so a confusion shows which class
+it was taken for), white where a class was missed (predicted background); ignored pixels grey.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+
+from segpipe.labels import IGNORE, Labels
 
 DPI = 120
 CELL_INCHES = 1.6  # height of one image panel
@@ -313,29 +320,84 @@ def _panel_figure(rows: int, columns: int, aspect: float) -> tuple[Figure, np.nd
     return fig, fig.subplots(rows, columns, squeeze=False)
 
 
+DIM = 0.4  # brightness of correct pixels in class_error_image
+MISSED_COLOUR = (1.0, 1.0, 1.0)
+IGNORED_COLOUR = (0.5, 0.5, 0.5)
+
+
+def class_error_image(truth: np.ndarray, prediction: np.ndarray, labels: Labels) -> np.ndarray:
+    """RGB float (H, W, 3) of a multi-class ``prediction`` against ``truth`` (class maps
+    (H, W)): see the module docstring."""
+    palette = np.array(labels.palette(), float) / 255
+    wrong = prediction != truth
+    image = np.where(wrong[..., None], palette[prediction], DIM * palette[truth])
+    image[wrong & (prediction == 0)] = MISSED_COLOUR
+    image[truth == IGNORE] = IGNORED_COLOUR
+    return image
+
+
+def class_dice(truth: np.ndarray, prediction: np.ndarray, labels: Labels) -> float:
+    """An image's score as :func:`segpipe.metrics.per_image_class_metrics` defines it: the
+    mean Dice over the classes its truth holds (1 if it holds none and none is predicted)."""
+    valid = truth != IGNORE
+    present = [c for c in range(1, len(labels.class_names)) if (truth[valid] == c).any()]
+    if not present:
+        return float(not (prediction[valid] > 0).any())
+    return float(np.mean([_dice(truth[valid] == c, prediction[valid] == c) for c in present]))
+
+
+def _class_legend(fig: Figure, labels: Labels) -> None:
+    palette = np.array(labels.palette(), float) / 255
+    handles = [Patch(facecolor=palette[i], edgecolor="0.4") for i in range(1, len(labels.class_names))]
+    handles += [Patch(facecolor=MISSED_COLOUR, edgecolor="0.4"),
+                Patch(facecolor=DIM * palette[1], edgecolor="0.4")]
+    names = [*labels.names, "missed", "dim: correct"]
+    _legend_below(fig, handles, names)
+
+
+def _mask_panel(ax, truth: np.ndarray, current: np.ndarray, labels: Labels | None,
+                previous: np.ndarray | None = None) -> float:
+    """Draw ``current`` against ``truth`` (and ``previous``); returns its Dice."""
+    if labels is None or labels.binary:
+        truth, current = truth.astype(bool), current.astype(bool)
+        previous = current if previous is None else previous.astype(bool)
+        ax.imshow(PALETTE[change_map(truth, previous, current)])
+        return _dice(truth, current)
+    ax.imshow(class_error_image(truth, current, labels))
+    return class_dice(truth, current, labels)
+
+
+def _truth_panel(ax, truth: np.ndarray, labels: Labels | None) -> None:
+    if labels is None or labels.binary:
+        ax.imshow(PALETTE[np.where(truth.astype(bool), FOREGROUND, BACKGROUND)])
+    else:
+        ax.imshow(np.array(labels.palette(), np.uint8)[truth])
+
+
 def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], title: str, *,
-                   threshold: float) -> Figure:
+                   threshold: float, labels: Labels | None = None) -> Figure:
     """Mask evolution over training: one row per (group, test image); columns: image, truth,
     then the prediction (probability ≥ ``threshold``) at each snapshot epoch, coloured by
     :func:`change_map` against the previous snapshot (an empty mask before the first one).
 
     ``examples``: (group label, evolution.npz contents, index of the image in it);
     ``threshold``: the evaluation's (``evaluate.threshold``), so the Dice shown agrees with
-    metrics.csv.
+    metrics.csv; ``labels``: with several classes, the class colours of the module docstring.
     """
     columns = 2 + max(len(data["epochs"]) for _, data, _ in examples)
     height, width = examples[0][1]["masks"].shape[1:]
+    labels = labels or Labels()
     fig, axes = _panel_figure(len(examples), columns, width / height)
     for row, (group, data, k) in zip(axes, examples):
-        truth = data["masks"][k].astype(bool)
+        truth = data["masks"][k]
         row[0].imshow(data["images"][k])
         row[0].set_ylabel(f"{_wrap(group)}\n{data['names'][k]}", fontsize=8)
-        row[1].imshow(PALETTE[np.where(truth, FOREGROUND, BACKGROUND)])
+        _truth_panel(row[1], truth, labels)
         previous = np.zeros_like(truth)
         for ax, epoch, probs in zip(row[2:], data["epochs"], data["probs"][:, k]):
-            current = probs.astype(np.float32) >= threshold
-            ax.imshow(PALETTE[change_map(truth, previous, current)])
-            ax.set_title(f"epoch {epoch} · Dice {_dice(truth, current):.2f}", fontsize=8)
+            current = labels.predict(probs.astype(np.float32), threshold)
+            dice = _mask_panel(ax, truth, current, labels, previous)
+            ax.set_title(f"epoch {epoch} · Dice {dice:.2f}", fontsize=8)
             previous = current
         for ax in row:
             _mask_axes(ax)
@@ -343,14 +405,17 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
                 ax.set_visible(False)
     axes[0, 0].set_title("image", fontsize=9)
     axes[0, 1].set_title("truth", fontsize=9)
-    _colour_legend(fig, EVOLUTION_LEGEND)
+    if labels.binary:
+        _colour_legend(fig, EVOLUTION_LEGEND)
+    else:
+        _class_legend(fig, labels)
     fig.suptitle(title)
     return fig
 
 
 def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray], images: np.ndarray,
                  masks: np.ndarray, names: Sequence[str], title: str, *,
-                 threshold: float) -> Figure:
+                 threshold: float, labels: Labels | None = None) -> Figure:
     """The same test images segmented by every group: one column per image; rows: image,
     truth, then each group's prediction (probability ≥ ``threshold``) coloured against the
     truth (grey correct foreground, orange missed, magenta false positive).
@@ -360,20 +425,84 @@ def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray], image
     :func:`plot_evolution`.
     """
     k_images, height, width = masks.shape
+    labels = labels or Labels()
     fig, axes = _panel_figure(2 + len(groups), k_images, width / height)
     for k, column in enumerate(axes.T):
-        truth = masks[k].astype(bool)
+        truth = masks[k]
         column[0].imshow(images[k])
         column[0].set_title(names[k], fontsize=9)
-        column[1].imshow(PALETTE[np.where(truth, FOREGROUND, BACKGROUND)])
+        _truth_panel(column[1], truth, labels)
         for ax, probs in zip(column[2:], predictions):
-            current = probs[k].astype(np.float32) >= threshold
-            ax.imshow(PALETTE[change_map(truth, current, current)])
-            ax.set_title(f"Dice {_dice(truth, current):.2f}", fontsize=8)
+            current = labels.predict(probs[k].astype(np.float32), threshold)
+            dice = _mask_panel(ax, truth, current, labels)
+            ax.set_title(f"Dice {dice:.2f}", fontsize=8)
         for ax in column:
             _mask_axes(ax)
     for ax, label in zip(axes[:, 0], ("image", "truth", *groups)):
         ax.set_ylabel(_wrap(label), fontsize=9)
-    _colour_legend(fig, SAMPLES_LEGEND)
+    if labels.binary:
+        _colour_legend(fig, SAMPLES_LEGEND)
+    else:
+        _class_legend(fig, labels)
     fig.suptitle(title)
+    return fig
+
+
+def plot_class_bars(summary: pd.DataFrame, class_names: Sequence[str], colours: Sequence,
+                    title: str) -> Figure:
+    """Test Dice per class: one cluster of bars per class, one bar per group, with its 95 %
+    bootstrap interval (summary columns ``dice.<class>_mean``, ``_lo``, ``_hi``; a class is
+    scored on the test images whose truth holds it)."""
+    groups = list(summary["group"])
+    width = max(6.0, 1.2 + len(class_names) * (0.35 * len(groups) + 0.6))
+    fig = Figure(figsize=(width, 4 + _legend_height(groups, width)), dpi=DPI,
+                 layout="constrained")
+    ax = fig.subplots()
+    step = 0.8 / len(groups)
+    x = np.arange(len(class_names))
+    for g, (group, colour) in enumerate(zip(groups, colours)):
+        row = summary.iloc[g]
+        mean = np.array([row[f"dice.{c}_mean"] for c in class_names], float)
+        low = np.array([row[f"dice.{c}_lo"] for c in class_names], float)
+        high = np.array([row[f"dice.{c}_hi"] for c in class_names], float)
+        ax.bar(x - 0.4 + step * (g + 0.5), mean, step, color=colour, label=group,
+               yerr=[mean - low, high - mean], capsize=2, ecolor="0.2")
+    ax.set_xticks(x, class_names)
+    ax.set_ylabel("test Dice")
+    ax.set_ylim(0, 1.02)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    _legend_below(fig, *ax.get_legend_handles_labels())
+    fig.suptitle(title)
+    return fig
+
+
+def plot_confusion(matrices: Sequence[np.ndarray], groups: Sequence[str],
+                   class_names: Sequence[str], title: str) -> Figure:
+    """One row-normalised confusion matrix per group (pixels of each true class, summed over
+    the group's runs, by predicted class): a row shows where that class's pixels went."""
+    n, k = len(groups), len(class_names)
+    cell = 0.45 + 0.35 * k
+    columns = min(n, 4)
+    rows = -(-n // columns)
+    fig = Figure(figsize=(max(6.0, columns * cell + 1.5), rows * (cell + 0.5) + 0.8), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax, matrix, group in zip(axes.flat, matrices, groups):
+        totals = matrix.sum(axis=1, keepdims=True)
+        share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+        shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "0.1")
+        ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), class_names, fontsize=8)
+        ax.set_title(_wrap(group, 28), fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("truth", fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.colorbar(shown, ax=axes, fraction=0.03, label="share of the true class's pixels")
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 9)), fontsize=10)
     return fig

@@ -2,9 +2,11 @@
 
 A checkpoint (``model.pt`` or a snapshot, :mod:`segpipe.checkpoint`) holds the
 architecture and backbone definitions, the input size and the normalisation, so no config is
-needed. Each image is resized to the model size with area interpolation, the foreground
-probability is resized back to the original size bilinearly, and pixels with
-``probability >= threshold`` are foreground: 255 in the written PNG mask, else 0.
+needed. Each image is resized to the model size with area interpolation and the
+probabilities are resized back to the original size bilinearly. A binary model's pixels with
+``probability >= threshold`` are foreground: 255 in the written PNG mask, else 0. A model of
+several classes (:mod:`segpipe.labels`) writes the class index of each pixel (argmax; 0
+background) as a palette PNG with the VOC colours, as LabelMe's VOC export does.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError
-from segpipe.checkpoint import load_checkpoint
+from segpipe.checkpoint import checkpoint_labels, load_checkpoint
 from segpipe.data.labelme import decode_image
 from segpipe.files import atomic_path
-from segpipe.runtime import acquire_device, forward_logits
+from segpipe.labels import Labels
+from segpipe.runtime import acquire_device, forward_logits, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,16 @@ def read_image(path: Path) -> np.ndarray:
 @torch.no_grad()
 def predict_probability(model: nn.Module, checkpoint: dict, image: np.ndarray,
                         device: torch.device) -> np.ndarray:
-    """Foreground probability float32 (H, W) at the size of the RGB uint8 ``image``."""
+    """Probabilities float32 at the size of the RGB uint8 ``image``: the foreground's (H, W) of a
+    binary model, every class's (C, H, W) of a model of several classes."""
     height, width = checkpoint["size"]
     resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     batch = torch.from_numpy(resized).permute(2, 0, 1)[None]
     logits = forward_logits(model, batch, device, checkpoint["mean"], checkpoint["std"])
-    prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
-    return cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    probs = probabilities(logits)[0].cpu().numpy()
+    resized = [cv2.resize(p, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+               for p in probs]
+    return resized[0] if len(resized) == 1 else np.stack(resized)
 
 
 def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
@@ -75,9 +81,22 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
         raise SegpipeError(f"{output_dir}: cannot create the folder ({exc.strerror})") from None
     device = acquire_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
+    labels = checkpoint_labels(ckpt)
     for path in images:
         prob = predict_probability(model, ckpt, read_image(path), device)
-        mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
         with atomic_path(output_dir / f"{path.stem}.png") as tmp:
-            tmp.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
-    log.info("wrote %d masks to %s", len(images), output_dir)
+            if labels.binary:
+                mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
+                tmp.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
+            else:
+                write_class_png(tmp, labels.predict(prob), labels)
+    log.info("wrote %d masks (%s) to %s", len(images), labels.describe(), output_dir)
+
+
+def write_class_png(path: Path, classes: np.ndarray, labels: Labels) -> None:
+    """A class-index map (H, W) uint8 as a palette PNG with the VOC colours."""
+    import PIL.Image
+
+    image = PIL.Image.fromarray(classes)  # mode L: putpalette makes it P
+    image.putpalette([value for rgb in labels.palette() for value in rgb])
+    image.save(path, format="PNG")

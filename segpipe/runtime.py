@@ -227,6 +227,15 @@ def forward_logits(model: nn.Module, images: Tensor, device: torch.device,
         return model(normalise(images, mean, std))
 
 
+def probabilities(logits: Tensor) -> Tensor:
+    """Class probabilities of logits (N, C, H, W), in float32: the sigmoid of a single channel
+    (binary: the foreground probability), else the softmax over the C channels (background and
+    the classes). The one place where sigmoid and softmax are told apart
+    (:attr:`segpipe.labels.Labels.activation`)."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: max memory allocated by tensors; CPU: max resident set size of this process."""
     if device.type == "cuda":

@@ -51,8 +51,9 @@ from tqdm import tqdm
 from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
 from segpipe.files import atomic_path, write_csv
+from segpipe.labels import Labels
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
-                             forward_logits, peak_memory_mb, place)
+                             forward_logits, peak_memory_mb, place, probabilities)
 from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
                             snapshots)
 from segpipe.spec import check_model, check_spec
@@ -172,14 +173,14 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     train_idx, val_idx, _ = split_indices(cache, spec.get("fold"))
     _check_split(cache, train_idx, val_idx)
     val_set = SegmentationH5Dataset(cache, indices=val_idx)
-    size = list(val_set[0][0].shape[1:])
+    size, labels = list(val_set[0][0].shape[1:]), val_set.labels
     check_model(spec["architecture"], spec["backbone"], size)
     device = acquire_device(device_setting)
     autocast = amp_dtype(device, settings["amp"])
 
     _seed_everything(seed)
-    model = place(build_model(spec["architecture"], spec["backbone"]), device)
-    criterion = build_loss(spec["loss"])
+    model = place(build_model(spec["architecture"], spec["backbone"], labels.outputs), device)
+    criterion = build_loss(spec["loss"], labels)
     pretrained = spec["backbone"].get("weights", "none") != "none"
     optimizer = build_optimizer(model, settings, pretrained)
     scheduler = build_scheduler(optimizer, settings)
@@ -218,8 +219,9 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
 
     parameters = sum(p.numel() for p in model.parameters())
     patience = settings["early_stop_patience"]
-    log.info("%s: %d train / %d val images %s, %s parameters, device %s%s", run, len(train_idx),
-             len(val_idx), "x".join(map(str, size)), f"{parameters:,}", device,
+    log.info("%s: %d train / %d val images %s, %s, %s parameters, device %s%s", run,
+             len(train_idx), len(val_idx), "x".join(map(str, size)), labels.describe(),
+             f"{parameters:,}", device,
              f", autocast {autocast}" if autocast else "")
 
     def stopped_early() -> bool:
@@ -236,7 +238,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         if not math.isfinite(train_loss):
             raise SegpipeError(f"run {run}: the training loss is {train_loss} in epoch {epoch}; "
                                "lower train.lr or check the loss definition")
-        val = validate(model, val_loader, criterion, device, autocast)
+        val = validate(model, val_loader, criterion, device, autocast, labels)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val["dice"])
         elif scheduler is not None:
@@ -255,7 +257,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         meta = _meta(progress, parameters)
         if epoch in settings["snapshot_epochs"]:
             save_checkpoint(snapshot_path(pending_snapshots, epoch), spec,
-                            _cpu_state_dict(model), size,
+                            _cpu_state_dict(model), size, labels,
                             epoch=epoch, val_dice=val["dice"], **meta)
         save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, state_key),
                     state_path)
@@ -268,7 +270,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
                  run, progress["epoch"], patience)
     meta = _meta(progress, parameters)
-    save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size,
+    save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size, labels,
                     epoch=progress["best_epoch"], val_dice=progress["best_dice"], **meta)
     write_csv(out_dir / "history.csv", HISTORY_COLUMNS, progress["history"])
     # The state goes first: killed after this, a re-run starts over instead of finishing
@@ -311,10 +313,14 @@ def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterio
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
-             device: torch.device, autocast: torch.dtype | None) -> dict[str, float]:
+             device: torch.device, autocast: torch.dtype | None,
+             labels: Labels = Labels()) -> dict[str, float]:
     """Mean loss over images and per-image means of Dice, IoU, accuracy and AP
-    (:mod:`segpipe.metrics`) on the validation data, at :data:`VALIDATION_THRESHOLD` 0.5."""
-    from segpipe.metrics import per_image_metrics
+    (:mod:`segpipe.metrics`) on the validation data, at :data:`VALIDATION_THRESHOLD` 0.5; with
+    several classes, the image scores of the mean over the foreground classes its truth holds
+    (:func:`segpipe.metrics.per_image_class_metrics`), so the model is selected on the mean
+    foreground Dice."""
+    from segpipe.metrics import per_image_class_metrics, per_image_metrics
 
     model.eval()
     losses, metrics = [], []
@@ -322,8 +328,9 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: n
         target = masks.to(device, non_blocking=True).float()
         logits = forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
         losses.append(criterion(logits, target).double() * len(images))
-        metrics.append(per_image_metrics(torch.sigmoid(logits.float()), target,
-                                         VALIDATION_THRESHOLD))
+        probs = probabilities(logits)
+        metrics.append(per_image_metrics(probs, target, VALIDATION_THRESHOLD) if labels.binary
+                       else per_image_class_metrics(probs, target, labels))
     count = sum(len(m["dice"]) for m in metrics)
     means = {k: torch.cat([m[k] for m in metrics]).mean().item()
              for k in ("dice", "iou", "accuracy", "ap")}

@@ -18,6 +18,7 @@ from segpipe import SegpipeError, __version__
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import split_indices
 from segpipe.files import HOST
+from segpipe.labels import Labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,8 @@ def read(path):
 def test_round_trip_of_hand_made_files(folder, tmp_path, caplog):
     (folder, small), output = folder, tmp_path / "out" / "cache.h5"
     with caplog.at_level(logging.INFO):
-        build_cache(folder, output, size=(4, 6), background=["hole"], val_fraction=0.34)
+        build_cache(folder, output, size=(4, 6), labels=Labels.from_config(background=["hole"]),
+                    val_fraction=0.34)
     data, attrs = read(output)
     assert data["images"].dtype == np.uint8 and data["images"].shape == (3, 4, 6, 3)
     np.testing.assert_array_equal(data["images"][2], small[2])
@@ -80,7 +82,7 @@ def test_round_trip_of_hand_made_files(folder, tmp_path, caplog):
 
 def test_square_images_at_their_masks(folder, tmp_path):
     (folder, small), output = folder, tmp_path / "cache.h5"
-    build_cache(folder, output, size=(4, 4), foreground=["obj"])
+    build_cache(folder, output, size=(4, 4), labels=Labels.from_config(foreground=["obj"]))
     data, _ = read(output)
     np.testing.assert_array_equal(data["images"][0], small[0])
     np.testing.assert_array_equal(data["images"][1], small[1])  # from embedded imageData
@@ -94,7 +96,8 @@ def test_square_images_at_their_masks(folder, tmp_path):
 
 def test_same_input_same_cache(labelme_folder, tmp_path):
     for name in ("one.h5", "two.h5"):
-        build_cache(labelme_folder, tmp_path / name, (12, 16), None, ["grass"], 0.5, 3)
+        build_cache(labelme_folder, tmp_path / name, (12, 16),
+                    Labels.from_config(background=["grass"]), 0.5, 3)
     one, two = read(tmp_path / "one.h5")[0], read(tmp_path / "two.h5")[0]
     for key in one:
         np.testing.assert_array_equal(one[key], two[key])
@@ -187,20 +190,23 @@ def test_next_rasterise_removes_the_temporary_file_of_a_killed_one(folder, tmp_p
 
 
 def test_unknown_foreground_label_is_an_error(folder, tmp_path):
-    with pytest.raises(SegpipeError, match=r"no shape is foreground .*found: hole, obj"):
-        build_cache(folder[0], tmp_path / "out.h5", size=(4, 4), foreground=["ob"])
+    with pytest.raises(SegpipeError, match=r"no shape paints a class .*found: hole, obj"):
+        build_cache(folder[0], tmp_path / "out.h5", size=(4, 4),
+                    labels=Labels.from_config(foreground=["ob"]))
     assert list(tmp_path.glob("*out.h5*")) == []
 
 
 def test_labels_that_never_occur_are_logged(folder, tmp_path, caplog):
-    build_cache(folder[0], tmp_path / "out.h5", (4, 4), ["obj", "ob"], background=["grass"])
+    build_cache(folder[0], tmp_path / "out.h5", (4, 4),
+                Labels.from_config(foreground=["obj", "ob"], background=["grass"]))
     assert "labels ['grass', 'ob'] occur in no filled shape" in caplog.text
 
 
 def test_only_background_labels_is_an_error(make_labelme, tmp_path):
     make_labelme([("hole", "rectangle", [[1, 1], [2, 2]])], folder=tmp_path / "in")
-    with pytest.raises(SegpipeError, match="no shape is foreground"):
-        build_cache(tmp_path / "in", tmp_path / "out.h5", size=(4, 4), background=["hole"])
+    with pytest.raises(SegpipeError, match="no shape paints a class"):
+        build_cache(tmp_path / "in", tmp_path / "out.h5", size=(4, 4),
+                    labels=Labels.from_config(background=["hole"]))
 
 
 @pytest.mark.parametrize(
@@ -208,7 +214,6 @@ def test_only_background_labels_is_an_error(make_labelme, tmp_path):
     [
         ({"size": (0, 4)}, "size must be positive"),
         ({"size": (4, 4), "val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
-        ({"size": (4, 4), "foreground": ["obj"], "background": ["obj"]}, "listed both"),
     ],
 )
 def test_bad_arguments(folder, tmp_path, arguments, message):

@@ -13,6 +13,7 @@ import pytest
 
 from segpipe import SegpipeError
 from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.labels import Labels
 
 
 def box(rows: slice, cols: slice, size=(8, 8)) -> np.ndarray:
@@ -27,7 +28,8 @@ def disc(centre, squared_radius, size) -> np.ndarray:
 
 
 def mask_of(make_labelme, *shapes, size=None, image=None, **rule) -> np.ndarray:
-    return rasterise(load_annotation(make_labelme(shapes, image=image)), size, **rule)
+    return rasterise(load_annotation(make_labelme(shapes, image=image)), size,
+                     Labels.from_config(**rule))
 
 
 # --- exact masks at the original size (LabelMe fills shape and outline) -------------------
@@ -319,7 +321,7 @@ def test_image_size_mismatch(make_labelme):
     assert "swapped" in _error(path)
 
 
-def test_label_both_foreground_and_background(make_labelme):
-    annotation = load_annotation(make_labelme([]))
-    with pytest.raises(SegpipeError, match=r"\['a'\] are listed both"):
-        rasterise(annotation, foreground=["a", "b"], background=["a"])
+def test_label_both_foreground_and_background():
+    with pytest.raises(SegpipeError, match=r"label 'a' is given two roles \(class foreground "
+                                           r"and background\)"):
+        Labels.from_config(foreground=["a", "b"], background=["a"])

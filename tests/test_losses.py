@@ -5,6 +5,7 @@ import torch
 
 from segpipe import SegpipeError
 from segpipe.losses import EPS, build_loss
+from segpipe.spec import check_definition
 
 torch.set_num_threads(1)
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
@@ -112,4 +113,4 @@ def test_shape_mismatch_is_refused():
 ])
 def test_bad_definitions_name_the_key(definition, message):
     with pytest.raises(SegpipeError, match=f"^loss definition: {message}"):
-        build_loss(definition)
+        check_definition("loss", definition)

@@ -208,8 +208,9 @@ def test_unetpp_evaluation_averages_the_heads_probabilities():
                                atol=1e-6, rtol=0)
     # No overflow where the heads are sure: σ of the result stays the mean probability.
     logits = [torch.tensor([-200.0, 200.0, 30.0]), torch.tensor([-100.0, 100.0, -30.0])]
+    logits = [x.view(1, 1, 1, 3) for x in logits]
     torch.testing.assert_close(torch.sigmoid(mean_probability_logit(logits)),
-                               torch.tensor([0.0, 1.0, 0.5]))
+                               torch.tensor([0.0, 1.0, 0.5]).view(1, 1, 1, 3))
 
 
 def test_attention_gate_hand_computed():

@@ -9,6 +9,9 @@ import pytest
 
 from segpipe import SegpipeError
 from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.labels import Labels
+
+GRASS_ERASES = Labels.from_config(background=["grass"])
 from segpipe.data.synthetic import write_dataset
 
 SHAPE_KEYS = {"label", "points", "group_id", "description", "shape_type", "flags", "mask"}
@@ -37,7 +40,7 @@ def test_every_image_has_1_to_3_objects_and_foreground(twenty):
         objects = [s for s in annotation.shapes if s.label != "grass"]
         assert 1 <= len(objects) <= 3
         assert {s.label for s in objects} <= {"stone", "leaf"}
-        assert rasterise(annotation, background=["grass"]).any()
+        assert rasterise(annotation, labels=GRASS_ERASES).any()
 
 
 def test_shape_types_borders_and_erasing_grass_occur(twenty):
@@ -49,7 +52,8 @@ def test_shape_types_borders_and_erasing_grass_occur(twenty):
     assert len(on_border) >= 5
     erased = [
         a for a in twenty
-        if (rasterise(a, background=["grass"]) < rasterise(a, foreground=["stone", "leaf"])).any()
+        if (rasterise(a, labels=GRASS_ERASES)
+            < rasterise(a, labels=Labels.from_config(foreground=["stone", "leaf"]))).any()
     ]
     assert erased
 
@@ -58,7 +62,7 @@ def test_colour_alone_does_not_separate_objects(twenty):
     # Best pooled Dice of a quadratic RGB classifier fitted by least squares on the very
     # pixels it is scored on, against always predicting foreground (0.26 here).
     rgb = np.concatenate([a.image.reshape(-1, 3) for a in twenty]) / 255.0
-    truth = np.concatenate([rasterise(a, background=["grass"]).ravel() for a in twenty])
+    truth = np.concatenate([rasterise(a, labels=GRASS_ERASES).ravel() for a in twenty])
     features = np.column_stack([rgb, rgb**2, rgb * np.roll(rgb, 1, axis=1), np.ones(len(rgb))])
     score = features @ np.linalg.lstsq(features, truth, rcond=None)[0]
     predictions = [score > threshold for threshold in (0.2, 0.3, 0.5)]

@@ -1,11 +1,13 @@
 """HDF5 cache of a LabelMe folder: images and masks at the training size, and the split.
 
 Layout (docs/formats.md): ``images`` uint8 (N, H, W, 3) RGB resized with area
-interpolation, ``masks`` uint8 (N, H, W) in {0, 1} rasterised at (H, W) from scaled
+interpolation, ``masks`` uint8 (N, H, W) class indices (:mod:`segpipe.labels`: 0 background, 1…K, 255
+ignore; {0, 1} in a binary study) rasterised at (H, W) from scaled
 coordinates, ``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) utf-8 their groups,
 ``orig_size`` int32 (N, 2) original (height, width), and the split (:mod:`segpipe.data.split`):
 ``is_val`` bool (N,), or with ``folds`` the cross-validation fold ``fold`` int64 (N,); one image
-per chunk; attributes ``segpipe_version``, ``source``, ``foreground``, ``background``,
+per chunk; attributes ``segpipe_version``, ``source``, ``foreground``, ``background``, ``labels``
+(with classes or ignore labels: :meth:`segpipe.labels.Labels.attrs`),
 ``group`` (JSON), ``size``, ``count``, ``split_seed``, and ``val_fraction`` or ``folds``.
 Images are sorted by file name, so the same folder gives the same file.
 """
@@ -18,7 +20,6 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import h5py
@@ -26,7 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
-from segpipe.data.labelme import check_label_rule, load_annotation, rasterise
+from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.labels import IGNORE, Labels
 from segpipe.data.split import (assign_folds, group_count, group_ids, group_keys,
                                 split_validation)
 from segpipe.files import atomic_path, labelme_files
@@ -38,8 +40,7 @@ def build_cache(
     input_dir: str | Path,
     output: str | Path,
     size: tuple[int, int],
-    foreground: Iterable[str] | None = None,
-    background: Iterable[str] = (),
+    labels: Labels | None = None,
     val_fraction: float = 0.0,
     split_seed: int = 0,
     folds: int | None = None,
@@ -55,12 +56,12 @@ def build_cache(
     LabelMe files, any invalid file (see :func:`segpipe.data.labelme.load_annotation`), two
     files of one image, a label rule that selects no shape in the whole folder, a split the
     groups cannot make, an output that cannot be written and a disk without room for it;
-    foreground or background labels that never occur are logged.
+    a label that a study with classes does not name; labels the config names that never occur
+    are logged. ``labels``: the classes (:class:`segpipe.labels.Labels`; default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
-    foreground = None if foreground is None else list(foreground)
-    background = list(background)
+    labels = Labels() if labels is None else labels
     if height < 1 or width < 1:
         raise SegpipeError(f"size must be positive, got {height}x{width}")
     if not 0.0 <= val_fraction < 1.0:
@@ -68,7 +69,6 @@ def build_cache(
     if folds is not None and val_fraction > 0:
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
-    check_label_rule(foreground, background)
     files = labelme_files(input_dir)
 
     n = len(files)
@@ -85,8 +85,7 @@ def build_cache(
     attrs = {
         "segpipe_version": __version__,
         "source": str(input_dir.resolve()),
-        "foreground": json.dumps(foreground),
-        "background": json.dumps(background),
+        **labels.attrs(),
         "group": json.dumps(group),
         "size": np.array(size),
         "count": n,
@@ -94,7 +93,8 @@ def build_cache(
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
     layout = _layout(names, keys, size, split, attrs)
-    labels, skipped, foreground_pixels, first_file = Counter(), Counter(), 0, {}
+    found, skipped, pixels, first_file = Counter(), Counter(), Counter(), {}
+    files_of: dict[str, list[str]] = {}
     with atomic_path(output) as partial:
         _create_reserved(partial, layout, n, size, output)
         with h5py.File(partial, "r+") as h5:
@@ -109,16 +109,17 @@ def build_cache(
                 first_file[annotation.image_digest] = path
                 image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
                 images[i] = image
-                masks[i] = mask = rasterise(annotation, size, foreground, background)
+                _check_named(path, annotation, labels)
+                masks[i] = mask = rasterise(annotation, size, labels)
                 orig_size[i] = annotation.size
-                foreground_pixels += int(mask.sum())
-                labels.update(s.label for s in annotation.shapes)
+                pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
+                found.update(s.label for s in annotation.shapes)
                 skipped.update(annotation.skipped)
-            _check_labels(input_dir, labels, foreground, background)
+            _check_labels(input_dir, found, labels)
     log.info(
-        "%s: %d images%s at %dx%d, foreground %.1f%% of pixels; shapes: %s; skipped (no area): %s",
-        output, n, _describe_split(split, groups), height, width,
-        100.0 * foreground_pixels / (n * height * width), _counts(labels), _counts(skipped),
+        "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
+        output, n, _describe_split(split, groups), height, width, labels.describe(),
+        _shares(pixels, labels, n * height * width), _counts(found), _counts(skipped),
     )
 
 
@@ -173,24 +174,36 @@ def _create_reserved(path: Path, layout: bytes, count: int, size: tuple[int, int
             ) from None
 
 
-def _check_labels(
-    input_dir: Path, labels: Counter, foreground: list[str] | None, background: list[str]
-) -> None:
-    found = ", ".join(sorted(labels)) or "none"
-    if foreground is None:
-        selected = set(labels) - set(background)
-    else:
-        selected = set(foreground) & set(labels)
-    if not selected:
-        rule = "any label not in background" if foreground is None else f"labels {foreground}"
+def _check_named(path: Path, annotation, labels: Labels) -> None:
+    """A study with ``classes`` names every label of its files (LabelMe's VOC export refuses
+    an unknown label too)."""
+    unnamed = labels.unnamed(s.label for s in annotation.shapes)
+    if unnamed:
         raise SegpipeError(
-            f"{input_dir}: no shape is foreground ({rule}); labels of filled shapes found: {found}"
-        )
-    missing = (set(foreground or ()) | set(background)) - set(labels)
+            f"{path}: label(s) {', '.join(map(repr, unnamed))} named by no entry of "
+            "data.classes, data.background or data.ignore; add each to one of them")
+
+
+def _check_labels(input_dir: Path, found: Counter, labels: Labels) -> None:
+    """Some shape paints a class; labels the config names but no file has are logged."""
+    names = ", ".join(sorted(found)) or "none"
+    if not any(labels.value(label) not in (None, 0, IGNORE) for label in found):
+        raise SegpipeError(
+            f"{input_dir}: no shape paints a class ({labels.describe()}); labels of filled "
+            f"shapes found: {names}")
+    missing = labels.named_labels() - set(found)
     if missing:
-        log.warning(
-            "%s: labels %s occur in no filled shape (found: %s)", input_dir, sorted(missing), found
-        )
+        log.warning("%s: labels %s occur in no filled shape (found: %s)", input_dir,
+                    sorted(missing), names)
+
+
+def _shares(pixels: Counter, labels: Labels, total: int) -> str:
+    """E.g. "foreground 12.3%" (binary) or "leaf 3.1%, stone 2.0%, ignore 0.5%"."""
+    parts = [(name, pixels.get(value, 0)) for value, name in enumerate(labels.class_names)
+             if value > 0]
+    if IGNORE in pixels:
+        parts.append(("ignore", pixels[IGNORE]))
+    return ", ".join(f"{name} {100.0 * count / total:.1f}%" for name, count in parts)
 
 
 def _counts(counter: Counter) -> str:

@@ -13,12 +13,14 @@ from torch.utils.data import Dataset
 
 from segpipe import SegpipeError
 from segpipe.data.split import cv_split
+from segpipe.labels import Labels
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 class SegmentationH5Dataset(Dataset):
-    """Items ``(image uint8 (3, H, W), mask uint8 (1, H, W))`` of the cache rows ``indices``.
+    """Items ``(image uint8 (3, H, W), mask uint8 (1, H, W))`` of the cache rows ``indices``;
+    ``labels``: the cache's classes (:class:`segpipe.labels.Labels`).
 
     The file is opened lazily, once per process (a DataLoader worker opens its own handle).
     ``transform(image_hwc, mask_hw, rng)`` receives ``rng = np.random.default_rng([seed,
@@ -37,6 +39,7 @@ class SegmentationH5Dataset(Dataset):
         self.path = Path(path)
         with _open_cache(self.path) as h5:
             count = len(h5["images"])
+            self.labels = Labels.from_attrs(h5.attrs)
         self.indices = np.arange(count) if indices is None else np.asarray(indices, dtype=np.int64)
         if self.indices.size and not (0 <= self.indices.min() and self.indices.max() < count):
             raise SegpipeError(f"{self.path}: indices out of range for {count} images")

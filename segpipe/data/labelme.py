@@ -1,4 +1,4 @@
-"""Read LabelMe annotations and rasterise them into binary masks.
+"""Read LabelMe annotations and rasterise them into class masks.
 
 LabelMe (K. Wada, https://github.com/wkentaro/labelme) writes one JSON file per image: the
 image (``imagePath`` relative to the JSON and/or base64 ``imageData``), its size and a list
@@ -41,7 +41,6 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -49,6 +48,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from segpipe import SegpipeError
+from segpipe.labels import Labels
 
 FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
 POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
@@ -135,36 +135,24 @@ def load_annotation(path: str | Path) -> Annotation:
     return Annotation(path, image, tuple(shapes), skipped, hashlib.sha256(encoded).hexdigest())
 
 
-def rasterise(
-    annotation: Annotation,
-    size: tuple[int, int] | None = None,
-    foreground: Iterable[str] | None = None,
-    background: Iterable[str] = (),
-) -> np.ndarray:
-    """Binary mask, uint8 (H, W) in {0, 1}, of an annotation at its size or at ``size``.
-
-    Shapes are drawn in file order: a label in ``background`` draws 0 (erases), a label in
-    ``foreground`` draws 1 (``None``: every label not in ``background``), other labels are
-    ignored. At the original size the mask equals LabelMe's ``shape_to_mask`` union.
+def rasterise(annotation: Annotation, size: tuple[int, int] | None = None,
+              labels: Labels | None = None) -> np.ndarray:
+    """Class mask, uint8 (H, W), of an annotation at its size or at ``size``: each shape paints
+    the value :meth:`segpipe.labels.Labels.value` gives its label (a class 1…K, 0 for a
+    background label, which erases, :data:`~segpipe.labels.IGNORE` for an ignore label; a
+    label it does not select is not drawn), in file order, so a later shape overwrites an
+    earlier one: LabelMe's VOC export (``labelme2voc.py``). ``labels``: default, the binary
+    study (every label is foreground, 1). At the original size a binary mask equals
+    LabelMe's ``shape_to_mask`` union.
     """
-    background = set(background)
-    foreground = None if foreground is None else set(foreground)
-    check_label_rule(foreground, background)
+    labels = Labels() if labels is None else labels
     size = annotation.size if size is None else (int(size[0]), int(size[1]))
     mask = np.zeros(size, np.uint8)
     for shape in annotation.shapes:
-        if shape.label in background:
-            mask[_region(shape, annotation.size, size)] = 0
-        elif foreground is None or shape.label in foreground:
-            mask[_region(shape, annotation.size, size)] = 1
+        value = labels.value(shape.label)
+        if value is not None:
+            mask[_region(shape, annotation.size, size)] = value
     return mask
-
-
-def check_label_rule(foreground: Iterable[str] | None, background: Iterable[str]) -> None:
-    """Raise :class:`SegpipeError` if a label is listed both as foreground and background."""
-    both = set(foreground or ()) & set(background)
-    if both:
-        raise SegpipeError(f"labels {sorted(both)} are listed both as foreground and background")
 
 
 def _image_bytes(path: Path, data: dict) -> tuple[bytes, str, bool]:

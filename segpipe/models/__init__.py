@@ -1,9 +1,9 @@
-"""The model zoo: U-Net variants for binary segmentation, built from config definitions.
+"""The model zoo: U-Net variants for binary and multi-class segmentation, built from config definitions.
 
 ``build_model(architecture, backbone)`` turns an architecture definition (``{"model": <family>,
 <options>}``) and a backbone definition (``{}`` or ``{"encoder": "resnet34", "weights": ...}``)
 into a :class:`SegmentationModel`: normalised RGB batch (N, 3, H, W), any H and W → logits
-(N, 1, H, W). Every family takes any encoder: its own scratch encoder or a ResNet.
+(N, outputs, H, W): 1 for a binary study, background + K classes for several. Every family takes any encoder: its own scratch encoder or a ResNet.
 See docs/models.md for the families, their options and their papers.
 """
 
@@ -39,7 +39,7 @@ BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
 RESNET_DECODER_WIDTH = 16
 
 
-def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
+def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> SegmentationModel:
     """The model of an architecture definition under a backbone definition.
 
     ``architecture``: ``model`` (a key of :data:`ARCHITECTURES`) and that family's options
@@ -50,18 +50,20 @@ def build_model(architecture: dict, backbone: dict) -> SegmentationModel:
     or 4 with the small stem) selects how many ResNet stages are used, ``width`` defaults to
     :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Both definitions are checked
     against the config schema (:mod:`segpipe.spec`); bad input raises :class:`SegpipeError`
-    naming the key.
+    naming the key. ``outputs``: channels of the logits, :attr:`segpipe.labels.Labels.outputs`
+    (1 binary, else background + classes).
     """
     check_model(architecture, backbone)
     options = dict(architecture)
     cls = ARCHITECTURES[options.pop("model")]
     name = backbone.get("encoder", "scratch")
     if name == "scratch":
-        return cls(**options)
+        return cls(**options, outputs=outputs)
     stem = backbone.get("stem", "imagenet")
     depth = options.pop("depth", resnet_depth(backbone))
     options.setdefault("width", RESNET_DECODER_WIDTH)
-    return cls(**options, encoder=resnet_encoder(name, backbone["weights"], depth, stem))
+    return cls(**options, encoder=resnet_encoder(name, backbone["weights"], depth, stem),
+               outputs=outputs)
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:

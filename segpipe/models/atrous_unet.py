@@ -20,8 +20,9 @@ class AtrousUNet(SegmentationModel):
 
     def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
                  up: str = "transpose", rates: tuple[int, ...] = (1, 6, 12, 18),
-                 encoder: Encoder | None = None) -> None:
+                 encoder: Encoder | None = None, outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
         block = partial(AtrousBlock, rates=tuple(rates))
-        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up))
+        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up,
+                                              outputs=outputs))

@@ -1,4 +1,4 @@
-"""The model every family builds: encoder → decoder (ending in 1-channel logits), any H×W."""
+"""The model every family builds: encoder → decoder (ending in a 1×1 logit head), any H×W."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from segpipe.models.encoders import Encoder
 
 
 class SegmentationModel(nn.Module):
-    """``forward(x)``: normalised RGB batch (N, 3, H, W), any H and W → logits (N, 1, H, W).
+    """``forward(x)``: normalised RGB batch (N, 3, H, W), any H and W → logits (N, C, H, W),
+    C the ``outputs`` of the family (1: binary; background + K classes: softmax).
 
     The input is zero-padded at the bottom and right to a multiple of ``2**encoder.depth``
     and the logits are cropped back, so every size works. A decoder may return a list of

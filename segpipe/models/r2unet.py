@@ -21,12 +21,13 @@ class R2UNet(SegmentationModel):
     attention = False
 
     def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
-                 up: str = "transpose", t: int = 2, encoder: Encoder | None = None) -> None:
+                 up: str = "transpose", t: int = 2, encoder: Encoder | None = None,
+                 outputs: int = 1) -> None:
         block = partial(RRCNNBlock, t=t)
         if encoder is None:
             encoder = conv_encoder(block, width, depth, down)
         super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up,
-                                              attention=self.attention))
+                                              attention=self.attention, outputs=outputs))
 
 
 class AttentionR2UNet(R2UNet):

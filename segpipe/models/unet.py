@@ -18,11 +18,12 @@ class UNetDecoder(nn.Module):
     From the deepest feature down to level 0: upsample ×2 to ``width·2**i`` channels,
     concatenate the skip ``f_i`` (after an :class:`AttentionGate` of ``width·2**i / 2``
     intermediate channels, gated by the coarser decoder feature, when ``attention``), apply
-    ``block(c_in, width·2**i)``; a 1×1 convolution makes the logits.
+    ``block(c_in, width·2**i)``; a 1×1 convolution makes the ``outputs`` logits.
     """
 
     def __init__(self, encoder_channels: list[int], width: int,
-                 block: Callable[[int, int], nn.Module], up: str, attention: bool = False) -> None:
+                 block: Callable[[int, int], nn.Module], up: str, attention: bool = False,
+                 outputs: int = 1) -> None:
         super().__init__()
         depth = len(encoder_channels) - 1
         widths = [width * 2**i for i in range(depth)]
@@ -33,7 +34,7 @@ class UNetDecoder(nn.Module):
             for i in range(depth)) if attention else None
         self.blocks = nn.ModuleList(block(encoder_channels[i] + widths[i], widths[i])
                                     for i in range(depth))
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], outputs, 1)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         x = features[-1]
@@ -56,8 +57,9 @@ class UNet(SegmentationModel):
     attention = False
 
     def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
-                 up: str = "transpose", encoder: Encoder | None = None) -> None:
+                 up: str = "transpose", encoder: Encoder | None = None,
+                 outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
         super().__init__(encoder, UNetDecoder(encoder.out_channels, width, DoubleConv, up,
-                                              attention=self.attention))
+                                              attention=self.attention, outputs=outputs))

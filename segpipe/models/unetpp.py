@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +26,7 @@ class NestedDecoder(nn.Module):
     """
 
     def __init__(self, encoder_channels: list[int], width: int, up: str,
-                 deep_supervision: bool) -> None:
+                 deep_supervision: bool, outputs: int = 1) -> None:
         super().__init__()
         depth = len(encoder_channels) - 1
         widths = [width * 2**i for i in range(depth)]
@@ -40,7 +41,7 @@ class NestedDecoder(nn.Module):
             nn.ModuleList(DoubleConv(encoder_channels[i] + j * widths[i], widths[i])
                           for i in range(depth - j + 1)) for j in range(1, depth + 1))
         self.deep_supervision = deep_supervision
-        self.heads = nn.ModuleList(nn.Conv2d(widths[0], 1, 1)
+        self.heads = nn.ModuleList(nn.Conv2d(widths[0], outputs, 1)
                                    for _ in range(depth if deep_supervision else 1))
 
     def forward(self, features: list[Tensor]) -> Tensor | list[Tensor]:
@@ -55,12 +56,17 @@ class NestedDecoder(nn.Module):
 
 
 def mean_probability_logit(logits: Sequence[Tensor]) -> Tensor:
-    """``logit(mean_k σ(l_k))``: the heads' probabilities averaged, as U-Net++'s "accurate
-    mode" averages its sigmoid outputs (Zhou et al. 2018), returned as a logit like every
-    model's output. Computed without overflow as ``logsumexp_k log σ(l_k) − logsumexp_k
-    log σ(−l_k)`` (the 1/K of both means cancels). Heads (−10, 1, 1, 1) give σ = 0.548; the
-    mean of the logits would give σ(−1.75) = 0.148."""
+    """The logit of the heads' mean probability, as U-Net++'s "accurate mode" averages its
+    outputs (Zhou et al. 2018), returned as a logit like every model's output.
+
+    One channel (sigmoid): ``logit(mean_k σ(l_k))``, computed without overflow as
+    ``logsumexp_k log σ(l_k) − logsumexp_k log σ(−l_k)`` (the 1/K of both means cancels).
+    Heads (−10, 1, 1, 1) give σ = 0.548; the mean of the logits would give σ(−1.75) = 0.148.
+    Several channels (softmax): ``log(mean_k softmax(l_k))``, whose softmax is that mean,
+    computed as ``logsumexp_k log_softmax(l_k) − log K``."""
     stacked = torch.stack(list(logits))
+    if stacked.shape[2] > 1:
+        return torch.logsumexp(F.log_softmax(stacked, dim=2), 0) - math.log(len(stacked))
     return torch.logsumexp(F.logsigmoid(stacked), 0) - torch.logsumexp(F.logsigmoid(-stacked), 0)
 
 
@@ -74,8 +80,8 @@ class UNetPlusPlus(SegmentationModel):
 
     def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
                  up: str = "transpose", deep_supervision: bool = False,
-                 encoder: Encoder | None = None) -> None:
+                 encoder: Encoder | None = None, outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
         super().__init__(encoder, NestedDecoder(encoder.out_channels, width, up,
-                                                deep_supervision))
+                                                deep_supervision, outputs))

@@ -12,7 +12,8 @@ from snakemake.exceptions import WorkflowError
 from segpipe import SegpipeError
 from segpipe.files import labelme_files
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
-from segpipe.columns import AXES, DEFINITIONS
+from segpipe.columns import AXES, CONFUSION_CSV, DEFINITIONS
+from segpipe.labels import Labels
 from segpipe.spec import model_errors, schema
 
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
@@ -139,15 +140,44 @@ def _check_models():
 
 
 def _labels(files):
-    """The labels of the shapes in LabelMe files (a file rasterise would refuse is left to it)."""
-    labels = set()
+    """{label: [files]} of the shapes in LabelMe files (a file rasterise would refuse is left
+    to it)."""
+    labels = {}
     for path in files:
         try:
             shapes = json.loads(path.read_bytes())["shapes"]
-            labels.update(shape["label"] for shape in shapes if isinstance(shape["label"], str))
+            found = {shape["label"] for shape in shapes if isinstance(shape["label"], str)}
         except (OSError, ValueError, RecursionError, LookupError, TypeError):
             continue
+        for label in found:
+            labels.setdefault(label, []).append(path)
     return labels
+
+
+def _study_labels():
+    """The classes of the study (segpipe.labels.Labels), checked."""
+    data = config["data"]
+    try:
+        return Labels.from_config(data["classes"], data["foreground"], data["background"],
+                                  data["ignore"])
+    except SegpipeError as exc:
+        raise WorkflowError(f"config: {exc}")
+
+
+def _check_losses():
+    """A loss's class_weights give one weight per class; several classes need them or none."""
+    for name in dict.fromkeys(r["loss"] for r in RUNS):
+        weights = config["losses"][name].get("class_weights")
+        if weights is None:
+            continue
+        if LABELS.binary:
+            raise WorkflowError(f"config: losses.{name}.class_weights: applies with several "
+                                "classes (data.classes); a binary loss weighs positives with "
+                                "pos_weight")
+        if len(weights) != LABELS.outputs:
+            raise WorkflowError(
+                f"config: losses.{name}.class_weights: {len(weights)} weights, but the study "
+                f"has {LABELS.outputs} classes ({', '.join(LABELS.class_names)})")
 
 
 def _check_data():
@@ -171,18 +201,30 @@ def _check_data():
     if len(users) < len(folders):
         return files
     labels = _labels(path for split_files in files.values() for path in split_files)
-    for key in ("foreground", "background"):
-        unknown = " or ".join(repr(label) for label in data[key] or () if label not in labels)
+    named = {"foreground": data["foreground"] or (), "background": data["background"],
+             "ignore": data["ignore"],
+             "classes": [label for labels_ in LABELS.sources or () for label in labels_]
+             if LABELS.configured else ()}
+    for key, wanted in named.items():
+        unknown = " or ".join(repr(label) for label in wanted if label not in labels)
         if unknown:
             raise WorkflowError(
                 f"config: data.{key}: no LabelMe file of {' or '.join(map(str, folders.values()))}"
                 f" has a shape labelled {unknown} (their labels: {', '.join(sorted(labels))})"
             )
+    for label in LABELS.unnamed(labels):
+        where = ", ".join(str(path) for path in labels[label][:3])
+        more = f" and {len(labels[label]) - 3} more" if len(labels[label]) > 3 else ""
+        raise WorkflowError(
+            f"config: data.classes: label {label!r} of {where}{more} is named by no class, "
+            "data.background or data.ignore; add it to one of them")
     return files
 
 
+LABELS = _study_labels()
 _check_split()
 _check_models()
+_check_losses()
 LABELME_FILES = _check_data()
 
 
@@ -233,7 +275,8 @@ def experiment_spec(wildcards):
 
 
 def experiment_inputs(wildcards):
-    files = ("metrics.csv", "per_image.csv", "metrics_by_epoch.csv", "history.csv", "evolution.npz")
+    files = ("metrics.csv", "per_image.csv", "metrics_by_epoch.csv", "history.csv",
+             "evolution.npz", *([] if LABELS.binary else [CONFUSION_CSV]))
     runs = EXPERIMENTS[wildcards.experiment]
     return [f"{folder}/{f}" for r in runs for folder in job_dirs(r) for f in files]
 
@@ -253,6 +296,10 @@ def rasterise_args(wildcards):
         args += ["--foreground", *d["foreground"]]
     if d["background"]:
         args += ["--background", *d["background"]]
+    if d["classes"] is not None:
+        args += ["--classes", json.dumps(d["classes"])]
+    if d["ignore"]:
+        args += ["--ignore", *d["ignore"]]
     if wildcards.split == "train":
         split = ["--folds", str(FOLDS)] if FOLDS else ["--val-fraction", str(d["val_fraction"])]
         args += [*split, "--split-seed", str(d["split_seed"])]
@@ -285,11 +332,13 @@ FIGURES = {
     "samples": "sample predictions",
 }
 SWEEP_FIGURES = {"sweep": "test metrics vs swept parameter"}
+CLASS_FIGURES = {"classes": "test Dice per class", "confusion": "confusion matrices"}
 
 
 def experiment_outputs(sweep=False):
     """The outputs of an experiment's aggregation, by name: summary.csv and the figures."""
-    figures = {**FIGURES, **(SWEEP_FIGURES if sweep else {})}
+    figures = {**FIGURES, **(SWEEP_FIGURES if sweep else {}),
+               **({} if LABELS.binary else CLASS_FIGURES)}
     return {
         "summary": f"{EXPERIMENT_DIR}/summary.csv",
         **{name: figure(name, title) for name, title in figures.items()},

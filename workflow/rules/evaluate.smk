@@ -11,6 +11,7 @@ rule evaluate:
         by_epoch=f"{JOB_DIR}/metrics_by_epoch.csv",
         evolution=f"{JOB_DIR}/evolution.npz",
         predictions=f"{JOB_DIR}/predictions.png",
+        **({} if LABELS.binary else {"confusion": f"{JOB_DIR}/{CONFUSION_CSV}"}),
     params:
         dir=lambda wc, input: os.path.dirname(input.model),
         threshold=config["evaluate"]["threshold"],
