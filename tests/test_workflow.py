@@ -8,6 +8,7 @@ the workflow's results and metadata.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,10 +24,18 @@ import torch
 import yaml
 
 from segpipe.aggregate import FIGURES
+from segpipe.labels import IGNORE
+
+CLASS_FIGURES = ("classes", "confusion")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 TINY_CV = REPO / "tests" / "configs" / "tiny_cv.yaml"
+TINY_CLASSES = REPO / "tests" / "configs" / "tiny_classes.yaml"
+# The last commit before several classes: a binary study must write what it wrote.
+BEFORE_CLASSES = "f5273774f8cd4c8bbb4633341a288a8ff326016d"
+# Columns and checkpoint entries that measure time or memory, which no two runs share.
+TIMING = {"seconds", "train_seconds", "peak_memory_mb", "train_seconds_mean"}
 RUNS = {
     "unet__scratch__bcedice_0.5__plain__s0",
     "attention_unet__scratch__bcedice_0.5__plain__s0",
@@ -119,11 +128,13 @@ def test_study_runs_end_to_end(finished: Path):
     assert list(arch["architecture"]) == ["unet", "attention_unet"]
     sweep = pd.read_csv(results / "experiments" / "dice_weight" / "summary.csv")
     assert list(sweep["loss"]) == ["bcedice_0.0", "bcedice_0.5", "bcedice_1.0"]
-    for name in FIGURES:  # every figure segpipe aggregate writes is a workflow output
+    for name in set(FIGURES) - set(CLASS_FIGURES):  # every figure aggregate writes is an output
         for experiment in ("architecture", "dice_weight"):
             if name != "sweep" or experiment == "dice_weight":
                 assert (results / "experiments" / experiment / f"{name}.png").stat().st_size > 5000
     assert not (results / "experiments" / "architecture" / "sweep.png").exists()
+    for name in CLASS_FIGURES:  # a binary study has no per-class figures
+        assert not (results / "experiments" / "architecture" / f"{name}.png").exists()
     summary = (results / "summary.md").read_text()
     assert "architecture" in summary and "dice_weight" in summary
     # 4 test images: the smallest two-sided Wilcoxon p is 2/2⁴, so no difference is detectable
@@ -372,3 +383,109 @@ def test_cross_validation_config_errors_name_the_key(tmp_path: Path, config, cha
     edit_config(tmp_path, lambda c: change(c["data"]))
     proc = snakemake(tmp_path, "--dry-run", check=False)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- several classes
+
+@pytest.fixture(scope="module")
+def finished_classes(tmp_path_factory) -> Path:
+    """A workdir in which the tiny study with data.classes (leaf, stone) ran to completion."""
+    return run_study(TINY_CLASSES, tmp_path_factory.mktemp("classes"))
+
+
+def test_study_with_classes_runs_end_to_end(finished_classes: Path):
+    results = finished_classes / "results"
+    with h5py.File(results / "data" / "train.h5") as f:
+        assert set(np.unique(f["masks"][:])) == {0, 1, 2}  # background, leaf, stone
+        assert json.loads(f.attrs["labels"])["names"] == ["leaf", "stone"]
+    run = results / "runs" / "unet__scratch__bcedice_0.5__plain__s0"
+    checkpoint = torch.load(run / "model.pt", weights_only=True)
+    assert checkpoint["labels"]["names"] == ["leaf", "stone"]
+    assert checkpoint["state_dict"]["decoder.head.weight"].shape[0] == 3  # background + 2
+    per_image = pd.read_csv(run / "per_image.csv")
+    for name in ("leaf", "stone"):
+        # Undefined exactly where the truth lacks the class, whatever the prediction.
+        assert (per_image[f"dice.{name}"].isna() == (per_image[f"ref.{name}"] == 0)).all()
+        assert (per_image[f"tp.{name}"] + per_image[f"fn.{name}"] == per_image[f"ref.{name}"]).all()
+    confusion = pd.read_csv(run / "confusion.csv", index_col="truth")
+    assert list(confusion.index) == list(confusion.columns) == ["background", "leaf", "stone"]
+    with h5py.File(results / "data" / "test.h5") as f:
+        assert confusion.to_numpy().sum() == (f["masks"][:] != IGNORE).sum()
+    summary = pd.read_csv(results / "experiments" / "architecture" / "summary.csv")
+    for column in ("dice.leaf_mean", "dice.stone_lo", "delta_dice.leaf_hi", "n_images.stone"):
+        assert column in summary
+    for experiment in ("architecture", "dice_weight"):
+        for name in FIGURES:
+            if name != "sweep" or experiment == "dice_weight":
+                assert (results / "experiments" / experiment / f"{name}.png").stat().st_size > 5000
+    assert "Per class: test Dice" in (results / "summary.md").read_text()
+
+
+def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
+    """Classes that leave out a label of the user's files: the dry run stops, naming it."""
+    folder = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "segpipe", "synth", "--output", str(folder),
+                    "--count", "4", "--size", "32", "40"], check=True, capture_output=True)
+    config = yaml.safe_load(TINY_CLASSES.read_text())
+    config["data"].update(train_dir=str(folder), test_dir=str(folder), background=[])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "--dry-run", check=False)
+    assert proc.returncode != 0
+    assert re.search(r"data.classes: label 'grass' of .*synth_0000.json.* is named by no class",
+                     proc.stdout + proc.stderr)
+    assert not (tmp_path / "results").exists()
+
+
+def _comparable(path: Path) -> object:
+    """What must not change in a result file: its bytes, or for files that record timings
+    (TIMING) everything else (CSV cells, checkpoint entries and tensors, npz arrays, summary.md
+    without its train-seconds column)."""
+    if path.suffix == ".csv":
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return table.drop(columns=[c for c in table if c in TIMING]).to_dict("list")
+    if path.suffix == ".pt":
+        checkpoint = torch.load(path, weights_only=True)
+        weights = {k: v.numpy().tobytes() for k, v in checkpoint.pop("state_dict").items()}
+        return weights, {k: v for k, v in checkpoint.items() if k not in TIMING}
+    if path.suffix == ".npz":  # a zip: its members carry the time they were written
+        with np.load(path) as npz:
+            return {key: npz[key].tobytes() for key in npz.files}
+    if path.suffix == ".h5":  # attribute source: the absolute data folder, in another workdir
+        with h5py.File(path) as f:
+            return ({key: f[key][()].tolist() for key in f},
+                    {k: str(v) for k, v in f.attrs.items() if k != "source"},
+                    Path(f.attrs["source"]).relative_to(path.parents[2]))
+    if path.suffix == ".md":
+        return re.sub(r"\| [\d.]+ \|$", "|", path.read_text(), flags=re.M)
+    return path.read_bytes()
+
+
+def test_binary_study_writes_what_it_wrote_before_classes(finished: Path, tmp_path: Path):
+    """Without data.classes, the tiny study's results equal those of the commit before
+    several classes, file by file: caches, figures and per-image tables byte for byte; files
+    with timings in every other cell and tensor (the commit is pinned in BEFORE_CLASSES)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_CLASSES],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"the commit before several classes is not in this clone: {archive.stderr!r}")
+    before = tmp_path / "before"
+    before.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    shutil.copy(TINY, workdir / "config.yaml")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(before))
+    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(before / "Snakefile"), "-d",
+                    str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"],
+                   check=True, capture_output=True, env=env, timeout=900)
+
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in (root / "results").rglob("*")
+                      if p.is_file() and p.relative_to(root).parts[1] not in ("logs", "benchmarks")
+                      and p.name not in (".segpipe.lock", "train.log"))
+
+    assert files(finished) == files(workdir)
+    changed = [str(p) for p in files(finished)
+               if _comparable(finished / p) != _comparable(workdir / p)]
+    assert not changed
