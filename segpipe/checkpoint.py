@@ -24,8 +24,8 @@ REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean
 input size [H, W] and the normalisation mean/std."""
 
 
-def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int], labels: Labels,
-                    **meta: object) -> dict:
+def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int],
+                    labels: Labels = Labels(), **meta: object) -> dict:
     """The checkpoint of a model trained from run ``spec`` at input ``size`` [H, W] on the
     classes ``labels`` (key ``labels``, absent for the binary study without classes)."""
     classes = labels.to_dict()
@@ -42,7 +42,7 @@ def checkpoint_labels(checkpoint: dict) -> Labels:
 
 
 def save_checkpoint(path: Path, spec: dict, state_dict: dict, size: Sequence[int],
-                    labels: Labels, **meta: object) -> None:
+                    labels: Labels = Labels(), **meta: object) -> None:
     """Write :func:`make_checkpoint` to ``path`` atomically."""
     with atomic_path(Path(path)) as tmp:
         torch.save(make_checkpoint(spec, state_dict, size, labels, **meta), tmp)

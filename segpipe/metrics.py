@@ -42,7 +42,7 @@ def per_image_metrics(probs: Tensor, masks: Tensor, threshold: float = 0.5) -> d
         ap = torch.stack([_average_precision(p, t) for p, t in zip(probs, truth)])
         return _metrics(*_counts(probs >= threshold, truth), ap)
     ap = torch.stack([_average_precision(p[v], t[v]) for p, t, v in zip(probs, truth, valid)])
-    return _metrics(*_counts((probs >= threshold) & valid, truth), ap)
+    return _metrics(*_counts(probs >= threshold, truth, valid), ap)
 
 
 class PooledMetrics:
@@ -62,10 +62,9 @@ class PooledMetrics:
     def update(self, probs: Tensor, masks: Tensor) -> None:
         """Add a batch: ``probs`` and ``masks`` as for :func:`per_image_metrics`."""
         probs, truth, valid = _flatten(probs, masks)
-        pred = probs >= self.threshold
+        counts = _counts(probs >= self.threshold, truth, valid)
         if valid is not None:
-            pred, probs, truth = pred & valid, probs[valid], truth[valid]
-        counts = _counts(pred, truth if valid is None else _scatter(truth, valid))
+            probs, truth = probs[valid], truth[valid]
         self._counts += torch.stack([c.sum() for c in counts]).cpu()
         self._probs.append(probs.reshape(-1).float().cpu())
         self._labels.append(truth.reshape(-1).cpu())
@@ -102,19 +101,16 @@ def _flatten(probs: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor | Non
     return probs.flatten(1), masks.bool() & ~ignored, ~ignored
 
 
-def _scatter(values: Tensor, where: Tensor) -> Tensor:
-    """A (N, pixels) bool tensor False except ``values`` at the True pixels of ``where``."""
-    out = torch.zeros_like(where)
-    out[where] = values
-    return out
-
-
-def _counts(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TP, FP, FN, TN per row of (N, pixels) bool tensors."""
+def _counts(pred: Tensor, truth: Tensor, valid: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TP, FP, FN, TN per row of (N, pixels) bool tensors, on the ``valid`` pixels only when
+    given (``truth`` is False on the others)."""
+    if valid is not None:
+        pred = pred & valid
     tp = (pred & truth).sum(1)
     fp = pred.sum(1) - tp
     fn = truth.sum(1) - tp
-    tn = pred.shape[1] - tp - fp - fn
+    tn = (pred.shape[1] if valid is None else valid.sum(1)) - tp - fp - fn
     return tp, fp, fn, tn
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from segpipe import SegpipeError
+from segpipe.labels import IGNORE, Labels
 from segpipe.losses import EPS, build_loss
 from segpipe.spec import check_definition
 
@@ -114,3 +115,94 @@ def test_shape_mismatch_is_refused():
 def test_bad_definitions_name_the_key(definition, message):
     with pytest.raises(SegpipeError, match=f"^loss definition: {message}"):
         check_definition("loss", definition)
+
+
+# --------------------------------------------------------------------------- several classes
+
+CLASSES = Labels(("a", "b", "c"), configured=True)  # 4 outputs: background, a, b, c
+
+
+def random_multiclass(seed: int, n: int = 3, size: int = 6, ignore: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, CLASSES.outputs, size, size, generator=generator) * 2
+    target = torch.randint(0, CLASSES.outputs, (n, 1, size, size), generator=generator)
+    if ignore:
+        target[torch.rand(target.shape, generator=generator) < 0.2] = IGNORE
+    return logits, target.float()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multiclass_terms_equal_monai_and_torch(seed):
+    from monai.losses import DiceCELoss, DiceLoss
+
+    logits, target = random_multiclass(seed)
+    dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False,
+                    smooth_nr=EPS, smooth_dr=EPS)(logits, target)
+    assert build_loss({"dice": 1.0}, CLASSES)(logits, target).item() == pytest.approx(
+        dice.item(), abs=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long())
+    assert build_loss({"bce": 1.0}, CLASSES)(logits, target).item() == pytest.approx(
+        ce.item(), abs=1e-6)
+    for alpha in (0.0, 0.3, 1.0):
+        monai = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False,
+                           smooth_nr=EPS, smooth_dr=EPS, lambda_dice=alpha,
+                           lambda_ce=1 - alpha)(logits, target)
+        ours = build_loss({"bce": 1 - alpha, "dice": alpha}, CLASSES)(logits, target)
+        assert ours.item() == pytest.approx(monai.item(), abs=1e-6)
+
+
+def test_class_weights_and_pos_weight_weigh_the_cross_entropy():
+    logits, target = random_multiclass(4)
+    weights = [0.5, 1.0, 2.0, 3.0]
+    expected = torch.nn.functional.cross_entropy(logits, target[:, 0].long(),
+                                                 weight=torch.tensor(weights))
+    loss = build_loss({"bce": 1.0, "class_weights": weights}, CLASSES)(logits, target)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    expected = torch.nn.functional.cross_entropy(logits, target[:, 0].long(),
+                                                 weight=torch.tensor([1.0, 4.0, 4.0, 4.0]))
+    loss = build_loss({"bce": 1.0, "pos_weight": 4.0}, CLASSES)(logits, target)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    with pytest.raises(SegpipeError, match="class_weights has 2 weights, but the study has 4"):
+        build_loss({"bce": 1.0, "class_weights": [1, 2]}, CLASSES)
+
+
+def test_ignored_pixels_count_in_no_multiclass_term():
+    """Changing the logits of ignored pixels changes no term; each term equals itself on the
+    pixels that are not ignored (cross-entropy: torch's ignore_index)."""
+    labels = Labels(("a", "b", "c"), ignore=("void",), configured=True)
+    logits, target = random_multiclass(5, ignore=True)
+    ignored = target.expand_as(logits) == IGNORE
+    other = logits.where(~ignored, torch.randn_like(logits) * 10)
+    for definition in ({"bce": 1.0}, {"dice": 1.0}, {"focal_tversky": 1.0}):
+        loss = build_loss(definition, labels)
+        assert loss(other, target).item() == pytest.approx(loss(logits, target).item(), abs=1e-6)
+    expected = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), ignore_index=IGNORE)
+    assert build_loss({"bce": 1.0}, labels)(logits, target).item() == pytest.approx(
+        expected.item(), abs=1e-6)
+
+
+def test_multiclass_focal_tversky_hand_computed():
+    """One image, two pixels, truth (a, background); class b absent and nearly never predicted.
+    Class a: TP = p_a(1), FN = 1 − p_a(1), FP = p_a(2); TI = (TP + ε)/(TP + 0.7 FN + 0.3 FP + ε);
+    class b: TI = ε/(0.3 FP + ε); the loss is the mean of (1 − TI)^0.75 over a and b."""
+    labels = Labels(("a", "b"), configured=True)
+    logits = torch.stack([torch.tensor([0.0, LN3]), torch.tensor([LN3, 0.0]),
+                          torch.tensor([-50.0, -50.0])]).view(1, 3, 1, 2)
+    target = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    p_a = torch.softmax(logits, 1)[0, 1, 0]
+    tp, fn, fp = p_a[0], 1 - p_a[0], p_a[1]
+    ti_a = (tp + EPS) / (tp + 0.7 * fn + 0.3 * fp + EPS)
+    p_b = torch.softmax(logits, 1)[0, 2, 0]
+    ti_b = EPS / (0.3 * p_b.sum() + EPS)
+    expected = ((1 - ti_a) ** 0.75 + (1 - ti_b).clamp_min(1e-12) ** 0.75) / 2
+    loss = build_loss({"focal_tversky": 1.0}, labels)(logits, target)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_binary_ignore_leaves_ignored_pixels_out():
+    labels = Labels(ignore=("void",))
+    logits = batch([LN3, -LN3, 5.0, -5.0])
+    target = batch([1, 0, IGNORE, IGNORE])
+    plain = build_loss({"bce": 1.0, "dice": 1.0})(logits[..., :1, :], target[..., :1, :])
+    assert build_loss({"bce": 1.0, "dice": 1.0}, labels)(logits, target).item() == pytest.approx(
+        plain.item(), rel=1e-6)

@@ -3,7 +3,11 @@ import math
 import pytest
 import torch
 
-from segpipe.metrics import METRICS, PooledMetrics, average_precision, per_image_metrics
+import numpy as np
+
+from segpipe.labels import IGNORE, Labels
+from segpipe.metrics import (METRICS, PooledClassMetrics, PooledMetrics, average_precision,
+                             per_image_class_metrics, per_image_metrics)
 
 torch.set_num_threads(1)
 
@@ -130,3 +134,95 @@ def test_bad_shapes_are_refused():
         per_image_metrics(torch.zeros(2, 4, 4), torch.zeros(2, 4, 5))
     with pytest.raises(ValueError, match="update"):
         PooledMetrics().compute()
+
+
+# --------------------------------------------------------------------------- several classes
+
+def one_hot_probs(pred: np.ndarray, classes: int, seed: int) -> torch.Tensor:
+    """Softmax-like probabilities (N, C, H, W) whose argmax is ``pred`` (N, H, W)."""
+    rng = np.random.default_rng(seed)
+    probs = rng.random((*pred.shape[:1], classes, *pred.shape[1:])) * 0.5
+    np.put_along_axis(probs, pred[:, None], 1.0, axis=1)
+    return torch.from_numpy(probs / probs.sum(1, keepdims=True))
+
+
+def test_per_class_metrics_hand_computed():
+    """Two 1x4 images, classes a (1) and b (2). Image 0: truth a a b 0, prediction a b b b;
+    image 1: truth 0 0 0 0, prediction 0 0 b 0 (no class in the truth)."""
+    labels = Labels(("a", "b"), configured=True)
+    truth = torch.tensor([[1, 1, 2, 0], [0, 0, 0, 0]]).view(2, 1, 4)
+    pred = np.array([[1, 2, 2, 2], [0, 0, 2, 0]]).reshape(2, 1, 4)
+    m = per_image_class_metrics(one_hot_probs(pred, 3, 0), truth, labels)
+    # a on image 0: TP 1, FP 0, FN 1 -> Dice 2/3; b: TP 1, FP 2, FN 0 -> Dice 2/4
+    assert m["dice.a"][0].item() == pytest.approx(2 / 3) and m["dice.b"][0].item() == 0.5
+    assert m["precision.b"][0].item() == pytest.approx(1 / 3) and m["recall.a"][0] == 0.5
+    assert m["dice"][0].item() == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["accuracy"][0].item() == 0.5
+    assert [m[f"{c}.b"][0].item() for c in ("tp", "fp", "fn", "ref", "pred")] == [1, 2, 0, 1, 3]
+    # image 1: every class undefined, its false positive recorded, the image scores 0
+    assert torch.isnan(m["dice.a"][1]) and torch.isnan(m["dice.b"][1])
+    assert m["fp.b"][1].item() == 1 and m["dice"][1].item() == 0.0
+    empty = per_image_class_metrics(one_hot_probs(np.zeros((1, 1, 4), int), 3, 1),
+                                    torch.zeros(1, 1, 4, dtype=torch.long), labels)
+    assert empty["dice"].item() == 1.0 and empty["iou"].item() == 1.0  # empty vs empty
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_class_metrics_equal_sklearn(seed):
+    from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score,
+                                 jaccard_score, precision_score, recall_score)
+
+    labels = Labels(("a", "b", "c"), configured=True)
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 4, (3, 6, 5))
+    truth[1][truth[1] == 3] = 0  # class c absent from image 1
+    truth[2, :2] = IGNORE
+    logits = torch.from_numpy(rng.normal(size=(3, 4, 6, 5)) * 2)
+    probs = torch.softmax(logits, 1)
+    m = per_image_class_metrics(probs, torch.from_numpy(truth), labels)
+    pred = probs.argmax(1).numpy()
+    for i in range(3):
+        valid = truth[i] != IGNORE
+        t, p = truth[i][valid], pred[i][valid]
+        f1 = f1_score(t, p, labels=[1, 2, 3], average=None, zero_division=0)
+        iou = jaccard_score(t, p, labels=[1, 2, 3], average=None, zero_division=0)
+        precision = precision_score(t, p, labels=[1, 2, 3], average=None, zero_division=0)
+        recall = recall_score(t, p, labels=[1, 2, 3], average=None, zero_division=0)
+        for c, name in enumerate(labels.names):
+            if (t == c + 1).any():
+                assert m[f"dice.{name}"][i].item() == pytest.approx(f1[c])
+                assert m[f"iou.{name}"][i].item() == pytest.approx(iou[c])
+                assert m[f"precision.{name}"][i].item() == pytest.approx(precision[c])
+                assert m[f"recall.{name}"][i].item() == pytest.approx(recall[c])
+                ap = average_precision_score(t == c + 1, probs[i, c + 1].numpy()[valid])
+                assert m[f"ap.{name}"][i].item() == pytest.approx(ap)
+            else:
+                assert math.isnan(m[f"dice.{name}"][i].item())
+        present = [c for c in range(3) if (t == c + 1).any()]
+        assert m["dice"][i].item() == pytest.approx(np.mean(f1[present]))
+    pooled = PooledClassMetrics(labels)
+    pooled.update(probs[:2], torch.from_numpy(truth[:2]))
+    pooled.update(probs[2:], torch.from_numpy(truth[2:]))
+    valid = truth != IGNORE
+    t, p = truth[valid], pred[valid]
+    np.testing.assert_array_equal(pooled.confusion().numpy(),
+                                  confusion_matrix(t, p, labels=[0, 1, 2, 3]))
+    result = pooled.compute()
+    iou = jaccard_score(t, p, labels=[1, 2, 3], average=None)
+    assert result["iou"] == pytest.approx(iou.mean())  # the macro mIoU over the classes
+    assert result["pooled_dice.b"] == pytest.approx(f1_score(t, p, labels=[2], average=None)[0])
+    scores = probs.permute(1, 0, 2, 3).numpy()[:, valid]
+    assert result["pooled_ap.c"] == pytest.approx(average_precision_score(t == 3, scores[3]))
+    assert result["accuracy"] == pytest.approx((t == p).mean())
+
+
+def test_binary_metrics_leave_ignored_pixels_out():
+    """TP 0.9, TN 0.2, FP 0.6; the two ignored pixels (0.8, 0.1) count nowhere."""
+    probs = torch.tensor([[0.9, 0.2, 0.8, 0.1, 0.6]]).view(1, 1, 5)
+    masks = torch.tensor([[1, 0, IGNORE, IGNORE, 0]], dtype=torch.uint8).view(1, 1, 5)
+    m = per_image_metrics(probs, masks)
+    assert m["accuracy"].item() == pytest.approx(2 / 3) and m["dice"].item() == pytest.approx(2 / 3)
+    assert m["ap"].item() == 1.0 and m["precision"].item() == 0.5
+    pooled = PooledMetrics()
+    pooled.update(probs, masks)
+    assert pooled.compute() == pytest.approx({k: m[k].item() for k in METRICS})

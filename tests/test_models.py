@@ -12,6 +12,7 @@ import torchvision
 
 from segpipe import SegpipeError
 from segpipe.cli import main
+from segpipe.labels import Labels
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
 from segpipe.models.unetpp import mean_probability_logit
@@ -54,6 +55,39 @@ def test_every_combination_runs_forward_and_backward_at_any_size(architecture, b
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 33, 17)).shape == (2, 1, 33, 17)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_combination_has_a_head_of_the_labels_width(architecture, backbone):
+    """Several classes: background + 3 classes -> 4 logit channels, in training (every head of
+    U-Net++'s deep supervision) and evaluation."""
+    labels = Labels(("a", "b", "c"), configured=True)
+    model = build_model(*small(architecture, backbone), labels.outputs)
+    outputs = model(torch.randn(2, 3, 35, 29))
+    for logits in outputs if isinstance(outputs, list) else [outputs]:
+        assert logits.shape == (2, 4, 35, 29)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 35, 29)).shape == (1, 4, 35, 29)
+
+
+def test_unetpp_averages_the_heads_softmax_probabilities():
+    """Several classes: the softmax of the evaluation output is the mean of the heads' softmax
+    probabilities (one head sure of class 2, three unsure: not the softmax of mean logits)."""
+    heads = [torch.tensor([0.0, 0.0, 12.0])] + [torch.tensor([1.0, 0.0, -1.0])] * 3
+    logits = [h.view(1, 3, 1, 1) for h in heads]
+    expected = torch.stack([torch.softmax(h, 0) for h in heads]).mean(0)
+    torch.testing.assert_close(torch.softmax(mean_probability_logit(logits), 1).flatten(),
+                               expected)
+    model = build_model({"model": "unetpp", "width": 2, "depth": 2, "deep_supervision": True},
+                        {}, 3).eval()
+    with torch.no_grad():
+        for head, bias in zip(model.decoder.heads, heads[:2]):
+            head.weight.zero_()
+            head.bias.copy_(bias)
+        probability = torch.softmax(model(torch.randn(1, 3, 8, 8)), 1)[0, :, 0, 0]
+    torch.testing.assert_close(probability, torch.stack(
+        [torch.softmax(h, 0) for h in heads[:2]]).mean(0))
 
 
 # Parameter counts by hand. A convolution with BatchNorm has k²·c_in·c_out weights and the

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import PIL.Image
 import numpy as np
 import pytest
 import torch
 
 from segpipe import SegpipeError
+from segpipe.labels import Labels
 from segpipe.models import build_model
 from segpipe.predict import predict_folder
 from segpipe.checkpoint import make_checkpoint
@@ -18,9 +20,10 @@ ARCHITECTURE = {"model": "unet", "width": 4, "depth": 2}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def save_checkpoint(model: torch.nn.Module, path: Path, backbone: dict, size=(24, 20)) -> Path:
+def save_checkpoint(model: torch.nn.Module, path: Path, backbone: dict, size=(24, 20),
+                    labels: Labels = Labels()) -> Path:
     spec = {"run": "test", "architecture": ARCHITECTURE, "backbone": backbone}
-    torch.save(make_checkpoint(spec, model.state_dict(), size, epoch=1), path)
+    torch.save(make_checkpoint(spec, model.state_dict(), size, labels, epoch=1), path)
     return path
 
 
@@ -117,3 +120,23 @@ def test_bad_input_names_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegpipeError, match=r"empty: no images"):
         predict_folder(checkpoint, tmp_path / "empty", tmp_path / "out")
+
+
+def test_several_classes_write_palette_pngs_of_class_indices(tmp_path):
+    """A model of background + 2 classes whose head biases (0, 1, 3) make stone (2) the argmax
+    everywhere: each mask is a palette PNG of class indices at the image's size, VOC colours."""
+    labels = Labels(("leaf", "stone"), configured=True)
+    model = build_model(ARCHITECTURE, {}, labels.outputs)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+        model.state_dict()["decoder.head.bias"].copy_(torch.tensor([0.0, 1.0, 3.0]))
+    checkpoint = save_checkpoint(model, tmp_path / "model.pt", {}, labels=labels)
+    sizes = write_images(tmp_path / "in")
+    predict_folder(checkpoint, tmp_path / "in", tmp_path / "out")
+    for stem, size in sizes.items():
+        png = PIL.Image.open(tmp_path / "out" / f"{stem}.png")
+        assert png.mode == "P" and png.size == size[::-1]
+        assert (np.array(png) == 2).all()  # stone everywhere, as LabelMe's VOC export writes
+        assert png.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
