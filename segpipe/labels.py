@@ -120,7 +120,8 @@ class Labels:
         roles: dict[str, list[str]] = {}
         for name, labels in zip(self.names, self.sources or [()]):
             for label in labels:
-                roles.setdefault(label, []).append(f"class {name}")
+                roles.setdefault(label, []).append(f"class {name}" if self.configured
+                                                   else "foreground")
         for role in ("background", "ignore"):
             for label in getattr(self, role):
                 roles.setdefault(label, []).append(role)

@@ -13,6 +13,7 @@ import yaml
 
 from segpipe import SegpipeError
 from segpipe.data.augment import build_augmentation
+from segpipe.labels import Labels
 from segpipe.losses import build_loss
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model
 from segpipe.models.encoders import resnet_encoder
@@ -37,7 +38,7 @@ def test_schema_states_what_the_model_registry_accepts():
     architecture = schema()["$defs"]["architecture"]
     assert architecture["properties"]["model"]["enum"] == list(ARCHITECTURES)
     assert family_keys() == {
-        family: {"model"} | (set(inspect.signature(cls).parameters) - {"encoder"})
+        family: {"model"} | (set(inspect.signature(cls).parameters) - {"encoder", "outputs"})
         for family, cls in ARCHITECTURES.items()}
     assert set().union(*family_keys().values()) == set(architecture["properties"])
     assert schema()["$defs"]["backbone"]["properties"]["encoder"]["enum"] == list(BACKBONES)
@@ -51,10 +52,13 @@ def test_every_loss_and_augmentation_key_of_the_schema_builds():
     definitions = [{"bce": 0.5, "pos_weight": 3.0, "dice": 0.5},
                    {"focal_tversky": 1.0, "tversky_alpha": 0.6, "tversky_beta": 0.4,
                     "tversky_gamma": 1.5}]
-    assert set().union(*definitions) == set(schema()["$defs"]["loss"]["properties"])
+    several = {"bce": 1.0, "class_weights": [1.0, 2.0, 3.0]}  # background + 2 classes
+    assert set().union(*definitions, several) == set(schema()["$defs"]["loss"]["properties"])
     terms = [build_loss(d).terms for d in definitions]
     assert [list(t) for t in terms] == [["bce", "dice"], ["focal_tversky"]]
     assert terms[0]["bce"].pos_weight == 3.0 and terms[1]["focal_tversky"].gamma == 1.5
+    classes = Labels(("a", "b"), configured=True)
+    assert build_loss(several, classes).terms["bce"].class_weights == [1.0, 2.0, 3.0]
 
     augmentation = {"crop": {"min_scale": 0.7}, "hflip": 0.5, "vflip": 0.25, "rotate": 10,
                     "jitter": 0.2, "erase": 0.1}

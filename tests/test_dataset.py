@@ -13,12 +13,14 @@ from torch.utils.data import DataLoader
 from segpipe import SegpipeError
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import SegmentationH5Dataset, split_indices
+from segpipe.labels import Labels
 
 
 @pytest.fixture
 def cache(labelme_folder, tmp_path):
     path = tmp_path / "cache.h5"
-    build_cache(labelme_folder, path, (12, 16), None, ["grass"], val_fraction=0.34, split_seed=0)
+    build_cache(labelme_folder, path, (12, 16), Labels.from_config(background=["grass"]),
+                val_fraction=0.34, split_seed=0)
     return path
 
 

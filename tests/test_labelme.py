@@ -322,6 +322,6 @@ def test_image_size_mismatch(make_labelme):
 
 
 def test_label_both_foreground_and_background():
-    with pytest.raises(SegpipeError, match=r"label 'a' is given two roles \(class foreground "
-                                           r"and background\)"):
+    with pytest.raises(SegpipeError, match=r"label 'a' is given two roles \(foreground and "
+                                           r"background\)"):
         Labels.from_config(foreground=["a", "b"], background=["a"])

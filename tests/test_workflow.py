@@ -218,7 +218,8 @@ BAD_EDITS = {
         "attention_r2unet, atrous_unet"),
     "loss key typo": (lambda c, w: c["losses"]["bcedice_1.0"].update(dcie=1),
                       "config: losses.bcedice_1.0.dcie: unknown key (allowed: bce, dice, "
-                      "focal_tversky, pos_weight, tversky_alpha, tversky_beta, tversky_gamma)"),
+                      "focal_tversky, pos_weight, class_weights, tversky_alpha, tversky_beta, "
+                      "tversky_gamma)"),
     "option typo": (lambda c, w: c["architectures"]["unet"].update(widht=8),
                     "config: architectures.unet.widht: unknown key (allowed: model, width, "
                     "depth, down, up)"),
@@ -249,7 +250,7 @@ BAD_EDITS = {
         "labels: grass, leaf, stone)"),
     "label in foreground and background": (lambda c, w: c["data"].update(
         foreground=["stone"], background=["leaf", "stone"]),
-        "config: data.foreground and data.background both name 'stone'"),
+        "config: data: label 'stone' is given two roles (foreground and background)"),
     "missing data folder": (lambda c, w: c["data"].update(train_dir="/nonexistent/train"),
                             "config: data.train_dir: /nonexistent/train: not a folder"),
     "undefined name": (lambda c, w: c["experiments"]["architecture"]["vary"].update(
@@ -344,9 +345,8 @@ def test_cross_validation_tests_every_image_once(finished_cv: Path):
     assert list(summary["architecture"]) == ["unet", "attention_unet"]
     assert list(summary["n_images"]) == [15, 15]
     assert {"dice_fold0", "dice_fold1", "dice_fold2"} <= set(summary.columns)
-    for name in FIGURES:
-        if name != "sweep":
-            assert (results / "experiments" / "architecture" / f"{name}.png").stat().st_size > 5000
+    for name in set(FIGURES) - {"sweep", *CLASS_FIGURES}:
+        assert (results / "experiments" / "architecture" / f"{name}.png").stat().st_size > 5000
     assert "3-fold cross-validation: 15 test images" in (results / "summary.md").read_text()
 
 
@@ -423,16 +423,18 @@ def test_study_with_classes_runs_end_to_end(finished_classes: Path):
 
 def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
     """Classes that leave out a label of the user's files: the dry run stops, naming it."""
-    folder = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "segpipe", "synth", "--output", str(folder),
-                    "--count", "4", "--size", "32", "40"], check=True, capture_output=True)
+    for split, seed in (("train", 0), ("test", 1)):
+        subprocess.run([sys.executable, "-m", "segpipe", "synth", "--output",
+                        str(tmp_path / split), "--count", "4", "--seed", str(seed), "--size",
+                        "32", "40"], check=True, capture_output=True)
     config = yaml.safe_load(TINY_CLASSES.read_text())
-    config["data"].update(train_dir=str(folder), test_dir=str(folder), background=[])
+    config["data"].update(train_dir=str(tmp_path / "train"), test_dir=str(tmp_path / "test"),
+                          background=[])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(tmp_path, "--dry-run", check=False)
     assert proc.returncode != 0
-    assert re.search(r"data.classes: label 'grass' of .*synth_0000.json.* is named by no class",
-                     proc.stdout + proc.stderr)
+    assert re.search(r"config: data.classes: label 'grass' of \S+/train/synth_000\d.json, .* "
+                     r"is named by no class, data.background or data.ignore", proc.stdout)
     assert not (tmp_path / "results").exists()
 
 

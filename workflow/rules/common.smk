@@ -185,10 +185,6 @@ def _check_data():
     and hold LabelMe files, and every label of data.foreground and data.background is one of
     theirs (the demo data, written by a rule, is not read)."""
     data = config["data"]
-    both = sorted(set(data["foreground"] or ()) & set(data["background"]))
-    if both:
-        both = " and ".join(map(repr, both))
-        raise WorkflowError(f"config: data.foreground and data.background both name {both}")
     splits = ("train",) if FOLDS else ("train", "test")  # with folds, no test folder
     folders = {split: Path(data[f"{split}_dir"]) for split in splits}
     users = {split: f for split, f in folders.items() if f != Path(DEMO_DATA, split)}
@@ -200,7 +196,7 @@ def _check_data():
             raise WorkflowError(f"config: data.{split}_dir: {exc}")
     if len(users) < len(folders):
         return files
-    labels = _labels(path for split_files in files.values() for path in split_files)
+    labels = _labels(dict.fromkeys(path for split_files in files.values() for path in split_files))
     named = {"foreground": data["foreground"] or (), "background": data["background"],
              "ignore": data["ignore"],
              "classes": [label for labels_ in LABELS.sources or () for label in labels_]
