@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch, torchvision, cv2, h5py, scipy, snakemake"
 	touch $@
 
+# The binary demo study (config.yaml), then its multi-class study (below results/classes/).
 demo: $(VENV)/.installed
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --configfile configs/demo_classes.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""segpipe: compare U-Net variants for binary segmentation of LabelMe-annotated images.
+"""segpipe: compare U-Net variants for segmentation of LabelMe-annotated images.
 
     snakemake --cores N                          # the study in config.yaml
     snakemake --cores N --configfile my.yaml     # another study (replaces config.yaml)
@@ -41,6 +41,6 @@ rule all:
         # Every output of every run is a target: a deleted run, or one file of it, is re-created.
         [expand([*rules.train.output, *rules.evaluate.output], **run, fold=range(FOLDS or 1))
          for run in RUNS],
-        "results/summary.md",
+        SUMMARY,
         [path for name in config["experiments"] for path in experiment_files(name)],
     default_target: True

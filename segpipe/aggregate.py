@@ -36,8 +36,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, plots, stats
-from segpipe.columns import METRIC_COLUMNS, RUN_COLUMNS
-from segpipe.columns import CONFUSION_CSV
+from segpipe.columns import CONFUSION_CSV, METRIC_COLUMNS, RUN_COLUMNS
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
 from segpipe.stats import mean_ci95

@@ -34,8 +34,7 @@ from segpipe.columns import (AXES, CONFUSION_CSV, MEAN_COLUMNS, METRICS, POOLED_
                              per_image_csv)
 from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
-from segpipe.metrics import (PooledClassMetrics, PooledMetrics, per_image_class_metrics,
-                             per_image_metrics)
+from segpipe.metrics import image_metrics, pooled_metrics
 from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits, probabilities
 
@@ -117,8 +116,8 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
             probs_best=probs.astype(np.float16), images=images, masks=masks,
             names=np.array(names, dtype=str), threshold=np.float64(threshold))
-    plot_predictions(names, images, masks, probs, threshold, labels,
-                     run_dir / "predictions.png", title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
+    plot_predictions(names, images, masks, probs, threshold, labels, run_dir / "predictions.png",
+                     title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
              row["pooled_dice"], len(epochs))
 
@@ -130,8 +129,7 @@ def score(model: nn.Module, checkpoint: dict, loader: torch.utils.data.DataLoade
     """Per-image metrics ``{column: (N,)}``, pooled metrics, the probabilities float32 of the
     first ``keep`` images ((keep, H, W) binary, (keep, C, H, W) with several classes) and,
     with several classes, the pooled confusion matrix (C, C)."""
-    binary = labels.binary
-    pooled = PooledMetrics(threshold) if binary else PooledClassMetrics(labels)
+    pooled = pooled_metrics(labels, threshold)
     per_image: dict[str, list] = {}
     kept: list[torch.Tensor] = []
     for images, masks in loader:
@@ -139,13 +137,11 @@ def score(model: nn.Module, checkpoint: dict, loader: torch.utils.data.DataLoade
         probs = probabilities(logits)
         masks = masks.to(device)
         pooled.update(probs, masks)
-        metrics = (per_image_metrics(probs, masks, threshold) if binary
-                   else per_image_class_metrics(probs, masks, labels))
-        for name, values in metrics.items():
+        for name, values in image_metrics(probs, masks, labels, threshold).items():
             per_image.setdefault(name, []).append(values.cpu())
         if sum(map(len, kept)) < keep:
-            kept.append((probs[:keep, 0] if binary else probs[:keep]).cpu())
-    confusion = None if binary else pooled.confusion().numpy()
+            kept.append((probs[:keep, 0] if labels.binary else probs[:keep]).cpu())
+    confusion = None if labels.binary else pooled.confusion().numpy()
     return ({m: torch.cat(v).numpy() for m, v in per_image.items()}, pooled.compute(),
             torch.cat(kept)[:keep].numpy(), confusion)
 

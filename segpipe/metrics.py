@@ -150,6 +150,21 @@ def _average_precision(scores: Tensor, labels: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- several classes
 
+def image_metrics(probs: Tensor, masks: Tensor, labels: Labels, threshold: float = 0.5
+                  ) -> dict[str, Tensor]:
+    """The per-image metrics of a study: :func:`per_image_metrics` (binary, at ``threshold``)
+    or :func:`per_image_class_metrics`."""
+    if labels.binary:
+        return per_image_metrics(probs, masks, threshold)
+    return per_image_class_metrics(probs, masks, labels)
+
+
+def pooled_metrics(labels: Labels, threshold: float = 0.5) -> PooledMetrics | PooledClassMetrics:
+    """The pooled metrics of a study: :class:`PooledMetrics` (binary) or
+    :class:`PooledClassMetrics`."""
+    return PooledMetrics(threshold) if labels.binary else PooledClassMetrics(labels)
+
+
 def per_image_class_metrics(probs: Tensor, masks: Tensor, labels: Labels
                             ) -> dict[str, Tensor]:
     """Metrics of each image of a multi-class study: ``{column: float64 tensor (N,)}`` for the

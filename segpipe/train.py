@@ -320,7 +320,7 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: n
     several classes, the image scores of the mean over the foreground classes its truth holds
     (:func:`segpipe.metrics.per_image_class_metrics`), so the model is selected on the mean
     foreground Dice."""
-    from segpipe.metrics import per_image_class_metrics, per_image_metrics
+    from segpipe.metrics import image_metrics
 
     model.eval()
     losses, metrics = [], []
@@ -328,9 +328,8 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: n
         target = masks.to(device, non_blocking=True).float()
         logits = forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
         losses.append(criterion(logits, target).double() * len(images))
-        probs = probabilities(logits)
-        metrics.append(per_image_metrics(probs, target, VALIDATION_THRESHOLD) if labels.binary
-                       else per_image_class_metrics(probs, target, labels))
+        metrics.append(image_metrics(probabilities(logits), target, labels,
+                                     VALIDATION_THRESHOLD))
     count = sum(len(m["dice"]) for m in metrics)
     means = {k: torch.cat([m[k] for m in metrics]).mean().item()
              for k in ("dice", "iou", "accuracy", "ap")}

@@ -16,10 +16,12 @@ import scipy.stats
 from segpipe import SegpipeError
 from segpipe.aggregate import (
     _load_run,
+    class_summary,
     aggregate_experiment,
     write_summary,
 )
 from segpipe.cli import main
+from segpipe.stats import Scores
 from segpipe.columns import METRIC_COLUMNS as METRICS
 
 HEIGHT, WIDTH, EXAMPLES = 20, 28, 3
@@ -490,3 +492,20 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["aggregate", "--experiment", "x", "--spec", f"@{spec}",
                  "--output-dir", str(tmp_path / "out")]) == 1
     assert "segpipe: error: experiment 'x': spec key 'runs'" in capsys.readouterr().err
+
+
+def test_class_summary_per_class_dice_and_paired_delta():
+    """Class leaf defined on 3 images (the others were left out before), two groups of two
+    seeds: dice.leaf_mean is the mean over seeds and images, delta_dice.leaf the mean paired
+    difference, empty on the reference; the intervals hold their means."""
+    ref = Scores((0, 1), np.array([[0.8, 0.6, 0.7], [0.9, 0.5, 0.7]]))
+    other = Scores((0, 1), np.array([[0.7, 0.6, 0.4], [0.8, 0.4, 0.6]]))
+    summary = pd.DataFrame({"group": ["ref", "other"], "reference": ["ref", "ref"]})
+    table = class_summary(summary, {"leaf": {"ref": ref, "other": other}})
+    assert list(table["n_images.leaf"]) == [3, 3]
+    assert table["dice.leaf_mean"].tolist() == pytest.approx([4.2 / 6, 3.5 / 6])
+    assert math.isnan(table.loc[0, "delta_dice.leaf"])
+    assert table.loc[1, "delta_dice.leaf"] == pytest.approx(-0.7 / 6)
+    assert (table["dice.leaf_lo"] <= table["dice.leaf_mean"]).all()
+    assert (table["dice.leaf_mean"] <= table["dice.leaf_hi"]).all()
+    assert table.loc[1, "delta_dice.leaf_lo"] <= -0.7 / 6 <= table.loc[1, "delta_dice.leaf_hi"]

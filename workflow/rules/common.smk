@@ -20,15 +20,19 @@ from segpipe.spec import model_errors, schema
 NAME = schema()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")
 # "{architecture}__{backbone}__{loss}__{augmentation}__s{seed}"
 RUN = "__".join([*(f"{{{axis}}}" for axis in AXES), "s{seed}"])
-RUN_DIR = f"results/runs/{RUN}"
+RESULTS = config["results"]  # every output lies below it
+RUN_DIR = f"{RESULTS}/runs/{RUN}"
 FOLDS = config["data"]["folds"]  # None: the fixed test folder
 # What one train and one evaluate job make: a run, or in cross-validation one fold of a run.
 JOB = f"{RUN}/fold{{fold}}" if FOLDS else RUN
-JOB_DIR = f"results/runs/{JOB}"
+JOB_DIR = f"{RESULTS}/runs/{JOB}"
+LOGS, BENCHMARKS = f"{RESULTS}/logs", f"{RESULTS}/benchmarks"
 # The cache holding the test images: a fold's are in the training cache (its `fold`).
-TEST_CACHE = "results/data/train.h5" if FOLDS else "results/data/test.h5"
-EXPERIMENT_DIR = "results/experiments/{experiment}"
-DEMO_DATA = "results/demo_data"
+CACHE = f"{RESULTS}/data/{{split}}.h5"
+TEST_CACHE = CACHE.format(split="train" if FOLDS else "test")
+EXPERIMENT_DIR = f"{RESULTS}/experiments/{{experiment}}"
+SUMMARY = f"{RESULTS}/summary.md"
+DEMO_DATA = f"{RESULTS}/demo_data"
 ENV = "../../envs/segpipe.yaml"
 
 # Every job runs the segpipe code of this checkout (`python -m segpipe`), also inside a conda

@@ -8,7 +8,7 @@ rule synthesise_demo_data:
         seed=lambda wc: config["data"]["synthetic"]["seed"] * 2 + (wc.split == "test"),
         size=shlex.join(map(str, config["data"]["synthetic"]["size"])),
     log:
-        "results/logs/synthesise_demo_data/{split}.log",
+        f"{LOGS}/synthesise_demo_data/{{split}}.log",
     conda:
         ENV
     shell:
@@ -21,12 +21,12 @@ rule rasterise:
     input:
         labelme_input,
     output:
-        "results/data/{split}.h5",
+        CACHE,
     params:
         folder=lambda wc: config["data"][f"{wc.split}_dir"],
         args=rasterise_args,
     log:
-        "results/logs/rasterise/{split}.log",
+        f"{LOGS}/rasterise/{{split}}.log",
     conda:
         ENV
     shell:

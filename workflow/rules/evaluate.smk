@@ -17,9 +17,9 @@ rule evaluate:
         threshold=config["evaluate"]["threshold"],
         examples=config["evaluate"]["examples"],
     log:
-        f"results/logs/evaluate/{JOB}.log",
+        f"{LOGS}/evaluate/{JOB}.log",
     benchmark:
-        f"results/benchmarks/evaluate/{JOB}.tsv"
+        f"{BENCHMARKS}/evaluate/{JOB}.tsv"
     threads: 1
     resources:
         gpu=config["resources"]["train_gpus"],

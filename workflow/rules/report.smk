@@ -9,7 +9,7 @@ rule aggregate:
         spec=experiment_spec,
         dir=lambda wc, output: os.path.dirname(output.summary),
     log:
-        "results/logs/aggregate/{experiment}.log",
+        f"{LOGS}/aggregate/{{experiment}}.log",
     wildcard_constraints:
         experiment=names_regex(set(config["experiments"]) - set(sweep_experiments())),
     conda:
@@ -27,15 +27,15 @@ use rule aggregate as aggregate_sweep with:
 
 
 rule summary:
-    """results/summary.md: one table per experiment and its verdicts vs the reference."""
+    """<results>/summary.md: one table per experiment and its verdicts vs the reference."""
     input:
         expand(f"{EXPERIMENT_DIR}/summary.csv", experiment=config["experiments"]),
     output:
-        report("results/summary.md", caption="../report/summary.rst", category="Summary"),
+        report(SUMMARY, caption="../report/summary.rst", category="Summary"),
     params:
         dirs=lambda wc, input: [os.path.dirname(f) for f in input],
     log:
-        "results/logs/summary.log",
+        f"{LOGS}/summary.log",
     conda:
         ENV
     shell:

@@ -2,7 +2,7 @@ rule train:
     """One training run (in cross-validation, one fold of it): best-on-validation model,
     per-epoch history, snapshots."""
     input:
-        cache="results/data/train.h5",
+        cache=CACHE.format(split="train"),
     output:
         model=f"{JOB_DIR}/model.pt",
         history=f"{JOB_DIR}/history.csv",
@@ -12,9 +12,9 @@ rule train:
         spec=run_spec,
         dir=lambda wc, output: os.path.dirname(output.model),
     log:
-        f"results/logs/train/{JOB}.log",
+        f"{LOGS}/train/{JOB}.log",
     benchmark:
-        f"results/benchmarks/train/{JOB}.tsv"
+        f"{BENCHMARKS}/train/{JOB}.tsv"
     threads: config["resources"]["train_threads"]
     resources:
         gpu=config["resources"]["train_gpus"],
