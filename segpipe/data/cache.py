@@ -188,8 +188,9 @@ def _unseen(index: list, train_cache: Path, drop: bool) -> list:
 
 def content_digest(h5: h5py.File) -> str:
     """SHA-256 (hex) of what a cache holds: every dataset (name, dtype, shape, values) and every
-    attribute but this digest, in name order. Two caches of equal content have equal digests,
-    whenever and wherever they were written; training uses it to recognise its cache."""
+    attribute but this digest and the provenance (``source``, ``segpipe_version``), in name
+    order. Two caches of equal content have equal digests, whenever, wherever and by whichever
+    segpipe version they were written; training recognises its data by it."""
     digest = hashlib.sha256()
     for name in sorted(h5):
         data = h5[name]
@@ -199,7 +200,7 @@ def content_digest(h5: h5py.File) -> str:
         else:
             for start in range(0, len(data), 64):
                 digest.update(np.ascontiguousarray(data[start:start + 64]).tobytes())
-    for key in sorted(set(h5.attrs) - {CONTENT_KEY}):
+    for key in sorted(set(h5.attrs) - {CONTENT_KEY, "source", "segpipe_version"}):
         digest.update(json.dumps([key, np.asarray(h5.attrs[key]).tolist()]).encode())
     return digest.hexdigest()
 

@@ -3,10 +3,13 @@ rule train:
     per-epoch history, snapshots."""
     input:
         cache="results/data/train.h5",
+    # update(): Snakemake neither deletes the outputs before the job nor after a failed one (it
+    # restores them), so a job re-run only because the cache was rebuilt with the same content
+    # finds its run complete and keeps it (segpipe.train.train_run).
     output:
-        model=f"{JOB_DIR}/model.pt",
-        history=f"{JOB_DIR}/history.csv",
-        snapshots=directory(f"{JOB_DIR}/snapshots"),
+        model=update(f"{JOB_DIR}/model.pt"),
+        history=update(f"{JOB_DIR}/history.csv"),
+        snapshots=update(directory(f"{JOB_DIR}/snapshots")),
     params:
         # The whole run definition: editing it re-runs exactly the runs that use it.
         spec=run_spec,
