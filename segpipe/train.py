@@ -23,9 +23,10 @@ removed. A state whose fingerprint (spec + cache content, :func:`fingerprint`) d
 ignored and the run starts over. A run directory that already holds the complete outputs of the
 same fingerprint (``model.pt`` records it) is kept as it is: a cache rebuilt with the same
 content, or a second job that waited for the first to finish the run
-(:func:`segpipe.rundir.run_lock`), trains nothing. The data order depends only on (seed, epoch): the shuffling generator is re-seeded every
-epoch and the dataset draws its augmentation from ``rng(seed, epoch, index)``, so a run killed
-at any moment and started again ends with the same weights as an uninterrupted run (on CPU).
+(:func:`segpipe.rundir.run_lock`), trains nothing. The data order depends only on (seed,
+epoch): the shuffling generator is re-seeded every epoch and the dataset draws its augmentation
+from ``rng(seed, epoch, index)``, so a run killed at any moment and started again ends with the
+same weights as an uninterrupted run (on CPU).
 
 Device, mixed precision, input normalisation and the forward pass are those of
 :mod:`segpipe.runtime`, shared with evaluation and prediction; with ``amp`` on CUDA, fp16

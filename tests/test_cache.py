@@ -172,7 +172,8 @@ def test_a_rebuilt_cache_has_the_same_content_digest(with_copies, tmp_path):
     build_cache(with_copies, tmp_path / "one.h5", size=(4, 4), val_fraction=0.4)
     build_cache(with_copies, tmp_path / "two.h5", size=(4, 4), val_fraction=0.4)
     build_cache(with_copies, tmp_path / "other.h5", size=(4, 4), val_fraction=0.4, split_seed=1)
-    digests = [read(tmp_path / f"{name}.h5")[1]["content_sha256"] for name in ("one", "two", "other")]
+    digests = [read(tmp_path / f"{name}.h5")[1]["content_sha256"]
+               for name in ("one", "two", "other")]
     assert digests[0] == digests[1] != digests[2]
 
 

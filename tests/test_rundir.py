@@ -80,7 +80,8 @@ def test_second_writer_waits_for_the_first(caches, tmp_path):
     try:
         wait_for(lambda: (run / "state.pt").exists())
         assert (run / LOCK_FILE).read_text().strip() == holder
-        for log, args in zip(logs, [train_command, ["evaluate", "--run-dir", run, "--cache", test]]):
+        evaluate_command = ["evaluate", "--run-dir", run, "--cache", test]
+        for log, args in zip(logs, [train_command, evaluate_command]):
             waiting.append(segpipe(*args, stderr=log))
         for log in logs:
             wait_for(lambda: f"{run}: in use by {holder}; waiting for it to end" in log.read_text())

@@ -326,7 +326,8 @@ def truncated(path: Path) -> str:
 
 
 def long_integer(path: Path) -> str:
-    path.write_text(path.read_text().replace('"points": [', '"points": [[1, ' + "1" * 5000 + "],", 1))
+    point = "[1, " + "1" * 5000 + "],"
+    path.write_text(path.read_text().replace('"points": [', f'"points": [{point}', 1))
     return "not valid JSON (a number of more than 4300 digits)"
 
 

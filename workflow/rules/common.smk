@@ -212,7 +212,8 @@ def _check_images(files):
         digests = [entry.digest for entry in index["train"]]
     else:  # distinct synthetic images
         names = digests = [DEMO_NAME.format(i) for i in range(data["synthetic"]["train_count"])]
-    where = f"{data['train_dir']}: {len(names)} images; identical images and data.group join groups"
+    where = (f"{data['train_dir']}: {len(names)} images; identical images and data.group join "
+             "groups")
     try:
         keys = group_keys(names, data["group"])
     except SegpipeError as exc:
@@ -220,7 +221,8 @@ def _check_images(files):
     try:
         check_group_count(len(set(merge_identical(keys, digests))), FOLDS, data["val_fraction"])
     except SegpipeError as exc:
-        raise WorkflowError(f"config: data.{'folds' if FOLDS else 'val_fraction'}: {exc} ({where})")
+        key = "folds" if FOLDS else "val_fraction"
+        raise WorkflowError(f"config: data.{key}: {exc} ({where})")
     if "train" in index and "test" in index and not data["drop_test_duplicates"]:
         trained = {entry.digest: entry.path for entry in index["train"]}
         repeated = [f"  {entry.path} = {trained[entry.digest]}" for entry in index["test"]

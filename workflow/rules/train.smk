@@ -2,7 +2,7 @@ rule train:
     """One training run (in cross-validation, one fold of it): best-on-validation model,
     per-epoch history, snapshots."""
     input:
-        cache="results/data/train.h5",
+        cache=TRAIN_CACHE,
     # update(): Snakemake neither deletes the outputs before the job nor after a failed one (it
     # restores them), so a job re-run only because the cache was rebuilt with the same content
     # finds its run complete and keeps it (segpipe.train.train_run).
