@@ -8,6 +8,7 @@ with :func:`save_checkpoint`, read by evaluation and prediction with :func:`load
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index last
+            raise SegpipeError(f"{path}: not a readable checkpoint: truncated or corrupt (not a "
+                               f"complete zip archive, {path.stat().st_size} bytes)") from None
         raise SegpipeError(f"{path}: not a readable checkpoint ({exc})") from None
     missing = [k for k in REQUIRED_KEYS
                if not isinstance(checkpoint, dict) or k not in checkpoint]
@@ -70,5 +74,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         backbone["weights"] = "none"
     model = build_model(checkpoint["architecture"], backbone,
                         checkpoint_labels(checkpoint).outputs)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:  # e.g. "size mismatch for ...", one line per tensor
+        problems = [line.strip().rstrip(".") for line in str(exc).splitlines()[1:]
+                    if line.strip()] or [str(exc)]
+        raise SegpipeError(f"{path}: the weights do not fit the model its architecture and "
+                           f"backbone describe ({len(problems)} problem(s), the first: "
+                           f"{problems[0]})") from None
     return place(model, device).eval(), checkpoint

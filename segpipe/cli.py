@@ -66,6 +66,8 @@ def _cmd_rasterise(args: argparse.Namespace) -> None:
         split_seed=args.split_seed,
         folds=args.folds,
         group=args.group,
+        train_cache=args.train_cache,
+        drop_duplicates=args.drop_duplicates,
     )
 
 
@@ -147,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images whose names share the first capture group (or the match) of "
                         "REGEX stay on one side of every split")
     s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--train-cache", type=Path, default=None, metavar="H5",
+                   help="for a test folder: the training cache; an image of it is an error")
+    s.add_argument("--drop-duplicates", action="store_true",
+                   help="with --train-cache: leave those images out, with a warning")
     s.set_defaults(func=_cmd_rasterise)
 
     s = sub.add_parser("models", help="list architectures x backbones with parameters and GFLOPs")

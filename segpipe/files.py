@@ -1,17 +1,24 @@
-"""Files a step reads and writes: the files of a LabelMe folder, and outputs written so that a
-reader never sees a partial file. Standard library only: the workflow may import it."""
+"""Files a step reads and writes: the files of a LabelMe folder and their images, outputs that
+never replace an input, and outputs written so that a reader never sees a partial file.
+Standard library only: the workflow's start checks use it."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import csv
 import errno
+import hashlib
+import json
 import logging
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
 
 from segpipe import SegpipeError
 
@@ -50,6 +57,104 @@ def labelme_files(folder: str | Path) -> list[Path]:
             raise SegpipeError(f"{stems[path.stem]} and {path.name}: two files for one image name")
         stems[path.stem] = path
     return files
+
+
+def read_labelme(path: Path) -> dict:
+    """The JSON document of the LabelMe file ``path``: an object with a ``shapes`` list. Raises
+    :class:`SegpipeError` naming the file when it cannot be read or is not such a document."""
+    try:
+        document = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise SegpipeError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SegpipeError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise SegpipeError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError:  # the only other: an integer longer than Python converts
+        raise SegpipeError(f"{path}: not valid JSON (a number of more than "
+                           f"{sys.get_int_max_str_digits()} digits)") from None
+    if not isinstance(document, dict) or not isinstance(document.get("shapes"), list):
+        raise SegpipeError(f"{path}: not a LabelMe file (no 'shapes' list)")
+    return document
+
+
+def labelme_image(path: Path, document: dict) -> tuple[bytes, str, Path | None]:
+    """The encoded image of the LabelMe file ``path`` (its ``document``), where it comes from
+    (for messages) and the image file it was read from: None for the embedded ``imageData``,
+    which takes precedence (LabelMe's own rule: it is the image the shapes were drawn on).
+    ``imagePath`` is relative to the JSON; Windows separators are accepted."""
+    if document.get("imageData"):
+        try:
+            encoded = base64.b64decode(document["imageData"])
+        except (binascii.Error, TypeError, ValueError):
+            raise SegpipeError(f"{path}: imageData is not valid base64") from None
+        return encoded, f"{path}: imageData", None
+    image_path = document.get("imagePath")
+    if not isinstance(image_path, str) or not image_path:
+        raise SegpipeError(f"{path}: has neither imageData nor imagePath")
+    image_path = path.parent / PureWindowsPath(image_path).as_posix()
+    try:
+        return image_path.read_bytes(), f"{path}: image {image_path}", image_path
+    except IsADirectoryError:
+        raise SegpipeError(f"{path}: image {image_path} is a folder, not an image file") from None
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL character
+        raise SegpipeError(f"{path}: image {image_path} not found and no imageData") from None
+    except OSError as exc:
+        raise SegpipeError(f"{path}: image {image_path}: cannot read ({exc.strerror})") from None
+
+
+def image_digest(encoded: bytes) -> str:
+    """An image's identity: the SHA-256 (hex) of its encoded bytes."""
+    return hashlib.sha256(encoded).hexdigest()
+
+
+@dataclass(frozen=True)
+class LabelmeEntry:
+    """A LabelMe file, the image file it reads (None: embedded) and the image's digest."""
+
+    path: Path
+    image_file: Path | None
+    digest: str
+
+
+def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
+    """Each LabelMe file read as far as its image bytes (:func:`read_labelme`,
+    :func:`labelme_image`): what a folder holds, before any image is decoded."""
+    entries = []
+    for path in files:
+        encoded, _, image_file = labelme_image(path, read_labelme(path))
+        entries.append(LabelmeEntry(path, image_file, image_digest(encoded)))
+    return entries
+
+
+DEMO_NAME = "synth_{:04d}"
+"""The stem of image ``i`` of ``segpipe synth``: ``synth_0000.jpg`` beside ``synth_0000.json``."""
+
+
+def demo_files(folder: str | Path, count: int) -> list[str]:
+    """The files ``segpipe synth --output folder --count count`` writes."""
+    return [f"{folder}/{DEMO_NAME.format(i)}.{suffix}" for i in range(count)
+            for suffix in ("json", "jpg")]
+
+
+def check_outputs(outputs: Iterable[Path], inputs: Mapping[Path, str]) -> None:
+    """Raise :class:`SegpipeError` if writing one of ``outputs`` would replace one of ``inputs``
+    (path: what it is, for the message): the output names the input, or the file an input
+    links to. (Writing replaces the directory entry: an output that links to an input
+    replaces the link, not the input.)"""
+    def entry(path: Path) -> Path:
+        return Path(path).absolute().parent.resolve() / Path(path).name
+
+    where = {}
+    for path, what in inputs.items():
+        where[entry(path)] = (path, what)
+        where.setdefault(Path(path).resolve(), (path, what))
+    for output in outputs:
+        if entry(output) in where:
+            path, what = where[entry(output)]
+            named = "" if entry(output) == entry(path) else f" (via {path})"
+            raise SegpipeError(f"{output}: is {what}{named}; writing it would destroy it: "
+                               "choose another output")
 
 
 def display(path: str | Path) -> str:

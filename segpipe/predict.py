@@ -11,6 +11,7 @@ background) as a palette PNG with the VOC colours, as LabelMe's VOC export does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from torch import nn
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
 from segpipe.data.labelme import decode_image
-from segpipe.files import atomic_path
+from segpipe.files import atomic_path, check_outputs
 from segpipe.labels import Labels
 from segpipe.runtime import acquire_device, forward_logits, probabilities
 
@@ -59,7 +60,10 @@ def predict_probability(model: nn.Module, checkpoint: dict, image: np.ndarray,
 def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
                    threshold: float = 0.5, device: str = "auto") -> None:
     """Write ``output_dir/<stem>.png`` (0/255 mask at the original size) for every image
-    (jpg, jpeg, png, bmp, tif, tiff) in ``input_dir``."""
+    (jpg, jpeg, png, bmp, tif, tiff) in ``input_dir``: all of them or, after an error, none
+    (each is written under a temporary name, and all are renamed once every mask is written).
+    ``output_dir`` may be neither ``input_dir`` nor hold a mask path that would replace an
+    input (an image, the checkpoint)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not 0 < threshold < 1:
         raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
@@ -75,6 +79,12 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
             raise SegpipeError(f"{stems[path.stem]} and {path} would both be written as "
                                f"{output_dir / (path.stem + '.png')}")
         stems[path.stem] = path
+    if output_dir.resolve() == input_dir.resolve():
+        raise SegpipeError(f"{output_dir}: is the input folder; the masks would replace or join "
+                           "the images: choose another --output")
+    masks = {stem: output_dir / f"{stem}.png" for stem in stems}
+    inputs = {path: "an input image" for path in images}
+    check_outputs(masks.values(), {**inputs, Path(checkpoint): "the checkpoint"})
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -82,9 +92,10 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
     device = acquire_device(device)
     model, ckpt = load_checkpoint(checkpoint, device)
     labels = checkpoint_labels(ckpt)
-    for path in images:
-        prob = predict_probability(model, ckpt, read_image(path), device)
-        with atomic_path(output_dir / f"{path.stem}.png") as tmp:
+    with contextlib.ExitStack() as written:  # renamed together when the block succeeds
+        for path in images:
+            prob = predict_probability(model, ckpt, read_image(path), device)
+            tmp = written.enter_context(atomic_path(masks[path.stem]))
             if labels.binary:
                 mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
                 tmp.write_bytes(cv2.imencode(".png", mask)[1].tobytes())

@@ -2,11 +2,12 @@
 
 ``segpipe train`` and ``segpipe evaluate`` hold :func:`run_lock` while they write into a run
 directory, so a second process on the same run (e.g. Snakemake re-run after ``--unlock`` while
-the jobs of a killed Snakemake still run) stops at once with a message naming the holder,
-instead of writing the same files. Stopping rather than waiting: the first process completes
-the run, and the re-run's failed job makes the next ``snakemake`` check it again. The lock is
-``fcntl.flock`` on ``<run>/.segpipe.lock``; the kernel releases it when its holder exits,
-however it exits (kill -9 included), so a lock file left behind locks nothing.
+the jobs of a killed Snakemake still run) waits for the first to end, saying whom it waits
+for, instead of writing the same files. Waiting rather than stopping: a job that failed on the
+lock would make Snakemake delete the outputs the first process then finishes; after the wait,
+``segpipe train`` finds them complete and keeps them (:func:`segpipe.train.train_run`). The
+lock is ``fcntl.flock`` on ``<run>/.segpipe.lock``; the kernel releases it when its holder
+exits, however it exits (kill -9 included), so a lock file left behind locks nothing.
 
 A snapshots folder holds ``epoch_<k>.pt`` for every ``snapshot_epochs`` entry ``k`` that
 training reached, no more and no fewer (:func:`check_snapshots`).
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,11 +29,13 @@ from segpipe.files import HOST
 
 LOCK_FILE = ".segpipe.lock"
 
+log = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, step: str) -> Iterator[None]:
-    """Hold ``run_dir``'s lock (creating the folder) for the block, or raise
-    :class:`SegpipeError` naming the process that holds it."""
+    """Hold ``run_dir``'s lock (creating the folder) for the block; while another process
+    holds it, wait for that one to end, logging whom it waits for and how long it waited."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK_FILE, "a+") as lock:
@@ -39,9 +44,12 @@ def run_lock(run_dir: Path, step: str) -> Iterator[None]:
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
-            raise SegpipeError(f"{run_dir}: in use by {holder}; a run directory has one "
-                               f"writer: wait for it to end (or stop it), then run again"
-                               ) from None
+            log.info("%s: in use by %s; waiting for it to end (a run directory has one writer)",
+                     run_dir, holder)
+            start = time.monotonic()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            log.info("%s: %s ended after %.0f s of waiting; going on", run_dir, holder,
+                     time.monotonic() - start)
         lock.truncate(0)
         lock.write(f"segpipe {step} (pid {os.getpid()} on {HOST})\n")
         lock.flush()

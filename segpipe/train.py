@@ -19,10 +19,14 @@ or inside ``spec["fold"]`` of a cross-validation cache the next fold,
 Resuming: after every epoch the full training state is written atomically to ``state.pt``, and
 snapshots to ``state_snapshots/``; neither is a workflow output, so Snakemake does not delete
 them when a job fails. The final outputs are written only when the run ends, then both are
-removed. A state whose fingerprint (spec + cache file) differs is ignored and the run starts
-over. The data order depends only on (seed, epoch): the shuffling generator is re-seeded every
-epoch and the dataset draws its augmentation from ``rng(seed, epoch, index)``, so a run killed
-at any moment and started again ends with the same weights as an uninterrupted run (on CPU).
+removed. A state whose fingerprint (spec + cache content, :func:`fingerprint`) differs is
+ignored and the run starts over. A run directory that already holds the complete outputs of the
+same fingerprint (``model.pt`` records it) is kept as it is: a cache rebuilt with the same
+content, or a second job that waited for the first to finish the run
+(:func:`segpipe.rundir.run_lock`), trains nothing. The data order depends only on (seed,
+epoch): the shuffling generator is re-seeded every epoch and the dataset draws its augmentation
+from ``rng(seed, epoch, index)``, so a run killed at any moment and started again ends with the
+same weights as an uninterrupted run (on CPU).
 
 Device, mixed precision, input normalisation and the forward pass are those of
 :mod:`segpipe.runtime`, shared with evaluation and prediction; with ``amp`` on CUDA, fp16
@@ -43,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -50,6 +55,7 @@ from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
+from segpipe.data.cache import CONTENT_KEY
 from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
@@ -85,11 +91,37 @@ def _check_split(cache: Path, train_idx: np.ndarray, val_idx: np.ndarray) -> Non
 
 
 def fingerprint(spec: dict, cache: Path) -> str:
-    """SHA-256 of the spec (canonical JSON) and the cache file's size and mtime: a resumable
-    state is only valid for the same run on the same data."""
-    st = Path(cache).stat()
-    text = json.dumps([spec, st.st_size, st.st_mtime_ns], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """SHA-256 of the spec (canonical JSON) and the cache's content digest (its attribute
+    :data:`segpipe.data.cache.CONTENT_KEY`; for a cache without one, written by an older
+    segpipe, the file's size and mtime): a resumable state or a finished run is only valid for
+    the same run on the same data, and a cache rebuilt with the same content is the same data."""
+    with h5py.File(cache, "r") as h5:
+        content = h5.attrs.get(CONTENT_KEY)
+    if content is None:
+        st = Path(cache).stat()
+        content = [st.st_size, st.st_mtime_ns]
+    return hashlib.sha256(json.dumps([spec, content], sort_keys=True).encode()).hexdigest()
+
+
+def _finished(out_dir: Path, spec: dict, key: str) -> bool:
+    """Whether ``out_dir`` holds a complete run of fingerprint ``key``: ``model.pt`` recording
+    it, ``history.csv``, exactly the snapshots of its epochs, and no state of a run unfinished."""
+    model = out_dir / "model.pt"
+    if ((out_dir / "state.pt").exists() or (out_dir / "state_snapshots").exists()
+            or not model.is_file() or not (out_dir / "history.csv").is_file()):
+        return False
+    try:
+        checkpoint = torch.load(model, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: not complete
+        return False
+    if not isinstance(checkpoint, dict) or checkpoint.get("fingerprint") != key:
+        return False
+    try:
+        check_snapshots(out_dir / "snapshots", spec["train"]["snapshot_epochs"],
+                        checkpoint["epochs"])
+    except SegpipeError:
+        return False
+    return True
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -142,8 +174,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> object | N
 def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
               num_workers: int = 0) -> None:
     """Train one run (see the module docstring) on ``device`` (:data:`segpipe.runtime.DEVICES`)
-    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``. Holds the run
-    directory's lock (:func:`segpipe.rundir.run_lock`) throughout."""
+    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``, and keeps a run
+    directory that holds the complete outputs of this spec and cache content. Holds the run
+    directory's lock (:func:`segpipe.rundir.run_lock`) throughout, waiting for its holder."""
     check_spec(spec)
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
@@ -155,7 +188,11 @@ def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
         log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log gets the epochs
         log.addHandler(handler)
         try:
-            _train(spec, cache, out_dir, device, num_workers)
+            if _finished(out_dir, spec, fingerprint(spec, cache)):
+                log.info("%s: model.pt, history.csv and snapshots are complete for this spec and "
+                         "cache: kept, nothing to train", spec["run"])
+            else:
+                _train(spec, cache, out_dir, device, num_workers)
         finally:
             log.removeHandler(handler)
             log.setLevel(level)
@@ -271,7 +308,8 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
                  run, progress["epoch"], patience)
     meta = _meta(progress, parameters)
     save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size, labels,
-                    epoch=progress["best_epoch"], val_dice=progress["best_dice"], **meta)
+                    epoch=progress["best_epoch"], val_dice=progress["best_dice"],
+                    fingerprint=state_key, **meta)
     write_csv(out_dir / "history.csv", HISTORY_COLUMNS, progress["history"])
     # The state goes first: killed after this, a re-run starts over instead of finishing
     # without the pending snapshots.

@@ -139,15 +139,45 @@ def test_names_that_differ_only_in_the_suffix_case_are_an_error(folder, tmp_path
         build_cache(folder, tmp_path / "out.h5", size=(4, 4))
 
 
-def test_two_files_of_one_image_are_an_error(folder, tmp_path):
-    folder = folder[0]
-    document = json.loads((folder / "a.json").read_text())
-    (folder / "d.json").write_text(json.dumps(document))  # the same imagePath, a.png
-    with pytest.raises(SegpipeError) as info:
-        build_cache(folder, tmp_path / "out.h5", size=(4, 4))
-    assert str(info.value) == (f"{folder / 'd.json'}: the same image as {folder / 'a.json'} "
-                               "(identical image bytes); annotate each image once")
-    assert not (tmp_path / "out.h5").exists()
+@pytest.fixture
+def with_copies(make_labelme, tmp_path):
+    """Seven 8x8 files: b is a copy of a (image and shape), d of c's image with another shape,
+    and three more images."""
+    folder = tmp_path / "copies"
+    for name, value, corner in [("a", 1, 5), ("b", 1, 5), ("c", 2, 5), ("d", 2, 7), ("e", 3, 5),
+                                ("f", 4, 5), ("g", 5, 5)]:
+        make_labelme([("obj", "rectangle", [[1, 1], [corner, corner]])], name=name,
+                     image=np.full((8, 8, 3), value, np.uint8), folder=folder)
+    return folder
+
+
+@pytest.mark.parametrize("split", [{"folds": 3}, {"val_fraction": 0.4}])
+def test_identical_images_are_one_group_on_one_side_of_the_split(with_copies, tmp_path, caplog,
+                                                                  split):
+    for seed in range(4):
+        build_cache(with_copies, tmp_path / "out.h5", size=(4, 4), split_seed=seed, **split)
+        data, _ = read(tmp_path / "out.h5")
+        assert [g.decode() for g in data["groups"]] == ["a", "a", "c", "c", "e", "f", "g"]
+        side = data["fold"] if "folds" in split else data["is_val"]
+        assert side[0] == side[1] and side[2] == side[3]
+    assert len(set(data["digests"])) == 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][:3]
+    assert warnings == [
+        f"{with_copies / 'a.json'} and {with_copies / 'b.json'}: the same image (identical image "
+        "bytes): one group, 'a', on one side of every split",
+        f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same image (identical image "
+        "bytes): one group, 'c', on one side of every split",
+        f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same image annotated "
+        "differently (the masks differ in 5 of 4x4 pixels)"]
+
+
+def test_a_rebuilt_cache_has_the_same_content_digest(with_copies, tmp_path):
+    build_cache(with_copies, tmp_path / "one.h5", size=(4, 4), val_fraction=0.4)
+    build_cache(with_copies, tmp_path / "two.h5", size=(4, 4), val_fraction=0.4)
+    build_cache(with_copies, tmp_path / "other.h5", size=(4, 4), val_fraction=0.4, split_seed=1)
+    digests = [read(tmp_path / f"{name}.h5")[1]["content_sha256"]
+               for name in ("one", "two", "other")]
+    assert digests[0] == digests[1] != digests[2]
 
 
 def test_file_name_that_is_not_utf8_is_an_error_before_any_work(folder, tmp_path):
@@ -170,11 +200,13 @@ def test_disk_space_is_reserved_and_the_rest_given_back(folder, tmp_path):
 
 def test_next_rasterise_removes_the_temporary_file_of_a_killed_one(folder, tmp_path):
     folder, output = folder[0], tmp_path / "cache" / "out.h5"
-    os.mkfifo(folder / "z.png")  # reading the image of z.json blocks: no one writes to it
+    os.mkfifo(folder / "z.png")  # reading the image of z.json blocks until one writes to it
     (folder / "z.json").write_text(json.dumps({"shapes": [], "imagePath": "z.png"}))
     command = [sys.executable, "-m", "segpipe", "rasterise", "--input", str(folder),
                "--output", str(output), "--size", "4", "4"]
     child = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    with open(folder / "z.png", "wb") as fifo:  # the first read (each file's digest) ends;
+        fifo.write(b"image")                   # the second (decoding it) blocks
     left = output.parent / f".out@{HOST}.{child.pid}.tmp.h5"
     deadline = time.monotonic() + 60
     while not (left.exists() and left.stat().st_size > 2**20):  # reserved, writing images

@@ -3,7 +3,9 @@ exit status 1, no traceback, the old output untouched and no partial file left."
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -15,6 +17,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -101,20 +105,37 @@ def zero_radius(folder: Path) -> tuple[str, str]:
     return f"{folder / 'b.json'}: shape 0 ('obj', circle)", problem
 
 
-def same_image(folder: Path) -> tuple[str, str]:
-    shutil.copy(folder / "a.json", folder / "c.json")  # imagePath a.png
-    problem = (f"the same image as {folder / 'a.json'} (identical image bytes); "
-               "annotate each image once")
-    return str(folder / "c.json"), problem
+def long_integer(folder: Path) -> tuple[str, str]:
+    text = json.dumps({**json.loads((folder / "b.json").read_text()), "shapes": [RECTANGLE]})
+    (folder / "b.json").write_text(text.replace("[4, 4]", "[4, " + "4" * 5000 + "]"))
+    return str(folder / "b.json"), "not valid JSON (a number of more than 4300 digits)"
+
+
+def shape_type_as(value: object) -> Callable[[Path], tuple[str, str]]:
+    def case(folder: Path) -> tuple[str, str]:
+        edit(folder / "b.json", shapes=[{**RECTANGLE, "shape_type": value}])
+        problem = "is empty" if value == "" else "is not a string"
+        return (f"{folder / 'b.json'}: shape 0",
+                f"'shape_type' {value!r} {problem} (a missing key or null means polygon)")
+
+    return case
+
+
+def image_is_a_folder(folder: Path) -> tuple[str, str]:
+    (folder / "b.png").unlink()
+    (folder / "b.png").mkdir()
+    return str(folder / "b.json"), f"image {folder / 'b.png'} is a folder, not an image file"
 
 
 @pytest.mark.parametrize(
     "case",
-    [empty_image, empty_image_data, huge_image, name_not_utf8, deep_json,
+    [empty_image, empty_image_data, huge_image, name_not_utf8, deep_json, long_integer,
      points_as([["1", "1"], ["4", "4"]]), points_as([[True, False], [4, 4]]), zero_radius,
-     same_image],
+     shape_type_as(0), shape_type_as(False), shape_type_as(""), image_is_a_folder],
     ids=["empty image", "imageData ====", "50000x50000 PNG", "name not UTF-8", "JSON 100000 deep",
-         "points as strings", "points as booleans", "circle of radius 0", "two files one image"],
+         "integer of 5000 digits", "points as strings", "points as booleans",
+         "circle of radius 0", "shape_type 0", "shape_type false", "shape_type ''",
+         "imagePath a folder"],
 )
 def test_bad_labelme_file(study, capsys, case):
     folder, cache = study
@@ -140,6 +161,87 @@ def test_output_that_cannot_be_written(study, capsys, output, named, problem):
     assert rasterise(folder, folder / output) == 1
     assert capsys.readouterr().err == f"segpipe: error: {folder / named}: {problem}\n"
     assert (folder / "folder.h5").is_dir() and (folder / "a.json").is_file()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [("a.json", "is a LabelMe file of {folder}"),
+     ("a.png", "is the image of {folder}/a.json"),
+     ("link/a.png", "is the image of {folder}/a.json (via {folder}/link/a.png)")],
+    ids=["output names a LabelMe file", "output names an image", "output where a link points"],
+)
+def test_output_that_would_replace_an_input(study, capsys, tmp_path, output, problem):
+    """The rasterise error naming the output and the input, and every input untouched."""
+    folder = study[0]
+    (folder / "link").mkdir()
+    (folder / "link" / "a.png").symlink_to(folder / "a.png")
+    if output.startswith("link/"):  # a LabelMe folder whose image is a link to the output
+        shutil.move(folder / "a.json", folder / "link" / "a.json")
+        folder, output = folder / "link", Path("..") / "a.png"
+    before = checksums(study[0])
+    capsys.readouterr()
+    assert rasterise(folder, folder / output) == 1
+    named = (folder / output).absolute()
+    problem = problem.format(folder=study[0])
+    if str(output).startswith(".."):
+        named = folder / output
+        problem = f"is the image of {folder / 'a.json'} (via {folder / 'a.png'})"
+    assert capsys.readouterr().err == (f"segpipe: error: {named}: {problem}; writing it would "
+                                       "destroy it: choose another output\n")
+    assert checksums(study[0]) == before
+
+
+def test_identical_images_are_one_group_and_logged(study, caplog):
+    folder, cache = study
+    shutil.copy(folder / "a.json", folder / "c.json")  # imagePath a.png: the same image
+    edit(folder / "c.json", shapes=[])
+    assert rasterise(folder, cache) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{folder / 'a.json'} and {folder / 'c.json'}: the same image (identical image bytes): "
+        "one group, 'a', on one side of every split",
+        f"{folder / 'a.json'} and {folder / 'c.json'}: the same image annotated differently (the "
+        "masks differ in 1 of 4x4 pixels)"]
+    with h5py.File(cache) as h5:
+        assert list(h5["groups"].asstr()[:]) == ["a", "b", "a"]
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["refused", "dropped"])
+def test_test_image_that_is_a_training_image(study, make_labelme, tmp_path, capsys, caplog, drop):
+    folder, cache = study
+    test = tmp_path / "test"
+    make_labelme([RECTANGLE], image=np.full((8, 8, 3), 9, np.uint8), name="t", folder=test)
+    make_labelme([RECTANGLE], image=np.full((8, 8, 3), 7, np.uint8), name="u", folder=test)
+    shutil.copy(folder / "b.png", test / "u.png")  # byte-identical to the training image b
+    output = tmp_path / "test.h5"
+    capsys.readouterr()
+    code = main(["rasterise", "--input", str(test), "--output", str(output), "--size", "4", "4",
+                 "--train-cache", str(cache), *(["--drop-duplicates"] if drop else [])])
+    line = (f"{test / 'u.json'}: the same image as 'b' of the training cache {cache} (identical "
+            "image bytes)")
+    if not drop:
+        assert code == 1 and not output.exists()
+        assert capsys.readouterr().err == (
+            f"segpipe: error: {line}\na test image must be unseen in training: remove it from one "
+            "folder, or leave it out of the test cache (--drop-duplicates; "
+            "data.drop_test_duplicates: true)\n")
+    else:
+        assert code == 0
+        assert f"{line}: left out of this cache" in caplog.text
+        with h5py.File(output) as h5:
+            assert list(h5["names"].asstr()[:]) == ["t"]
+
+
+def test_empty_label_is_quoted_in_the_log(study, caplog):
+    folder, cache = study
+    edit(folder / "b.json", shapes=[{**RECTANGLE, "label": ""}])
+    caplog.set_level(logging.INFO)
+    assert rasterise(folder, cache) == 0
+    assert "shapes: '' 1, obj 1;" in caplog.text
 
 
 @pytest.fixture
@@ -234,7 +336,9 @@ def checkpoint(tmp_path) -> Path:
     ids=["empty image", "50000x50000 PNG"],
 )
 def test_predict_unreadable_image(checkpoint, tmp_path, capsys, content, problem):
+    """No mask at all, not even that of the good image a.png: all or nothing."""
     (tmp_path / "photos").mkdir()
+    cv2.imwrite(str(tmp_path / "photos" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "photos" / "x.png").write_bytes(content)
     capsys.readouterr()
     arguments = ["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos")]
@@ -253,3 +357,51 @@ def test_predict_output_that_is_a_file(checkpoint, tmp_path, capsys):
     assert main([*arguments, "--output", str(tmp_path / "masks")]) == 1
     expected = f"segpipe: error: {tmp_path / 'masks'}: cannot create the folder (File exists)\n"
     assert capsys.readouterr().err == expected
+
+
+def test_predict_output_that_is_the_input_folder(checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "photo.png"), np.zeros((8, 8, 3), np.uint8))
+    before = checksums(photos)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(photos),
+                 "--output", str(photos)]) == 1
+    assert capsys.readouterr().err == (f"segpipe: error: {photos}: is the input folder; the "
+                                       "masks would replace or join the images: choose another "
+                                       "--output\n")
+    assert checksums(photos) == before
+
+
+def checkpoint_of_another_width(path: Path) -> str:
+    from segpipe.checkpoint import make_checkpoint
+    from segpipe.models import build_model
+
+    spec = {"run": "test", "architecture": {"model": "unet", "width": 4, "depth": 2},
+            "backbone": {}}
+    wider = build_model({"model": "unet", "width": 8, "depth": 2}, {}).state_dict()
+    torch.save(make_checkpoint(spec, wider, (8, 8)), path)
+    return ("the weights do not fit the model its architecture and backbone describe (55 "
+            "problem(s), the first: size mismatch for encoder.stages.0.0.0.weight: copying a "
+            "param with shape torch.Size([8, 3, 3, 3]) from checkpoint, the shape in current "
+            "model is torch.Size([4, 3, 3, 3]))")
+
+
+def truncated_checkpoint(path: Path) -> str:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return ("not a readable checkpoint: truncated or corrupt (not a complete zip archive, "
+            f"{len(data) // 2} bytes)")
+
+
+@pytest.mark.parametrize("case", [checkpoint_of_another_width, truncated_checkpoint],
+                         ids=["tensors of another size", "truncated file"])
+def test_predict_bad_checkpoint(checkpoint, tmp_path, capsys, case):
+    (tmp_path / "photos").mkdir()
+    cv2.imwrite(str(tmp_path / "photos" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    problem = case(checkpoint)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos"),
+                 "--output", str(tmp_path / "masks")]) == 1
+    assert capsys.readouterr().err == f"segpipe: error: {checkpoint}: {problem}\n"
+    assert list((tmp_path / "masks").iterdir()) == []

@@ -136,6 +136,10 @@ def edited(change) -> dict:
      "weights were learned with the ImageNet stem"),
     (lambda c: c["train"].update(lr=float("nan")), "train.lr: nan is not of type 'number'"),
     (lambda c: c["data"].update(size=[32, 32.0]), "data.size[1]: 32.0 is not of type 'integer'"),
+    (lambda c: c["data"].update(val_fraction=0.0),
+     "data.val_fraction: 0.0 is less than or equal to the minimum of 0"),
+    (lambda c: c["data"].update(drop_test_duplicates="yes"),
+     "data.drop_test_duplicates: 'yes' is not of type 'boolean'"),
 ])
 def test_config_messages_name_the_key_path(change, message):
     with pytest.raises(SegpipeError) as error:

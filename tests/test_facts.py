@@ -37,6 +37,15 @@ def test_aggregation_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_start_checks_import_neither_numpy_nor_torch():
+    """The Snakemake process may run without them (--sdm conda): what common.smk imports."""
+    code = ("import sys, segpipe.files, segpipe.data.groups, segpipe.spec, segpipe.columns; "
+            "assert not {'numpy', 'torch'} & set(sys.modules), 'numpy or torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
 def _requirement(text: str) -> tuple[str, str]:
     """(normalised name without extras, version specifier) of a PEP 508 requirement."""
     name, specifier = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?\s*(.*)", text).groups()

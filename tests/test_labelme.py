@@ -310,6 +310,17 @@ def test_point_far_outside_the_image(make_labelme):
     assert "(40, 1) lies far outside the 8x8 image" in message
 
 
+def test_points_of_a_one_pixel_image_lie_in_its_extent_or_a_pixel_beyond(make_labelme):
+    # LabelMe coordinates are continuous: a 1x1 image spans [0, 1] x [0, 1]; 10 % of it is
+    # less than a pixel, so one pixel beyond is accepted.
+    pixel = np.zeros((1, 1, 3), np.uint8)
+    mask = mask_of(make_labelme, ("a", "polygon", [[0, 0], [0.5, 0], [0.5, 1]]), image=pixel)
+    np.testing.assert_array_equal(mask, [[1]])
+    assert mask_of(make_labelme, ("a", "rectangle", [[-1, -1], [2, 2]]), image=pixel).all()
+    message = _error(make_labelme([("a", "polygon", [[0, 0], [2.5, 0], [0, 1]])], image=pixel))
+    assert "(2.5, 0) lies far outside the 1x1 image" in message
+
+
 def test_point_slightly_outside_the_image_is_clipped(make_labelme):
     mask = mask_of(make_labelme, ("a", "rectangle", [[-0.5, -0.5], [7.6, 1]]))
     np.testing.assert_array_equal(mask, box(slice(0, 2), slice(0, 8)))

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from segpipe import SegpipeError
 from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset
 from segpipe.evaluate import evaluate_run
 from segpipe.rundir import LOCK_FILE, check_snapshots, run_lock
-from segpipe.train import train_run
+from segpipe.train import fingerprint, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -52,36 +53,80 @@ def caches(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train.h5", root / "test.h5"
 
 
-def segpipe(*args: object) -> subprocess.Popen:
+def segpipe(*args: object, stderr: Path | None = None) -> subprocess.Popen:
+    """A `segpipe` process; its stderr into the file ``stderr``, else a pipe."""
+    error = subprocess.PIPE if stderr is None else open(stderr, "w")  # noqa: SIM115
     return subprocess.Popen([sys.executable, "-m", "segpipe", *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=error, text=True)
 
 
-def test_second_writer_stops_naming_the_first(caches, tmp_path):
+def wait_for(condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_second_writer_waits_for_the_first(caches, tmp_path):
+    """A second train and an evaluate on a run in use wait, naming the holder; once it ends,
+    each goes on in turn (train resumes the holder's state; evaluate finds no model yet)."""
     train, test = caches
     run, spec = tmp_path / "run", tmp_path / "spec.json"
     spec.write_text(json.dumps(make_spec(epochs=100_000)))
     train_command = ["train", "--cache", train, "--spec", f"@{spec}", "--output-dir", run]
     first = segpipe(*train_command)
     holder = f"segpipe train (pid {first.pid} on {socket.gethostname()})"
+    waiting, logs = [], [tmp_path / "second.log", tmp_path / "evaluate.log"]
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "state.pt").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: (run / "state.pt").exists())
         assert (run / LOCK_FILE).read_text().strip() == holder
-        seconds = [segpipe(*train_command), segpipe("evaluate", "--run-dir", run, "--cache", test)]
-        for second in seconds:
-            _, stderr = second.communicate(timeout=120)
-            assert second.returncode == 1
-            assert stderr.splitlines()[-1] == (
-                f"segpipe: error: {run}: in use by {holder}; a run directory has one writer: "
-                f"wait for it to end (or stop it), then run again")
-        assert first.poll() is None  # the first writer goes on
-    finally:
+        evaluate_command = ["evaluate", "--run-dir", run, "--cache", test]
+        for log, args in zip(logs, [train_command, evaluate_command]):
+            waiting.append(segpipe(*args, stderr=log))
+        for log in logs:
+            wait_for(lambda: f"{run}: in use by {holder}; waiting for it to end" in log.read_text())
+        assert first.poll() is None and all(w.poll() is None for w in waiting)
         first.send_signal(signal.SIGKILL)
         first.wait()
-    with run_lock(run, "test"):  # the kernel released the lock of the killed process
+        wait_for(lambda: f"{holder} ended after" in logs[0].read_text())
+        wait_for(lambda: "resuming after epoch" in (run / "train.log").read_text())
+        waiting[0].send_signal(signal.SIGKILL)  # it would train 100000 epochs
+        assert waiting[1].wait(timeout=120) == 1
+        assert f"{run / 'model.pt'}: checkpoint not found" in logs[1].read_text()
+    finally:
+        for process in [first, *waiting]:
+            process.kill()
+            process.wait()
+    with run_lock(run, "test"):  # the kernel released the lock of the killed processes
         assert f"pid {os.getpid()}" in (run / LOCK_FILE).read_text()
+
+
+def test_a_finished_run_is_kept_for_the_same_cache_content(caches, tmp_path, caplog):
+    """Rebuilt with the same content (a new file, a new mtime), the cache leaves a finished run
+    as it is; with other content (another validation split) the run trains again."""
+    train, _ = caches
+    cache, run = tmp_path / "train.h5", tmp_path / "run"
+    build = dict(size=(16, 16), val_fraction=0.25)
+    build_cache(train.parent / "train", cache, **build)
+
+    def outputs() -> dict[str, tuple[bytes, int]]:
+        files = [run / "model.pt", run / "history.csv", *sorted((run / "snapshots").iterdir())]
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+    train_run(make_spec(), cache, run)
+    assert torch.load(run / "model.pt", weights_only=True)["fingerprint"] == fingerprint(
+        make_spec(), cache)
+    finished = outputs()
+    time.sleep(0.01)
+    build_cache(train.parent / "train", cache, **build)
+    train_run(make_spec(), cache, run)
+    assert outputs() == finished
+    assert (run / "train.log").read_text().count("epoch 1/2:") == 1
+    assert "complete for this spec and cache: kept, nothing to train" in caplog.text
+    build_cache(train.parent / "train", cache, **build, split_seed=1)
+    train_run(make_spec(), cache, run)
+    assert (run / "train.log").read_text().count("epoch 1/2:") == 2
+    assert outputs()["model.pt"][1] != finished["model.pt"][1]
 
 
 def test_snapshots_folder_must_hold_exactly_the_reached_epochs(tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from segpipe import SegpipeError
-from segpipe.data.split import assign_folds, cv_split, group_ids, group_keys, split_validation
+from segpipe.data.groups import check_group_count, group_keys, merge_identical
+from segpipe.data.split import assign_folds, cv_split, group_ids, split_validation
 
 # Augmented copies of photos, named as Roboflow exports them; a photo without copies.
 NAMES = ["IMG_1.rf.a1", "IMG_1.rf.b2", "IMG_10.rf.c3", "IMG_2.rf.d4", "IMG_2.rf.e5",
@@ -29,6 +30,25 @@ def test_group_keys_errors_name_the_setting():
         group_keys(NAMES, "(IMG")
     with pytest.raises(SegpipeError, match=r"data.group = 'frame_': matches none of the 8 names"):
         group_keys(NAMES, "frame_")
+
+
+def test_identical_images_join_their_groups_transitively():
+    keys = ["v1", "v1", "v2", "v2", "x", "y", "z"]
+    digests = ["a", "b", "c", "d", "b", "d", "e"]  # x is a frame of v1, y one of v2
+    assert merge_identical(keys, digests) == ["v1"] * 2 + ["v2"] * 2 + ["v1", "v2", "z"]
+    keys = ["v1", "v1", "v2", "v2", "w", "w"]
+    digests = ["a", "b", "c", "d", "b", "c"]  # w holds a frame of v1 and one of v2
+    assert merge_identical(keys, digests) == ["v1"] * 6
+
+
+def test_group_count_needed_by_folds_and_the_validation_split():
+    check_group_count(3, folds=3)
+    check_group_count(2, val_fraction=0.5)
+    check_group_count(1, val_fraction=0.0)
+    with pytest.raises(SegpipeError, match="^13 folds need at least 13 groups, got 12$"):
+        check_group_count(12, folds=13)
+    with pytest.raises(SegpipeError, match="validation split needs at least 2 groups"):
+        check_group_count(1, val_fraction=0.2)
 
 
 def test_groups_are_numbered_in_order_of_first_appearance():

@@ -13,6 +13,7 @@ from segpipe.labels import Labels
 
 GRASS_ERASES = Labels.from_config(background=["grass"])
 from segpipe.data.synthetic import write_dataset
+from segpipe.files import demo_files
 
 SHAPE_KEYS = {"label", "points", "group_id", "description", "shape_type", "flags", "mask"}
 FILE_KEYS = {"version", "flags", "shapes", "imagePath", "imageData", "imageHeight", "imageWidth"}
@@ -82,7 +83,11 @@ def test_deterministic_and_independent_of_count(labelme_folder, tmp_path):
 
 
 def test_output_folder_rules(labelme_folder, tmp_path):
-    with pytest.raises(SegpipeError, match="exists and is not an empty folder"):
+    assert sorted(demo_files(labelme_folder, 6)) == sorted(map(str, labelme_folder.iterdir()))
+    write_dataset(labelme_folder, count=2, size=(48, 64))  # an earlier demo dataset: replaced
+    assert sorted(map(str, labelme_folder.iterdir())) == sorted(demo_files(labelme_folder, 2))
+    (labelme_folder / "notes.txt").write_text("mine")
+    with pytest.raises(SegpipeError, match="exists and holds more than an earlier demo dataset"):
         write_dataset(labelme_folder, count=1)
     (tmp_path / "empty").mkdir()
     write_dataset(tmp_path / "empty", count=1, size=(32, 32))

@@ -8,12 +8,16 @@ the workflow's results and metadata.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -36,6 +40,9 @@ TINY_CLASSES = REPO / "tests" / "configs" / "tiny_classes.yaml"
 BEFORE_CLASSES = "f5273774f8cd4c8bbb4633341a288a8ff326016d"
 # Columns and checkpoint entries that measure time or memory, which no two runs share.
 TIMING = {"seconds", "train_seconds", "peak_memory_mb", "train_seconds_mean"}
+# What a binary study's files gained on purpose since: the cache's content digest and the
+# checkpoint's fingerprint, which let a rebuilt cache of the same content retrain nothing.
+ADDED_SINCE = {"content_sha256", "fingerprint", "digests"}
 RUNS = {
     "unet__scratch__bcedice_0.5__plain__s0",
     "attention_unet__scratch__bcedice_0.5__plain__s0",
@@ -256,6 +263,24 @@ BAD_EDITS = {
     "undefined name": (lambda c, w: c["experiments"]["architecture"]["vary"].update(
         architecture=["unet", "transunet"]), "config: experiments.architecture.vary names "
         "architecture 'transunet', which is not defined under 'architectures:'"),
+    "set on a varied axis": (lambda c, w: c["experiments"]["architecture"].update(
+        set={"architecture": "unet"}), "config: experiments.architecture.set.architecture: the "
+        "experiment also varies architecture (vary.architecture); an axis is either varied or "
+        "set: remove one"),
+    "group matching no file": (lambda c, w: c["data"].update(group=r"^zzz(\d)"),
+                               "config: data.group = '^zzz(\\\\d)': matches none of the 12 names "
+                               "(e.g. 'synth_0000') in results/demo_data/train"),
+    "more folds than images": (lambda c, w: c["data"].update(folds=13, test_dir=None),
+                               "config: data.folds: 13 folds need at least 13 groups, got 12 "
+                               "(results/demo_data/train: 12 images; identical images and "
+                               "data.group join groups)"),
+    "group matching no user file": (lambda c, w: (user_data(c, w), c["data"].update(
+        group="^IMG_")), "config: data.group = '^IMG_': matches none of the 12 names (e.g. "
+        "'synth_0000') in {w}/results/demo_data/train"),
+    "test folder that is the training folder": (lambda c, w: (user_data(c, w), c["data"].update(
+        test_dir=c["data"]["train_dir"])), "config: data.test_dir: 12 test image(s) are training "
+        "images (identical image bytes), and would be scored as unseen:\n  {w}/results/demo_data/"
+        "train/synth_0000.json = {w}/results/demo_data/train/synth_0000.json\n"),
 }
 
 
@@ -297,6 +322,140 @@ def test_a_dry_run_stops_at_the_same_check(study: Path):
     assert proc.returncode == 1
     assert "config: architectures.unet.widht: unknown key" in proc.stdout + proc.stderr
     assert "rule train" not in proc.stdout
+
+
+def checksums(workdir: Path) -> dict[str, str]:
+    """Every file under results/ with the SHA-256 of its bytes."""
+    return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((workdir / "results").rglob("*")) if p.is_file()}
+
+
+def real_run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return snakemake(workdir, *args, check=False)
+
+
+def truncated(path: Path) -> str:
+    path.write_text('{"shapes": [')
+    return "not valid JSON (Expecting value: line 1 column 13 (char 12))"
+
+
+def long_integer(path: Path) -> str:
+    point = "[1, " + "1" * 5000 + "],"
+    path.write_text(path.read_text().replace('"points": [', f'"points": [{point}', 1))
+    return "not valid JSON (a number of more than 4300 digits)"
+
+
+@pytest.mark.parametrize("corrupt", [truncated, long_integer], ids=["truncated", "5000 digits"])
+def test_a_corrupt_labelme_file_stops_snakemake_at_start(study: Path, corrupt):
+    """Before any job: Snakemake would delete the cache before rasterise failed."""
+    edit_config(study, lambda c: user_data(c, study))
+    path = study / "results" / "demo_data" / "train" / "synth_0003.json"
+    problem = corrupt(path)
+    before = checksums(study)
+    proc = real_run(study)
+    assert proc.returncode == 1
+    assert f"config: data.train_dir: {path}: {problem}" in proc.stderr, proc.stderr[-2000:]
+    assert checksums(study) == before
+
+
+def copy_image(source: Path, folder: Path, name: str) -> None:
+    """A LabelMe file ``name`` in ``folder`` whose image is byte-identical to ``source``'s."""
+    document = json.loads(source.read_text())
+    shutil.copy(source.with_suffix(".jpg"), folder / f"{name}.jpg")
+    (folder / f"{name}.json").write_text(json.dumps({**document, "imagePath": f"{name}.jpg"}))
+
+
+def test_test_images_that_are_training_images(study: Path, tmp_path: Path):
+    """Refused at start, naming both files; with data.drop_test_duplicates left out of the test
+    cache, with a warning."""
+    train = study / "results" / "demo_data" / "train"
+    test = shutil.copytree(study / "results" / "demo_data" / "test", tmp_path / "photos")
+    copy_image(train / "synth_0002.json", test, "field_1")
+    copy_image(train / "synth_0007.json", test, "field_2")
+    edit_config(study, lambda c: c["data"].update(train_dir=str(train), test_dir=str(test)))
+    before = checksums(study)
+    proc = real_run(study)
+    assert proc.returncode == 1
+    assert (f"config: data.test_dir: 2 test image(s) are training images (identical image "
+            f"bytes), and would be scored as unseen:\n  {test / 'field_1.json'} = "
+            f"{train / 'synth_0002.json'}\n  {test / 'field_2.json'} = "
+            f"{train / 'synth_0007.json'}\nremove them from one folder, or set "
+            "data.drop_test_duplicates: true to leave them out of the test cache") in proc.stderr
+    assert checksums(study) == before
+
+    edit_config(study, lambda c: c["data"].update(drop_test_duplicates=True))
+    snakemake(study, "results/data/test.h5")
+    with h5py.File(study / "results" / "data" / "test.h5") as f:
+        assert list(f["names"].asstr()[:]) == [f"synth_{i:04d}" for i in range(4)]
+    log = (study / "results" / "logs" / "rasterise" / "test.log").read_text()
+    assert (f"{test / 'field_1.json'}: the same image as 'synth_0002' of the training cache "
+            "results/data/train.h5 (identical image bytes): left out of this cache") in log
+
+
+def test_a_cache_rebuilt_with_the_same_content_retrains_nothing(study: Path):
+    """An edit of a demo annotation is noticed (the cache is rebuilt), and one that changes no
+    pixel of the cache (a LabelMe flag) leaves every run as it was."""
+    path = study / "results" / "demo_data" / "train" / "synth_0003.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "flags": {"checked": True}}))
+    jobs = planned(study)
+    assert jobs["rasterise"] == {"results/data/train.h5", "results/data/test.h5"}
+    assert trained_runs(jobs) == RUNS  # scheduled, as a rebuilt input's consumers are
+    trained = {k: v for k, v in checksums(study).items()
+               if k.startswith("results/runs/") and (k.endswith((".pt", "history.csv")))}
+    snakemake(study, *(f"results/runs/{run}/model.pt" for run in RUNS))
+    assert {k: checksums(study)[k] for k in trained} == trained
+    for run in RUNS:
+        log = (study / "results" / "runs" / run / "train.log").read_text()
+        assert log.count(" epoch 1/2: ") == 1
+        assert log.endswith("complete for this spec and cache: kept, nothing to train\n")
+
+
+def test_a_killed_snakemakes_train_job_is_waited_for_and_its_run_kept(tmp_path: Path):
+    """Snakemake killed (SIGKILL) while a train job runs, then --unlock and a re-run: the new
+    job waits for the orphan (held stopped until the new job waits), finds the run it finished
+    complete and keeps it; nothing is deleted, and the run's train.log keeps every line."""
+    shutil.copy(TINY, tmp_path / "config.yaml")
+    edit_config(tmp_path, lambda c: c["train"].update(epochs=30))  # ~3 s left to stop it
+    run = "unet__scratch__bcedice_0.5__plain__s0"
+    target, folder = f"results/runs/{run}/model.pt", tmp_path / "results" / "runs" / run
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
+               str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"]
+    first = subprocess.Popen([*command, target], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    orphan = None
+    try:
+        wait_for(lambda: (folder / "state.pt").exists())
+        orphan = int(re.search(r"pid (\d+)", (folder / ".segpipe.lock").read_text())[1])
+        os.kill(orphan, signal.SIGSTOP)
+        first.kill()
+        first.wait()
+        snakemake(tmp_path, "--unlock")
+        second = subprocess.Popen([*command, target], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        job_log = tmp_path / "results" / "logs" / "train" / f"{run}.log"
+        wait_for(lambda: job_log.exists() and "waiting for it to end" in job_log.read_text())
+        os.kill(orphan, signal.SIGCONT)
+        output, _ = second.communicate(timeout=300)
+        assert second.returncode == 0, output[-3000:]
+    finally:
+        first.kill()
+        if orphan is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(orphan, signal.SIGCONT)
+    assert f"in use by segpipe train (pid {orphan} on " in job_log.read_text()
+    log = (folder / "train.log").read_text()
+    assert log.count(" epoch 1/30: ") == log.count(" epoch 30/30: ") == 1  # trained once
+    assert log.endswith("complete for this spec and cache: kept, nothing to train\n")
+    assert {p.name for p in folder.iterdir()} >= {"model.pt", "history.csv", "snapshots"}
+    assert "Nothing to be done" in snakemake(tmp_path, "--dry-run", target).stdout
+
+
+def wait_for(condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -377,6 +536,9 @@ def test_editing_an_architecture_reruns_its_runs_in_every_fold(cv_study: Path):
     (TINY, lambda d: d.pop("test_dir"), "config: data.test_dir: required unless data.folds"),
     (TINY_CV, lambda d: d.update(group="(synth"), "config: data.group: '(synth' is not a regular"),
     (TINY_CV, lambda d: d.update(folds=2), "config: data.folds: 2 is less than the minimum of 3"),
+    (TINY_CV, lambda d: d.update(drop_test_duplicates=True),
+     "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation has "
+     "none of"),
 ])
 def test_cross_validation_config_errors_name_the_key(tmp_path: Path, config, change, message):
     shutil.copy(config, tmp_path / "config.yaml")
@@ -448,14 +610,15 @@ def _comparable(path: Path) -> object:
     if path.suffix == ".pt":
         checkpoint = torch.load(path, weights_only=True)
         weights = {k: v.numpy().tobytes() for k, v in checkpoint.pop("state_dict").items()}
-        return weights, {k: v for k, v in checkpoint.items() if k not in TIMING}
+        return weights, {k: v for k, v in checkpoint.items() if k not in TIMING | ADDED_SINCE}
     if path.suffix == ".npz":  # a zip: its members carry the time they were written
         with np.load(path) as npz:
             return {key: npz[key].tobytes() for key in npz.files}
     if path.suffix == ".h5":  # attribute source: the absolute data folder, in another workdir
         with h5py.File(path) as f:
-            return ({key: f[key][()].tolist() for key in f},
-                    {k: str(v) for k, v in f.attrs.items() if k != "source"},
+            return ({key: f[key][()].tolist() for key in f if key not in ADDED_SINCE},
+                    {k: str(v) for k, v in f.attrs.items()
+                     if k not in {"source", *ADDED_SINCE}},
                     Path(f.attrs["source"]).relative_to(path.parents[2]))
     if path.suffix == ".md":
         return re.sub(r"\| [\d.]+ \|$", "|", path.read_text(), flags=re.M)

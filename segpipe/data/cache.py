@@ -4,16 +4,19 @@ Layout (docs/formats.md): ``images`` uint8 (N, H, W, 3) RGB resized with area
 interpolation, ``masks`` uint8 (N, H, W) class indices (:mod:`segpipe.labels`: 0 background, 1…K, 255
 ignore; {0, 1} in a binary study) rasterised at (H, W) from scaled
 coordinates, ``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) utf-8 their groups,
-``orig_size`` int32 (N, 2) original (height, width), and the split (:mod:`segpipe.data.split`):
+``orig_size`` int32 (N, 2) original (height, width), ``digests`` (N,) the SHA-256 of each
+encoded image (:func:`segpipe.files.image_digest`), and the split (:mod:`segpipe.data.split`):
 ``is_val`` bool (N,), or with ``folds`` the cross-validation fold ``fold`` int64 (N,); one image
 per chunk; attributes ``segpipe_version``, ``source``, ``foreground``, ``background``, ``labels``
-(with classes or ignore labels: :meth:`segpipe.labels.Labels.attrs`),
-``group`` (JSON), ``size``, ``count``, ``split_seed``, and ``val_fraction`` or ``folds``.
-Images are sorted by file name, so the same folder gives the same file.
+(with classes or ignore labels: :meth:`segpipe.labels.Labels.attrs`), ``group`` (JSON),
+``size``, ``count``, ``split_seed``, ``val_fraction`` or ``folds``, and ``content_sha256``
+(:func:`content_digest`). Images are sorted by file name, so the same folder gives the same
+file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -27,11 +30,13 @@ import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
+from segpipe.data.groups import group_keys, identical, merge_identical
 from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
+from segpipe.files import atomic_path, check_outputs, labelme_files, labelme_index
 from segpipe.labels import IGNORE, Labels
-from segpipe.data.split import (assign_folds, group_count, group_ids, group_keys,
-                                split_validation)
-from segpipe.files import atomic_path, labelme_files
+
+CONTENT_KEY = "content_sha256"
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +50,27 @@ def build_cache(
     split_seed: int = 0,
     folds: int | None = None,
     group: str | None = None,
+    train_cache: str | Path | None = None,
+    drop_duplicates: bool = False,
 ) -> None:
     """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
     the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
     cross-validation folds, both drawn by ``split_seed`` over the groups of the regular
-    expression ``group``.
+    expression ``group``; identical images (the same image bytes) are one group, logged as a
+    warning, with a second one where their masks differ.
 
-    The file is written under a temporary name, with its disk space reserved before the first
-    image, and renamed when complete. Raises :class:`SegpipeError` for a folder without
-    LabelMe files, any invalid file (see :func:`segpipe.data.labelme.load_annotation`), two
-    files of one image, a label rule that selects no shape in the whole folder, a split the
-    groups cannot make, an output that cannot be written and a disk without room for it;
-    a label that a study with classes does not name; labels the config names that never occur
-    are logged. ``labels``: the classes (:class:`segpipe.labels.Labels`; default binary).
+    A test folder is built against the ``train_cache`` of its study: an image of it is an error,
+    or with ``drop_duplicates`` left out of this cache with a warning.
+
+    Every file is read as far as its image bytes before any is decoded. The file is written
+    under a temporary name, with its disk space reserved before the first image, and renamed
+    when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
+    file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
+    input (a LabelMe file, an image, the training cache), a label that a study with classes does
+    not name, a label rule under which no shape paints a class in the whole folder, a split the
+    groups cannot make, an output that cannot be written and a disk without room for it; labels
+    the config names that never occur are logged. ``labels``: the classes
+    (:class:`segpipe.labels.Labels`; default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
@@ -70,10 +83,24 @@ def build_cache(
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
     files = labelme_files(input_dir)
+    inputs = {path: f"a LabelMe file of {input_dir}" for path in files}
+    if train_cache is not None:
+        inputs[Path(train_cache)] = "the training cache (--train-cache)"
+    check_outputs([output], inputs)
+    index = labelme_index(files)
+    check_outputs([output], {entry.image_file: f"the image of {entry.path}"
+                             for entry in index if entry.image_file is not None})
+    if train_cache is not None:
+        index = _unseen(index, Path(train_cache), drop_duplicates)
+        files = [entry.path for entry in index]
 
     n = len(files)
     names = [p.stem for p in files]
-    keys = group_keys(names, group)
+    digests = [entry.digest for entry in index]
+    keys = merge_identical(group_keys(names, group), digests)
+    for same in identical(digests):
+        log.warning("%s: the same image (identical image bytes): one group, %r, on one side "
+                    "of every split", " and ".join(str(files[i]) for i in same), keys[same[0]])
     groups = group_ids(keys)
     try:
         if folds is None:
@@ -92,30 +119,29 @@ def build_cache(
         "split_seed": split_seed,
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
-    layout = _layout(names, keys, size, split, attrs)
-    found, skipped, pixels, first_file = Counter(), Counter(), Counter(), {}
-    files_of: dict[str, list[str]] = {}
+    layout = _layout(names, keys, digests, size, split, attrs)
+    found, skipped, pixels, first_row = Counter(), Counter(), Counter(), {}
     with atomic_path(output) as partial:
         _create_reserved(partial, layout, n, size, output)
         with h5py.File(partial, "r+") as h5:
             images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
             for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
                 annotation = load_annotation(path)
-                if annotation.image_digest in first_file:
-                    raise SegpipeError(
-                        f"{path}: the same image as {first_file[annotation.image_digest]} "
-                        "(identical image bytes); annotate each image once"
-                    )
-                first_file[annotation.image_digest] = path
                 image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
                 images[i] = image
                 _check_named(path, annotation, labels)
                 masks[i] = mask = rasterise(annotation, size, labels)
+                first = first_row.setdefault(annotation.image_digest, i)
+                if first != i and (masks[first] != mask).any():
+                    log.warning("%s and %s: the same image annotated differently (the masks "
+                                "differ in %d of %dx%d pixels)", files[first], path,
+                                int((masks[first] != mask).sum()), height, width)
                 orig_size[i] = annotation.size
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
                 found.update(s.label for s in annotation.shapes)
                 skipped.update(annotation.skipped)
             _check_labels(input_dir, found, labels)
+            h5.attrs[CONTENT_KEY] = content_digest(h5)
     log.info(
         "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
         output, n, _describe_split(split, groups), height, width, labels.describe(),
@@ -136,7 +162,51 @@ def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
     return f"{in_groups} ({len(is_val) - is_val.sum()} train, {is_val.sum()} val)"
 
 
-def _layout(names: list[str], groups: list[str], size: tuple[int, int],
+def _unseen(index: list, train_cache: Path, drop: bool) -> list:
+    """The entries of ``index`` whose image is not one of ``train_cache``; one that is, is an
+    error or (``drop``) left out with a warning."""
+    try:
+        with h5py.File(train_cache, "r") as h5:
+            if "digests" not in h5:
+                raise SegpipeError(f"{train_cache}: holds no image digests (written by an older "
+                                   "segpipe): rasterise it again")
+            seen = dict(zip(h5["digests"].asstr()[:], h5["names"].asstr()[:]))
+    except OSError as exc:
+        raise SegpipeError(f"{train_cache}: not a readable segpipe cache ({exc})") from None
+    repeated = [f"{entry.path}: the same image as {seen[entry.digest]!r} of the training cache "
+                f"{train_cache} (identical image bytes)" for entry in index if entry.digest in seen]
+    if repeated and not drop:
+        raise SegpipeError("\n".join([*repeated, "a test image must be unseen in training: remove "
+                                       "it from one folder, or leave it out of the test cache "
+                                       "(--drop-duplicates; data.drop_test_duplicates: true)"]))
+    for line in repeated:
+        log.warning("%s: left out of this cache", line)
+    kept = [entry for entry in index if entry.digest not in seen]
+    if not kept:
+        raise SegpipeError(f"every image is one of the training cache {train_cache}")
+    return kept
+
+
+def content_digest(h5: h5py.File) -> str:
+    """SHA-256 (hex) of what a cache holds: every dataset (name, dtype, shape, values) and every
+    attribute but this digest and the provenance (``source``, ``segpipe_version``), in name
+    order. Two caches of equal content have equal digests, whenever, wherever and by whichever
+    segpipe version they were written; training recognises its data by it."""
+    digest = hashlib.sha256()
+    for name in sorted(h5):
+        data = h5[name]
+        digest.update(json.dumps([name, data.dtype.str, data.shape]).encode())
+        if h5py.check_string_dtype(data.dtype):
+            digest.update(json.dumps(list(data.asstr()[:])).encode())
+        else:
+            for start in range(0, len(data), 64):
+                digest.update(np.ascontiguousarray(data[start:start + 64]).tobytes())
+    for key in sorted(set(h5.attrs) - {CONTENT_KEY, "source", "segpipe_version"}):
+        digest.update(json.dumps([key, np.asarray(h5.attrs[key]).tolist()]).encode())
+    return digest.hexdigest()
+
+
+def _layout(names: list[str], groups: list[str], digests: list[str], size: tuple[int, int],
             split: dict[str, np.ndarray], attrs: dict) -> bytes:
     """The cache as HDF5 file bytes with every dataset created and no pixel written yet."""
     n = len(names)
@@ -147,6 +217,7 @@ def _layout(names: list[str], groups: list[str], size: tuple[int, int],
         h5.create_dataset("orig_size", (n, 2), np.int32)
         h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
         h5.create_dataset("groups", data=groups, dtype=h5py.string_dtype())
+        h5.create_dataset("digests", data=digests, dtype=h5py.string_dtype())
         for key, values in split.items():
             h5.create_dataset(key, data=values)
         h5.attrs.update(attrs)
@@ -207,4 +278,6 @@ def _shares(pixels: Counter, labels: Labels, total: int) -> str:
 
 
 def _counts(counter: Counter) -> str:
-    return ", ".join(f"{key} {count}" for key, count in sorted(counter.items())) or "none"
+    """E.g. "leaf 3, stone 4"; a label that is empty or has outer spaces quoted: "'' 1"."""
+    return ", ".join(f"{key if key and key == key.strip() else repr(key)} {count}"
+                     for key, count in sorted(counter.items())) or "none"

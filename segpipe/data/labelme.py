@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 import math
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -48,13 +46,15 @@ import PIL.Image
 import PIL.ImageDraw
 
 from segpipe import SegpipeError
+from segpipe.files import image_digest, labelme_image, read_labelme
 from segpipe.labels import Labels
 
 FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
 POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
 MIN_POLYGON_POINTS = 3
-# A point of a filled shape may lie outside the image by at most this fraction of the image
-# width (x) or height (y); farther away it is an error (e.g. points of another resolution).
+# A point of a filled shape may lie outside the image, [0, W] x [0, H] in LabelMe's continuous
+# coordinates, by at most this fraction of the image width (x) or height (y), and at least by
+# one pixel; farther away it is an error (e.g. points of another resolution).
 OUTSIDE_MARGIN = 0.1
 
 
@@ -99,18 +99,9 @@ def load_annotation(path: str | Path) -> Annotation:
     numbers or lie far outside the image, a circle of radius 0).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise SegpipeError(f"{path}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SegpipeError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise SegpipeError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
-        raise SegpipeError(f"{path}: not a LabelMe file (no 'shapes' list)")
-    encoded, source, exif = _image_bytes(path, data)
-    image = decode_image(encoded, source, exif)
+    data = read_labelme(path)
+    encoded, source, image_file = labelme_image(path, data)
+    image = decode_image(encoded, source, exif=image_file is not None)
     height, width = image.shape[:2]
     expected = data.get("imageHeight"), data.get("imageWidth")
     if None not in expected and expected != (height, width):
@@ -124,15 +115,19 @@ def load_annotation(path: str | Path) -> Annotation:
         where = f"{path}: shape {index}"
         if not isinstance(raw, dict) or not isinstance(raw.get("label"), str):
             raise SegpipeError(f"{where}: not a LabelMe shape (needs a string 'label')")
-        shape_type = raw.get("shape_type") or "polygon"
-        if not isinstance(shape_type, str):
-            raise SegpipeError(f"{where}: 'shape_type' {shape_type!r} is not a string")
+        shape_type = raw.get("shape_type")
+        if shape_type is None:  # LabelMe < 3
+            shape_type = "polygon"
+        if not isinstance(shape_type, str) or not shape_type:
+            problem = "is empty" if shape_type == "" else "is not a string"
+            raise SegpipeError(f"{where}: 'shape_type' {shape_type!r} {problem} (a missing key "
+                               "or null means polygon)")
         if shape_type in FILLED_TYPES:
             where = f"{where} ({raw['label']!r}, {shape_type})"
             shapes.append(_parse_shape(where, raw, shape_type, (height, width)))
         else:  # not drawn, whatever its points
             skipped[shape_type] += 1
-    return Annotation(path, image, tuple(shapes), skipped, hashlib.sha256(encoded).hexdigest())
+    return Annotation(path, image, tuple(shapes), skipped, image_digest(encoded))
 
 
 def rasterise(annotation: Annotation, size: tuple[int, int] | None = None,
@@ -155,22 +150,6 @@ def rasterise(annotation: Annotation, size: tuple[int, int] | None = None,
     return mask
 
 
-def _image_bytes(path: Path, data: dict) -> tuple[bytes, str, bool]:
-    """The encoded image of a LabelMe file, where it comes from, and whether EXIF applies."""
-    if data.get("imageData"):
-        try:
-            encoded = base64.b64decode(data["imageData"])
-        except (binascii.Error, TypeError, ValueError):
-            raise SegpipeError(f"{path}: imageData is not valid base64") from None
-        return encoded, f"{path}: imageData", False
-    image_path = data.get("imagePath")
-    if not isinstance(image_path, str) or not image_path:
-        raise SegpipeError(f"{path}: has neither imageData nor imagePath")
-    image_path = path.parent / PureWindowsPath(image_path).as_posix()
-    try:
-        return image_path.read_bytes(), f"{path}: image {image_path}", True
-    except (OSError, ValueError):  # ValueError: a NUL character in the path
-        raise SegpipeError(f"{path}: image {image_path} not found and no imageData") from None
 
 
 def decode_image(encoded: bytes, source: str, exif: bool = True) -> np.ndarray:
@@ -226,8 +205,8 @@ def _parse_shape(where: str, raw: dict, shape_type: str, size: tuple[int, int]) 
     if shape_type == "circle" and (points[0] == points[1]).all():
         raise SegpipeError(f"{where}: radius 0 (the centre and the rim point coincide)")
     height, width = size
-    limit = np.array([width, height]) * OUTSIDE_MARGIN
-    outside = (points < -limit) | (points > np.array([width, height]) - 1 + limit)
+    limit = np.maximum(np.array([width, height]) * OUTSIDE_MARGIN, 1.0)
+    outside = (points < -limit) | (points > np.array([width, height]) + limit)
     if outside.any():
         x, y = points[outside.any(axis=1)][0]
         raise SegpipeError(

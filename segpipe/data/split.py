@@ -3,8 +3,9 @@ validation split. Pure functions of the names and seeds; :mod:`segpipe.data.cach
 their result in the cache, so a split never changes while its inputs do not.
 
 A *group* is a set of images that must stay on one side of every boundary — the augmented
-copies ``IMG_12.rf.<hash>`` of one photo, the frames of one video — so that no near-duplicate
-of a test or validation image is trained on. Groups are numbered in order of first appearance.
+copies ``IMG_12.rf.<hash>`` of one photo, the frames of one video, identical images — so that
+no near-duplicate of a test or validation image is trained on (:mod:`segpipe.data.groups`).
+Groups are numbered in order of first appearance.
 
 * Fixed test folder: :func:`split_validation` draws whole groups into the validation split.
 * Cross-validation (``data.folds: k``): :func:`assign_folds` puts every group into one of k
@@ -15,33 +16,12 @@ of a test or validation image is trained on. Groups are numbered in order of fir
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from segpipe import SegpipeError
-
-
-def group_keys(names: Sequence[str], pattern: str | None) -> list[str]:
-    """The group of each name: the first capture group of ``re.search(pattern, name)``, or the
-    whole match when the pattern has no group. A name the pattern does not match (or whose
-    group takes no part in the match) is its own group; so is every name without a pattern.
-
-    Raises :class:`SegpipeError` naming ``data.group`` for an invalid pattern, or one that
-    matches no name at all (a pattern that groups nothing is a mistake, not a choice)."""
-    if pattern is None:
-        return list(names)
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise SegpipeError(f"data.group = {pattern!r}: not a regular expression ({exc})") from None
-    matches = [regex.search(name) for name in names]
-    if names and not any(matches):
-        raise SegpipeError(f"data.group = {pattern!r}: matches none of the {len(names)} names "
-                           f"(e.g. {names[0]!r})")
-    keys = [m.group(1 if regex.groups else 0) if m else None for m in matches]
-    return [name if key is None else key for name, key in zip(names, keys)]
+from segpipe.data.groups import check_group_count
 
 
 def group_ids(keys: Sequence[str]) -> np.ndarray:
@@ -66,10 +46,8 @@ def split_validation(groups: np.ndarray, val_fraction: float, seed: int) -> np.n
     """
     count, n_groups = len(groups), group_count(groups)
     n_val = round(val_fraction * count)
+    check_group_count(n_groups, val_fraction=val_fraction)
     if val_fraction > 0:
-        if n_groups < 2:
-            raise SegpipeError(f"a validation split needs at least 2 groups of images, got "
-                              f"{n_groups}")
         n_val = min(max(n_val, 1), count - 1)
     sizes = np.bincount(groups, minlength=n_groups)
     taken, chosen = 0, []
@@ -89,11 +67,7 @@ def assign_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     holding the fewest images so far (the lowest such fold on ties). So the folds differ in
     size by at most the largest group, by at most one image without groups."""
     n_groups = group_count(groups)
-    if folds < 3:
-        raise SegpipeError(f"folds = {folds}: expected at least 3 (a fold tests, the next "
-                           "validates, the others train)")
-    if n_groups < folds:
-        raise SegpipeError(f"{folds} folds need at least {folds} groups, got {n_groups}")
+    check_group_count(n_groups, folds)
     sizes = np.bincount(groups, minlength=n_groups)
     order = np.random.default_rng(seed).permutation(n_groups)
     order = order[np.argsort(-sizes[order], kind="stable")]

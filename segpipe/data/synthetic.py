@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 
 from segpipe import SegpipeError
+from segpipe.files import DEMO_NAME
 
 LABELME_VERSION = "5.5.0"
 PALETTE = np.array(
@@ -47,10 +49,13 @@ JPEG_QUALITY = 90
 def write_dataset(
     output_dir: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (256, 320)
 ) -> None:
-    """Write ``count`` images ``synth_0000.jpg``, ... with their LabelMe JSON files.
+    """Write ``count`` images ``synth_0000.jpg``, ... with their LabelMe JSON files
+    (:func:`segpipe.files.demo_files`).
 
-    ``output_dir`` must not exist or be empty; it is filled under a temporary name and
-    renamed when complete.
+    ``output_dir`` must not exist, be empty, or hold nothing but the files of an earlier
+    ``segpipe synth`` (Snakemake deletes those the rule declares, not those of a larger earlier
+    count), which the new ones replace; it is filled under a temporary name and renamed when
+    complete.
     """
     output_dir = Path(output_dir)
     height, width = size
@@ -58,8 +63,11 @@ def write_dataset(
         raise SegpipeError(f"count must be at least 1, got {count}")
     if height < 32 or width < 32:
         raise SegpipeError(f"size must be at least 32x32, got {height}x{width}")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise SegpipeError(f"{output_dir}: exists and is not an empty folder")
+    earlier = re.compile(re.escape(DEMO_NAME.split("{")[0]) + r"\d{4,}\.(json|jpg)")
+    if output_dir.exists() and (not output_dir.is_dir() or not all(
+            earlier.fullmatch(p.name) and p.is_file() for p in output_dir.iterdir())):
+        raise SegpipeError(f"{output_dir}: exists and holds more than an earlier demo dataset "
+                           "(synth_<i>.json, .jpg)")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -67,7 +75,7 @@ def write_dataset(
     try:
         for index in range(count):
             image, shapes = synthesise(np.random.default_rng([seed, index]), (height, width))
-            name = f"synth_{index:04d}"
+            name = DEMO_NAME.format(index)
             ok, encoded = cv2.imencode(
                 ".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
             )
@@ -83,7 +91,7 @@ def write_dataset(
             }
             (partial / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
         if output_dir.exists():
-            output_dir.rmdir()
+            shutil.rmtree(output_dir)
         os.replace(partial, output_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

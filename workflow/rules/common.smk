@@ -10,7 +10,8 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from segpipe import SegpipeError
-from segpipe.files import labelme_files
+from segpipe.data.groups import check_group_count, group_keys, merge_identical
+from segpipe.files import DEMO_NAME, demo_files, labelme_files, labelme_index
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
 from segpipe.columns import AXES, CONFUSION_CSV, DEFINITIONS
 from segpipe.labels import Labels
@@ -27,9 +28,10 @@ FOLDS = config["data"]["folds"]  # None: the fixed test folder
 JOB = f"{RUN}/fold{{fold}}" if FOLDS else RUN
 JOB_DIR = f"{RESULTS}/runs/{JOB}"
 LOGS, BENCHMARKS = f"{RESULTS}/logs", f"{RESULTS}/benchmarks"
-# The cache holding the test images: a fold's are in the training cache (its `fold`).
 CACHE = f"{RESULTS}/data/{{split}}.h5"
-TEST_CACHE = CACHE.format(split="train" if FOLDS else "test")
+TRAIN_CACHE = CACHE.format(split="train")
+# The cache holding the test images: a fold's are in the training cache (its `fold`).
+TEST_CACHE = TRAIN_CACHE if FOLDS else CACHE.format(split="test")
 EXPERIMENT_DIR = f"{RESULTS}/experiments/{{experiment}}"
 SUMMARY = f"{RESULTS}/summary.md"
 DEMO_DATA = f"{RESULTS}/demo_data"
@@ -66,6 +68,11 @@ def _expand_experiment(name, exp):
     fixed = {**config["defaults"], **exp.get("set", {})}
     for axis, value in exp.get("set", {}).items():
         _check_name(f"experiments.{name}.set", axis, value)
+        if axis in exp["vary"]:
+            raise WorkflowError(
+                f"config: experiments.{name}.set.{axis}: the experiment also varies {axis} "
+                f"(vary.{axis}); an axis is either varied or set: remove one"
+            )
     for axis, values in exp["vary"].items():
         for value in values:
             _check_name(f"experiments.{name}.vary", axis, value)
@@ -119,6 +126,11 @@ def _check_split():
         )
     if not FOLDS and data["test_dir"] is None:
         raise WorkflowError("config: data.test_dir: required unless data.folds is set")
+    if FOLDS and data["drop_test_duplicates"]:
+        raise WorkflowError(
+            "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation "
+            "has none of (identical images are one group, so in one fold)"
+        )
     if data["group"] is not None:
         try:
             re.compile(data["group"])
@@ -221,11 +233,55 @@ def _check_data():
     return files
 
 
+def _check_images(files):
+    """The user's LabelMe files ({split: [paths]}) read as far as their images, checked as
+    rasterise would check them before its first image, and {split: [segpipe.files.LabelmeEntry]}:
+    every file is valid JSON with a 'shapes' list and its image exists; data.group matches a
+    training image; the training images' groups (identical images are one) suffice for
+    data.folds or the validation split; no test image is a training image, unless
+    data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
+    data = config["data"]
+    index = {}
+    for split, paths in files.items():
+        try:
+            index[split] = labelme_index(paths)
+        except SegpipeError as exc:
+            raise WorkflowError(f"config: data.{split}_dir: {exc}")
+    if "train" in index:
+        names = [entry.path.stem for entry in index["train"]]
+        digests = [entry.digest for entry in index["train"]]
+    else:  # distinct synthetic images
+        names = digests = [DEMO_NAME.format(i) for i in range(data["synthetic"]["train_count"])]
+    where = (f"{data['train_dir']}: {len(names)} images; identical images and data.group join "
+             "groups")
+    try:
+        keys = group_keys(names, data["group"])
+    except SegpipeError as exc:
+        raise WorkflowError(f"config: {exc} in {data['train_dir']}")
+    try:
+        check_group_count(len(set(merge_identical(keys, digests))), FOLDS, data["val_fraction"])
+    except SegpipeError as exc:
+        key = "folds" if FOLDS else "val_fraction"
+        raise WorkflowError(f"config: data.{key}: {exc} ({where})")
+    if "train" in index and "test" in index and not data["drop_test_duplicates"]:
+        trained = {entry.digest: entry.path for entry in index["train"]}
+        repeated = [f"  {entry.path} = {trained[entry.digest]}" for entry in index["test"]
+                    if entry.digest in trained]
+        if repeated:
+            raise WorkflowError("\n".join([
+                f"config: data.test_dir: {len(repeated)} test image(s) are training images "
+                "(identical image bytes), and would be scored as unseen:", *repeated,
+                "remove them from one folder, or set data.drop_test_duplicates: true to leave "
+                "them out of the test cache"]))
+    return index
+
+
 LABELS = _study_labels()
 _check_split()
 _check_models()
 _check_losses()
 LABELME_FILES = _check_data()
+LABELME_INDEX = _check_images(LABELME_FILES)
 
 
 def run_dir(run):
@@ -282,11 +338,19 @@ def experiment_inputs(wildcards):
 
 
 def labelme_input(wildcards):
-    """The LabelMe folder of a split: the demo data rule's output, or the user's own JSON files."""
-    if wildcards.split not in LABELME_FILES:
-        return [config["data"][f"{wildcards.split}_dir"]]
-    # Depend on each annotation, so editing one re-builds the cache.
-    return [str(f) for f in LABELME_FILES[wildcards.split]]
+    """The files of a split's LabelMe folder (the user's, or those the demo data rule writes),
+    every annotation and image: editing one re-builds the cache."""
+    if wildcards.split not in LABELME_INDEX:
+        count = config["data"]["synthetic"][f"{wildcards.split}_count"]
+        return demo_files(f"{DEMO_DATA}/{wildcards.split}", count)
+    entries = LABELME_INDEX[wildcards.split]
+    images = [e.image_file for e in entries if e.image_file is not None]
+    return list(dict.fromkeys(str(f) for f in [*(e.path for e in entries), *images]))
+
+
+def train_cache_input(wildcards):
+    """The test folder is rasterised against the training cache (an image of it is refused)."""
+    return [TRAIN_CACHE] if wildcards.split == "test" else []
 
 
 def rasterise_args(wildcards):
@@ -305,6 +369,10 @@ def rasterise_args(wildcards):
         args += [*split, "--split-seed", str(d["split_seed"])]
         if d["group"] is not None:
             args += ["--group", d["group"]]
+    else:
+        args += ["--train-cache", TRAIN_CACHE]
+        if d["drop_test_duplicates"]:
+            args += ["--drop-duplicates"]
     return shlex.join(args)
 
 

@@ -2,11 +2,14 @@ rule train:
     """One training run (in cross-validation, one fold of it): best-on-validation model,
     per-epoch history, snapshots."""
     input:
-        cache=CACHE.format(split="train"),
+        cache=TRAIN_CACHE,
+    # update(): Snakemake neither deletes the outputs before the job nor after a failed one (it
+    # restores them), so a job re-run only because the cache was rebuilt with the same content
+    # finds its run complete and keeps it (segpipe.train.train_run).
     output:
-        model=f"{JOB_DIR}/model.pt",
-        history=f"{JOB_DIR}/history.csv",
-        snapshots=directory(f"{JOB_DIR}/snapshots"),
+        model=update(f"{JOB_DIR}/model.pt"),
+        history=update(f"{JOB_DIR}/history.csv"),
+        snapshots=update(directory(f"{JOB_DIR}/snapshots")),
     params:
         # The whole run definition: editing it re-runs exactly the runs that use it.
         spec=run_spec,
