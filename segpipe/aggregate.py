@@ -36,7 +36,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, plots, stats
-from segpipe.columns import CONFUSION_CSV, METRIC_COLUMNS, RUN_COLUMNS
+from segpipe.columns import CONFUSION_CSV, METRIC_COLUMNS, REFERENCE_RUNS, RUN_COLUMNS
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
 from segpipe.stats import mean_ci95
@@ -426,8 +426,9 @@ def _final_prediction(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, 
 
 
 def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
-    """Write summary.csv and the figures of ``FIGURES`` for experiment ``name`` into
-    ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set).
+    """Write summary.csv, :data:`~segpipe.columns.REFERENCE_RUNS` (the run folders of the
+    reference group; empty without one) and the figures of ``FIGURES`` for experiment ``name``
+    into ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set).
 
     ``spec``: ``{"axes": [...], "sweep": null | {"axis", "param", "values": {value: number}},
     "baseline": null | {<axis>: value, ...},
@@ -456,6 +457,10 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(output_dir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
+    reference = summary["reference"].iloc[0]
+    with atomic_path(output_dir / REFERENCE_RUNS) as tmp:
+        tmp.write_text("".join(f"{run['dir']}\n" for run in run_specs
+                               if _group_name(name, axes, run) == reference))
     _save(plots.plot_curves(summarise_by_epoch(by_epoch), groups, colours,
                             f"{name}: test metrics during training"), output_dir / "curves.png")
     _save(plots.plot_bars(summary, colours, f"{name}: test metrics"), output_dir / "bars.png")

@@ -41,6 +41,14 @@ def schema() -> dict:
     return yaml.safe_load(SCHEMA_FILE.read_text())
 
 
+def default(setting: str) -> object:
+    """The schema's default of a setting named ``<section>.<key>``, e.g.
+    ``predict.tolerance``: what a CLI step uses when the option is not given, as the workflow
+    does when the key is not in config.yaml."""
+    section, key = setting.split(".")
+    return copy.deepcopy(schema()["properties"][section]["properties"][key]["default"])
+
+
 # JSON Schema's "integer" admits 2.0 and "number" admits NaN and infinity; the code needs neither.
 _TYPES = Draft202012Validator.TYPE_CHECKER.redefine_many({
     "integer": lambda checker, v: isinstance(v, int) and not isinstance(v, bool),

@@ -115,7 +115,7 @@ def test_bad_input_names_the_file(tmp_path):
     with pytest.raises(SegpipeError, match=r"missing.pt: checkpoint not found"):
         predict_folder(tmp_path / "missing.pt", tmp_path / "in", tmp_path / "out")
     cv2.imwrite(str(tmp_path / "in" / "good.jpg"), np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(SegpipeError, match=r"good.jpg and .*good.png would both be written"):
+    with pytest.raises(SegpipeError, match=r"good.jpg and .*good.png: two images of one name"):
         predict_folder(checkpoint, tmp_path / "in", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegpipeError, match=r"empty: no images"):

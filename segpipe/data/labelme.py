@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ import PIL.ImageDraw
 
 from segpipe import SegpipeError
 from segpipe.files import image_digest, labelme_image, read_labelme
-from segpipe.labels import Labels
+from segpipe.labels import IGNORE, Labels
 
 FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
 POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
@@ -289,3 +290,126 @@ def _patch_region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int
     inside = ((rows >= 0) & (rows < patch_h))[:, None] & ((cols >= 0) & (cols < patch_w))
     pixels = shape.patch[np.clip(rows, 0, patch_h - 1)[:, None], np.clip(cols, 0, patch_w - 1)]
     return inside & pixels
+
+
+# ---------------------------------------------------------------------------- writing
+
+LABELME_VERSION = "5.5.0"
+"""The format version predicted files declare (LabelMe 5.x reads every field they hold)."""
+PREDICTED_FLAG = "predicted"
+"""The shape flag (``flags: {"predicted": true}``) of every shape segpipe draws."""
+
+
+@dataclass(frozen=True)
+class Simplification:
+    """How a class map becomes polygons: each contour is simplified by Douglas–Peucker
+    (``cv2.approxPolyDP``) to within ``tolerance`` pixels (0: every corner of the pixel
+    outline kept), and regions and holes of fewer than ``min_area`` pixels are dropped (a
+    dropped hole is filled, a dropped region takes what surrounds it)."""
+
+    tolerance: float
+    min_area: int
+
+    @classmethod
+    def default(cls) -> Simplification:
+        """The settings' defaults (``predict.tolerance``, ``predict.min_area``)."""
+        from segpipe.spec import default
+
+        return cls(default("predict.tolerance"), default("predict.min_area"))
+
+
+def mask_shapes(classes: np.ndarray, labels: Labels,
+                simplification: Simplification | None = None,
+                probability: np.ndarray | None = None) -> list[dict]:
+    """LabelMe shapes of a class map (H, W) uint8 (0 background, 1…K, :data:`IGNORE` not drawn)
+    at its own size, which :func:`rasterise` paints back into the map (up to the
+    simplification): one polygon per connected region (8-connected) of each class, labelled
+    :meth:`Labels.label_of`, then one polygon per hole of the region (4-connected), labelled
+    :attr:`Labels.hole_label`, which erases. Regions come largest filled area first, so a
+    region inside another's hole is drawn after the hole, and holes nest to any depth.
+    ``probability``: the model's probability of each pixel's class (H, W), whose mean over a
+    region becomes its ``description``. ``simplification``: default
+    :meth:`Simplification.default`."""
+    simplification = simplification or Simplification.default()
+    regions = []
+    for value in np.unique(classes):
+        if value == 0 or value == IGNORE:
+            continue
+        count, components, stats, _ = cv2.connectedComponentsWithStats(
+            (classes == value).astype(np.uint8), connectivity=8)
+        for index in range(1, count):
+            x, y, w, h, area = stats[index]
+            if area < simplification.min_area:
+                continue
+            region = np.pad(components[y:y + h, x:x + w] == index, 1).astype(np.uint8)
+            outline = _outlines(region)[0]
+            filled = cv2.drawContours(np.zeros_like(region), [outline], -1, 1, cv2.FILLED)
+            holes = _holes(filled & (1 - region), simplification.min_area)
+            origin = np.array([x - 1, y - 1])
+            mean = None if probability is None else float(
+                probability[y:y + h, x:x + w][region[1:-1, 1:-1] > 0].mean())
+            regions.append((int(filled.sum()), int(value), outline, holes, origin, mean))
+    shapes = []
+    for _, value, outline, holes, origin, mean in sorted(regions, key=lambda r: -r[0]):
+        description = "" if mean is None else f"mean probability {mean:.3f}"
+        shapes.append(_polygon(labels.label_of(value), outline, origin, simplification,
+                               description))
+        shapes.extend(_polygon(labels.hole_label, hole, origin, simplification, "hole")
+                      for hole in holes)
+    return shapes
+
+
+def labelme_document(shapes: list[dict], image_path: Path, json_path: Path,
+                     size: tuple[int, int], image_data: bytes | None = None) -> dict:
+    """The LabelMe 5.x file of ``shapes`` for the image ``image_path`` (H, W) ``size``, to be
+    written at ``json_path``: ``imagePath`` relative to it, ``imageData`` the base64 of the
+    image file's bytes when given, else null."""
+    relative = os.path.relpath(Path(image_path).absolute(), Path(json_path).absolute().parent)
+    return {
+        "version": LABELME_VERSION,
+        "flags": {},
+        "shapes": shapes,
+        "imagePath": Path(relative).as_posix(),
+        "imageData": None if image_data is None else base64.b64encode(image_data).decode(),
+        "imageHeight": int(size[0]),
+        "imageWidth": int(size[1]),
+    }
+
+
+def is_predicted(document: dict) -> bool:
+    """Whether a LabelMe document holds only shapes segpipe predicted (it may be replaced)."""
+    shapes = document.get("shapes") if isinstance(document, dict) else None
+    return isinstance(shapes, list) and all(
+        isinstance(s, dict) and isinstance(s.get("flags"), dict)
+        and s["flags"].get(PREDICTED_FLAG) is True for s in shapes)
+
+
+def _outlines(mask: np.ndarray) -> list[np.ndarray]:
+    """The outer contours (K, 1, 2) of a uint8 mask's 8-connected regions, largest first."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return sorted(contours, key=len, reverse=True)
+
+
+def _holes(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
+    """The outlines of the 4-connected regions of ``mask`` (the holes of a region: background
+    is 4-connected where the foreground is 8-connected) of at least ``min_area`` pixels."""
+    count, components, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    return [_outlines((components == index).astype(np.uint8))[0]
+            for index in range(1, count) if stats[index, cv2.CC_STAT_AREA] >= min_area]
+
+
+def _polygon(label: str, contour: np.ndarray, origin: np.ndarray,
+             simplification: Simplification, description: str) -> dict:
+    """A predicted LabelMe polygon of a contour; pixel (x, y) is the point (x, y), as LabelMe's
+    ``shape_to_mask`` draws it (:func:`rasterise` at the original size: outline included)."""
+    points = contour
+    if simplification.tolerance > 0:
+        simplified = cv2.approxPolyDP(contour, simplification.tolerance, closed=True)
+        points = simplified if len(simplified) >= MIN_POLYGON_POINTS else contour
+    points = points.reshape(-1, 2) + origin
+    while len(points) < MIN_POLYGON_POINTS:  # a region of one pixel or one straight line
+        points = np.concatenate([points, points[-1:]])
+    return {"label": label, "points": points.astype(float).tolist(), "group_id": None,
+            "description": description, "shape_type": "polygon",
+            "flags": {PREDICTED_FLAG: True}, "mask": None}
+
