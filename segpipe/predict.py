@@ -35,7 +35,7 @@ from torch import nn
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
-from segpipe.data.labelme import (Simplification, decode_image, is_predicted, labelme_document,
+from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction, labelme_document,
                                   mask_shapes)
 from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, check_outputs,
                             image_files, prediction_paths, write_csv)
@@ -191,8 +191,8 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     (:func:`segpipe.files.prediction_paths`) and :data:`UNCERTAINTY_CSV`; all of them or, after an error, none
     (each is written under a temporary name, and all are renamed once every one is written).
     ``output_dir`` may be neither ``input_dir`` nor hold a path that would replace an input (an
-    image, a LabelMe file, a checkpoint), nor a LabelMe file that holds a shape segpipe did
-    not predict (a human annotation). ``simplification``: of the LabelMe polygons
+    image, a LabelMe file, a checkpoint), nor a LabelMe file other than an unedited prediction
+    (:func:`~segpipe.data.labelme.is_unedited_prediction`: an annotation, or a corrected one). ``simplification``: of the LabelMe polygons
     (:meth:`Simplification.default`). ``embed_image``: LabelMe files carry the image
     (``imageData``) instead of only its path."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -262,17 +262,18 @@ def _resize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _check_replaceable(path: Path) -> None:
-    """A LabelMe file at ``path`` may be replaced only when segpipe predicted all of it."""
+    """A LabelMe file at ``path`` may be replaced only when it is a segpipe prediction that
+    nobody has edited."""
     if not path.exists():
         return
     try:
         document = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
         document = None
-    if not is_predicted(document):
-        raise SegpipeError(f"{path}: exists and is not a segpipe prediction (a shape without the "
-                           "'predicted' flag: a human annotation?); it is never overwritten: "
-                           "choose another --output")
+    if not is_unedited_prediction(document):
+        raise SegpipeError(f"{path}: exists and is not an unedited segpipe prediction (an "
+                           "annotation, or a prediction corrected since); it is never "
+                           "overwritten: move it to your annotations, or choose another --output")
 
 
 def write_png(path: Path, classes: np.ndarray, labels: Labels) -> None:

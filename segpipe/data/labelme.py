@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import math
 import os
 import sys
@@ -298,6 +300,9 @@ LABELME_VERSION = "5.5.0"
 """The format version predicted files declare (LabelMe 5.x reads every field they hold)."""
 PREDICTED_FLAG = "predicted"
 """The shape flag (``flags: {"predicted": true}``) of every shape segpipe draws."""
+PREDICTION_KEY = "segpipe"
+"""The top-level key of a predicted file (LabelMe keeps unknown keys when it saves): the
+segpipe version and the digest of the shapes as written, which tells an edited file."""
 
 
 @dataclass(frozen=True)
@@ -364,6 +369,8 @@ def labelme_document(shapes: list[dict], image_path: Path, json_path: Path,
     """The LabelMe 5.x file of ``shapes`` for the image ``image_path`` (H, W) ``size``, to be
     written at ``json_path``: ``imagePath`` relative to it, ``imageData`` the base64 of the
     image file's bytes when given, else null."""
+    from segpipe import __version__
+
     relative = os.path.relpath(Path(image_path).absolute(), Path(json_path).absolute().parent)
     return {
         "version": LABELME_VERSION,
@@ -373,15 +380,28 @@ def labelme_document(shapes: list[dict], image_path: Path, json_path: Path,
         "imageData": None if image_data is None else base64.b64encode(image_data).decode(),
         "imageHeight": int(size[0]),
         "imageWidth": int(size[1]),
+        PREDICTION_KEY: {"version": __version__, "shapes_sha256": _shapes_digest(shapes)},
     }
 
 
-def is_predicted(document: dict) -> bool:
-    """Whether a LabelMe document holds only shapes segpipe predicted (it may be replaced)."""
-    shapes = document.get("shapes") if isinstance(document, dict) else None
-    return isinstance(shapes, list) and all(
-        isinstance(s, dict) and isinstance(s.get("flags"), dict)
-        and s["flags"].get(PREDICTED_FLAG) is True for s in shapes)
+def is_unedited_prediction(document: object) -> bool:
+    """Whether a LabelMe document is a segpipe prediction whose shapes nobody has changed
+    since (it may be replaced): a human annotation, or a prediction an annotator corrected,
+    is not."""
+    if not isinstance(document, dict) or not isinstance(document.get(PREDICTION_KEY), dict):
+        return False
+    try:
+        return document[PREDICTION_KEY].get("shapes_sha256") == _shapes_digest(document["shapes"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _shapes_digest(shapes: list[dict]) -> str:
+    """SHA-256 of what an annotator edits: each shape's label, type, group and points (as
+    floats, so that LabelMe's re-saving of an unchanged file keeps it)."""
+    canonical = [[s["label"], s.get("shape_type"), s.get("group_id"),
+                  [[float(x), float(y)] for x, y in s["points"]]] for s in shapes]
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
 
 
 def _outlines(mask: np.ndarray) -> list[np.ndarray]:
