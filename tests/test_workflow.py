@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import PIL.Image
 import pytest
 import torch
 import yaml
@@ -277,6 +278,13 @@ BAD_EDITS = {
     "group matching no user file": (lambda c, w: (user_data(c, w), c["data"].update(
         group="^IMG_")), "config: data.group = '^IMG_': matches none of the 12 names (e.g. "
         "'synth_0000') in {w}/results/demo_data/train"),
+    "predict with an unknown experiment": (lambda c, w: c.update(predict={
+        "input_dir": "results/demo_data/test", "experiment": "architecture2"}),
+        "config: predict.experiment: 'architecture2' is not an experiment (experiments: "
+        "architecture, dice_weight)"),
+    "predict folder missing": (lambda c, w: c.update(predict={
+        "input_dir": "/nonexistent/new", "experiment": "architecture"}),
+        "config: predict.input_dir: /nonexistent/new: input folder not found"),
     "test folder that is the training folder": (lambda c, w: (user_data(c, w), c["data"].update(
         test_dir=c["data"]["train_dir"])), "config: data.test_dir: 12 test image(s) are training "
         "images (identical image bytes), and would be scored as unseen:\n  {w}/results/demo_data/"
@@ -583,6 +591,45 @@ def test_study_with_classes_runs_end_to_end(finished_classes: Path):
     assert "Per class: test Dice" in (results / "summary.md").read_text()
 
 
+def test_the_predict_section_predicts_with_the_reference_ensemble(finished_classes: Path):
+    """tiny_classes.yaml predicts the demo test folder with the architecture experiment's
+    reference: a mask, a LabelMe file (rasterised back: the mask) per image, uncertainty.csv."""
+    from segpipe.data.labelme import load_annotation, rasterise
+    from segpipe.labels import Labels
+
+    results = finished_classes / "results"
+    reference = pd.read_csv(results / "experiments" / "architecture" / "summary.csv")
+    runs = (results / "experiments" / "architecture" / "reference_runs.txt").read_text().split()
+    assert runs == [f"results/runs/{reference['reference'][0]}__scratch__bcedice_0.5__plain__s0"]
+    out = results / "predictions" / "architecture"
+    ranking = pd.read_csv(out / "uncertainty.csv")
+    assert sorted(ranking["name"]) == [f"synth_{i:04d}" for i in range(4)]
+    assert list(ranking["rank"]) == [1, 2, 3, 4] and (ranking["members"] == 1).all()
+    assert ranking["entropy"].is_monotonic_decreasing  # one member: ranked by entropy
+    reader = Labels.from_config(["leaf", "stone"], background=["grass"])
+    for name in ranking["name"]:
+        mask = np.array(PIL.Image.open(out / "masks" / f"{name}.png"))
+        back = rasterise(load_annotation(out / "labelme" / f"{name}.json"), None, reader)
+        assert mask.shape == (64, 80) and (back == mask).mean() > 0.98
+
+
+def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path):
+    """An annotator corrects a predicted file in place; a re-run of predict (here: its reference
+    file rewritten) fails, naming it, and Snakemake has not deleted it (an update() output)."""
+    study = private_copy(finished_classes, tmp_path / "study")
+    corrected = study / "results" / "predictions" / "architecture" / "labelme" / "synth_0001.json"
+    document = json.loads(corrected.read_text())
+    document["shapes"].append({**document["shapes"][0], "label": "stone"})
+    corrected.write_text(json.dumps(document))
+    reference = study / "results" / "experiments" / "architecture" / "reference_runs.txt"
+    reference.write_text(reference.read_text() + "\n")  # new content: predict runs again
+    proc = snakemake(study, check=False)
+    assert proc.returncode == 1
+    assert f"{corrected.relative_to(study)}: exists and is not an unedited segpipe prediction" \
+        in (study / "results" / "logs" / "predict.log").read_text()
+    assert json.loads(corrected.read_text()) == document
+
+
 def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
     """Classes that leave out a label of the user's files: the dry run stops, naming it."""
     for split, seed in (("train", 0), ("test", 1)):
@@ -648,7 +695,8 @@ def test_binary_study_writes_what_it_wrote_before_classes(finished: Path, tmp_pa
     def files(root: Path) -> list[Path]:
         return sorted(p.relative_to(root) for p in (root / "results").rglob("*")
                       if p.is_file() and p.relative_to(root).parts[1] not in ("logs", "benchmarks")
-                      and p.name not in (".segpipe.lock", "train.log", ".snakemake_timestamp"))
+                      and p.name not in (".segpipe.lock", "train.log", ".snakemake_timestamp",
+                                         "reference_runs.txt"))  # added since, for predict
 
     assert files(finished) == files(workdir)
     changed = [str(p) for p in files(finished)
