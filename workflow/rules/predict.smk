@@ -9,8 +9,8 @@ if PREDICT_IMAGES:
         output:
             **prediction_outputs(),
         params:
-            input_dir=config["predict"]["input_dir"],
-            dir=PREDICT_DIR,
+            input_dir=lambda wc, input: os.path.dirname(input.images[0]),
+            dir=lambda wc, output: os.path.dirname(output.uncertainty),
             threshold=config["evaluate"]["threshold"],
             tolerance=config["predict"]["tolerance"],
             min_area=config["predict"]["min_area"],
