@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
@@ -228,7 +229,7 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     labels = ensemble.labels
     rows = []
     with contextlib.ExitStack() as written:  # renamed together when the block succeeds
-        for path in images:
+        for path in tqdm(images, desc="predict", unit="image", disable=None):
             image = read_image(path)
             members = ensemble.member_probabilities(image, device, tta)
             rows.append({"name": path.stem, "image": str(path),
