@@ -195,14 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", nargs="+", choices=["png", "labelme"], default=["png"],
                    help="png masks and/or LabelMe JSON (both: in masks/ and labelme/)")
     s.add_argument("--threshold", type=float, default=default("evaluate.threshold"))
-    s.add_argument("--tta", action="store_true",
-                   help="average each model over the image mirrored both ways (4 passes)")
+    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=default("predict.tta"),
+                   help="average each model over the image mirrored three ways (4 passes)")
     s.add_argument("--tolerance", type=float, default=default("predict.tolerance"),
                    metavar="PIXELS",
                    help="LabelMe polygons: Douglas-Peucker simplification tolerance")
     s.add_argument("--min-area", type=int, default=default("predict.min_area"), metavar="PIXELS",
                    help="LabelMe polygons: regions and holes smaller are dropped")
-    s.add_argument("--embed-image", action="store_true",
+    s.add_argument("--embed-image", action=argparse.BooleanOptionalAction,
+                   default=default("predict.embed_image"),
                    help="LabelMe files carry the image (imageData), not only its path")
     _add_device(s)
     s.set_defaults(func=_cmd_predict)

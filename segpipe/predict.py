@@ -42,6 +42,7 @@ from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, che
                             image_files, prediction_paths, write_csv)
 from segpipe.labels import Labels
 from segpipe.runtime import acquire_device, forward_logits, probabilities
+from segpipe.spec import default
 
 log = logging.getLogger(__name__)
 
@@ -184,18 +185,23 @@ def ranked(rows: list[dict]) -> list[dict]:
 
 
 def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_dir: Path,
-                   threshold: float = 0.5, formats: Sequence[str] = ("png",), tta: bool = False,
-                   simplification: Simplification | None = None, embed_image: bool = False,
-                   device: str = "auto") -> None:
+                   threshold: float | None = None, formats: Sequence[str] = ("png",),
+                   tta: bool | None = None, simplification: Simplification | None = None,
+                   embed_image: bool | None = None, device: str = "auto") -> None:
     """Predict every image of ``input_dir`` with the ensemble of ``checkpoints``
     (:func:`checkpoint_paths`) into ``output_dir``: each format's file per image
-    (:func:`segpipe.files.prediction_paths`) and :data:`UNCERTAINTY_CSV`; all of them or, after an error, none
-    (each is written under a temporary name, and all are renamed once every one is written).
-    ``output_dir`` may be neither ``input_dir`` nor hold a path that would replace an input (an
-    image, a LabelMe file, a checkpoint), nor a LabelMe file other than an unedited prediction
-    (:func:`~segpipe.data.labelme.is_unedited_prediction`: an annotation, or a corrected one). ``simplification``: of the LabelMe polygons
-    (:meth:`Simplification.default`). ``embed_image``: LabelMe files carry the image
-    (``imageData``) instead of only its path."""
+    (:func:`segpipe.files.prediction_paths`) and :data:`UNCERTAINTY_CSV`; all of them or,
+    after an error, none (each is written under a temporary name, and all are renamed once
+    every one is written). ``output_dir`` may be neither ``input_dir`` nor hold a path that
+    would replace an input (an image, a LabelMe file, a checkpoint), nor a LabelMe file other
+    than an unedited prediction (:func:`~segpipe.data.labelme.is_unedited_prediction`: an
+    annotation, or a corrected one). ``embed_image``: LabelMe files carry the image
+    (``imageData``) instead of only its path. Settings left None take the config's defaults
+    (``evaluate.threshold``, ``predict.tta``, ``predict.embed_image``; the polygons':
+    :meth:`Simplification.default`)."""
+    threshold = default("evaluate.threshold") if threshold is None else threshold
+    tta = default("predict.tta") if tta is None else tta
+    embed_image = default("predict.embed_image") if embed_image is None else embed_image
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     checkpoints = checkpoint_paths([checkpoints] if isinstance(checkpoints, (str, Path))
                                    else checkpoints)
