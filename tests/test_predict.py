@@ -86,7 +86,7 @@ def test_mask_is_the_thresholded_model_probability(tmp_path):
     middle = ordered[len(ordered) // 4: 3 * len(ordered) // 4]
     i = int(np.argmax(np.diff(middle)))
     threshold = float(middle[i] + middle[i + 1]) / 2
-    predict_folder(checkpoint, tmp_path / "in", tmp_path / "out", threshold=threshold)
+    predict_folder(checkpoint, tmp_path / "in", tmp_path / "out", threshold=threshold, tta=False)
     expected = np.where(prob >= threshold, 255, 0)
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "x.png"), cv2.IMREAD_UNCHANGED),
                                   expected)
@@ -187,7 +187,7 @@ def test_labelme_files_round_trip_to_the_png_masks(tmp_path, labels):
     for simplification, least in ((Simplification(0, 0), 1.0), (None, 0.98)):
         out = tmp_path / f"out{least}"
         predict_folder(checkpoint, tmp_path / "in", out, threshold=threshold,
-                       formats=["png", "labelme"], simplification=simplification)
+                       formats=["png", "labelme"], simplification=simplification, tta=False)
         assert sorted(p.name for p in out.iterdir()) == ["labelme", "masks", "uncertainty.csv"]
         for image in images:
             mask = np.array(PIL.Image.open(out / "masks" / f"{image.stem}.png"))
@@ -253,8 +253,9 @@ def test_an_ensemble_averages_its_members_probabilities(tmp_path):
         assert (cv2.imread(str(tmp_path / "out" / "img0.png"), cv2.IMREAD_UNCHANGED)
                 == expected).all()
     row = pd.read_csv(tmp_path / "out" / "uncertainty.csv").iloc[0]
-    # members: one all foreground, one all background at 0.6: Dice 0
-    assert row["members"] == 2 and row["disagreement"] == pytest.approx(1.0)
+    # 2 models x 4 mirrors; at 0.6 four masks all foreground, four empty: of the 28 pairs the
+    # 2 x 6 within a kind agree (Dice 1), the 16 across do not (0): disagreement 16/28
+    assert row["members"] == 8 and row["disagreement"] == pytest.approx(16 / 28)
     p = (1 / (1 + np.exp(-2)) + 1 / (1 + np.exp(1))) / 2
     entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2)
     assert row["entropy"] == pytest.approx(entropy, rel=1e-5)
