@@ -300,6 +300,8 @@ LABELME_VERSION = "5.5.0"
 """The format version predicted files declare (LabelMe 5.x reads every field they hold)."""
 PREDICTED_FLAG = "predicted"
 """The shape flag (``flags: {"predicted": true}``) of every shape segpipe draws."""
+MIN_POLYGON_IOU = 0.99
+"""The least IoU between a simplified polygon, drawn, and the region it outlines."""
 PREDICTION_KEY = "segpipe"
 """The top-level key of a predicted file (LabelMe keeps unknown keys when it saves): the
 segpipe version and the digest of the shapes as written, which tells an edited file."""
@@ -309,8 +311,10 @@ segpipe version and the digest of the shapes as written, which tells an edited f
 class Simplification:
     """How a class map becomes polygons: each contour is simplified by Douglas–Peucker
     (``cv2.approxPolyDP``) to within ``tolerance`` pixels (0: every corner of the pixel
-    outline kept), and regions and holes of fewer than ``min_area`` pixels are dropped (a
-    dropped hole is filled, a dropped region takes what surrounds it)."""
+    outline kept), the tolerance halved (down to 0) while the polygon, drawn as LabelMe draws
+    it, covers its region with IoU below :data:`MIN_POLYGON_IOU` (small regions keep their
+    corners); regions and holes of fewer than ``min_area`` pixels are dropped (a dropped hole
+    is filled, a dropped region takes what surrounds it)."""
 
     tolerance: float
     min_area: int
@@ -349,7 +353,9 @@ def mask_shapes(classes: np.ndarray, labels: Labels,
             region = np.pad(components[y:y + h, x:x + w] == index, 1).astype(np.uint8)
             outline = _outlines(region)[0]
             filled = cv2.drawContours(np.zeros_like(region), [outline], -1, 1, cv2.FILLED)
-            holes = _holes(filled & (1 - region), simplification.min_area)
+            holes = [_simplified(hole, region.shape, simplification.tolerance)
+                     for hole in _holes(filled & (1 - region), simplification.min_area)]
+            outline = _simplified(outline, region.shape, simplification.tolerance)
             origin = np.array([x - 1, y - 1])
             mean = None if probability is None else float(
                 probability[y:y + h, x:x + w][region[1:-1, 1:-1] > 0].mean())
@@ -357,10 +363,8 @@ def mask_shapes(classes: np.ndarray, labels: Labels,
     shapes = []
     for _, value, outline, holes, origin, mean in sorted(regions, key=lambda r: -r[0]):
         description = "" if mean is None else f"mean probability {mean:.3f}"
-        shapes.append(_polygon(labels.label_of(value), outline, origin, simplification,
-                               description))
-        shapes.extend(_polygon(labels.hole_label, hole, origin, simplification, "hole")
-                      for hole in holes)
+        shapes.append(_polygon(labels.label_of(value), outline, origin, description))
+        shapes.extend(_polygon(labels.hole_label, hole, origin, "hole") for hole in holes)
     return shapes
 
 
@@ -418,18 +422,33 @@ def _holes(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
             for index in range(1, count) if stats[index, cv2.CC_STAT_AREA] >= min_area]
 
 
-def _polygon(label: str, contour: np.ndarray, origin: np.ndarray,
-             simplification: Simplification, description: str) -> dict:
-    """A predicted LabelMe polygon of a contour; pixel (x, y) is the point (x, y), as LabelMe's
-    ``shape_to_mask`` draws it (:func:`rasterise` at the original size: outline included)."""
-    points = contour
-    if simplification.tolerance > 0:
-        simplified = cv2.approxPolyDP(contour, simplification.tolerance, closed=True)
-        points = simplified if len(simplified) >= MIN_POLYGON_POINTS else contour
+def _simplified(contour: np.ndarray, size: tuple[int, int], tolerance: float) -> np.ndarray:
+    """The points (K, 1, 2) of a contour in a (H, W) crop simplified to within ``tolerance``
+    pixels, or less (:class:`Simplification`): LabelMe's drawing of the polygon
+    (:func:`_labelme_region`) covers the contour's region with IoU >= :data:`MIN_POLYGON_IOU`."""
+    def drawn(points: np.ndarray) -> np.ndarray:
+        return _labelme_region(Shape("", "polygon", points.reshape(-1, 2)), size)
+
+    if len(contour) <= MIN_POLYGON_POINTS:
+        return contour
+    region = drawn(contour)
+    while tolerance >= 0.05:
+        points = cv2.approxPolyDP(contour, tolerance, closed=True)
+        if len(points) >= MIN_POLYGON_POINTS:
+            mask = drawn(points)
+            if (mask & region).sum() >= MIN_POLYGON_IOU * (mask | region).sum():
+                return points
+        tolerance /= 2
+    return contour
+
+
+def _polygon(label: str, points: np.ndarray, origin: np.ndarray, description: str) -> dict:
+    """A predicted LabelMe polygon of contour points (K, 1, 2) in a crop at ``origin``; pixel
+    (x, y) is the point (x, y), as LabelMe's ``shape_to_mask`` draws it (:func:`rasterise` at
+    the original size: outline included)."""
     points = points.reshape(-1, 2) + origin
     while len(points) < MIN_POLYGON_POINTS:  # a region of one pixel or one straight line
         points = np.concatenate([points, points[-1:]])
     return {"label": label, "points": points.astype(float).tolist(), "group_id": None,
             "description": description, "shape_type": "polygon",
             "flags": {PREDICTED_FLAG: True}, "mask": None}
-
