@@ -614,6 +614,26 @@ def test_the_predict_section_predicts_with_the_reference_ensemble(finished_class
         assert mask.shape == (64, 80) and (back == mask).mean() > 0.98
 
 
+def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
+    """A new predict folder runs predict alone, a second time nothing, an image added predict
+    alone again: the models are not touched."""
+    study = private_copy(finished_classes, tmp_path / "study")
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(2):
+        shutil.copy(study / "results" / "demo_data" / "test" / f"synth_000{i}.jpg",
+                    new / f"photo{i}.jpg")
+    edit_config(study, lambda c: c["predict"].update(input_dir=str(new)))
+    assert set(planned(study)) == {"predict", "all"}
+    snakemake(study)
+    assert set(planned(study)) == set()
+    shutil.copy(new / "photo0.jpg", new / "photo2.jpg")
+    assert set(planned(study)) == {"predict", "all"}
+    snakemake(study)
+    ranking = pd.read_csv(study / "results" / "predictions" / "architecture" / "uncertainty.csv")
+    assert sorted(ranking["name"]) == ["photo0", "photo1", "photo2"]
+
+
 def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path):
     """An annotator corrects a predicted file in place; a re-run of predict (here: its reference
     file rewritten) fails, naming it, and Snakemake has not deleted it (an update() output)."""
