@@ -207,10 +207,10 @@ class Labels:
         """The labels of ``labels`` that a study with ``classes`` does not name, sorted. Without
         ``classes`` a binary study draws what it selects and skips the rest, but
         :data:`LABELME_BACKGROUND`, the holes of predicted files, must be a background label:
-        drawn as foreground it would fill them."""
+        drawn as foreground it would fill them, and skipped it would leave them filled."""
         if not self.configured:
             return [LABELME_BACKGROUND] if (LABELME_BACKGROUND in set(labels) and
-                                            self.value(LABELME_BACKGROUND) == 1) else []
+                                            self.value(LABELME_BACKGROUND) != 0) else []
         return sorted(set(labels) - self.named_labels())
 
     # ------------------------------------------------------------------ columns

@@ -30,22 +30,27 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
+import PIL.PngImagePlugin
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
-from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction, labelme_document,
-                                  mask_shapes)
+from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction,
+                                  labelme_document, mask_shapes)
+from segpipe.columns import REFERENCE_RUNS
 from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, check_outputs,
-                            image_files, prediction_paths, write_csv)
+                           image_files, prediction_paths, write_csv)
 from segpipe.labels import Labels
 from segpipe.runtime import acquire_device, forward_logits, probabilities
 from segpipe.spec import default
 
 log = logging.getLogger(__name__)
 
+PNG_SOFTWARE = "segpipe predict"
+"""The ``Software`` text of the masks segpipe writes, which tells them from a user's."""
 UNCERTAINTY_COLUMNS = ("rank", "name", "image", "disagreement", "entropy", "members",
                        "foreground")
 FLIPS = ((), (-1,), (-2,), (-2, -1))
@@ -62,10 +67,12 @@ def read_image(path: Path) -> np.ndarray:
     return decode_image(encoded, str(path))
 
 
-def checkpoint_paths(sources: Sequence[str | Path]) -> list[Path]:
+def checkpoint_paths(sources: Sequence[str | Path], listed_in: str | None = None) -> list[Path]:
     """The checkpoints named by ``sources``: a file is one; a folder gives every ``model.pt``
     in or below it (a run folder: its own, or one per fold; never its snapshots); ``@list``
-    reads one source per line of the file ``list``. Each once, in order."""
+    reads one source per line of the file ``list`` (relative to the working directory, as
+    the workflow writes them). Each once, in order."""
+    where = "" if listed_in is None else f" (listed in {listed_in})"
     found: dict[Path, None] = {}
     for source in sources:
         source = str(source)
@@ -76,15 +83,19 @@ def checkpoint_paths(sources: Sequence[str | Path]) -> list[Path]:
                 raise SegpipeError(f"{source[1:]}: cannot read ({exc.strerror})") from None
             listed = [line.strip() for line in lines if line.strip()]
             if not listed:
-                raise SegpipeError(f"{source[1:]}: lists no checkpoint or run folder")
-            found.update(dict.fromkeys(checkpoint_paths(listed)))
+                raise SegpipeError(f"{source[1:]}: lists no checkpoint or run folder (an "
+                                   f"experiment's {REFERENCE_RUNS} is empty when no run "
+                                   "recorded a validation Dice to choose its reference)")
+            found.update(dict.fromkeys(checkpoint_paths(listed, source[1:])))
         elif Path(source).is_dir():
             models = sorted(p for p in Path(source).rglob("model.pt")
                             if "snapshots" not in p.relative_to(source).parts)
             if not models:
                 raise SegpipeError(f"{source}: holds no model.pt (a run folder, or a folder of "
-                                   "runs, holds one per run and fold)")
+                                   f"runs, holds one per run and fold){where}")
             found.update(dict.fromkeys(models))
+        elif not Path(source).is_file():
+            raise SegpipeError(f"{source}: checkpoint not found{where}")
         else:
             found[Path(source)] = None
     return list(found)
@@ -110,18 +121,18 @@ class Ensemble:
         models, facts = [], []
         for path in paths:
             model, ckpt = load_checkpoint(path, device)
-            models.append(model)
-            facts.append({"classes": checkpoint_labels(ckpt), "input size": tuple(ckpt["size"]),
-                          "normalisation mean": tuple(ckpt["mean"]),
-                          "normalisation std": tuple(ckpt["std"])})
-        for path, fact in zip(paths[1:], facts[1:]):
+            fact = {"classes": checkpoint_labels(ckpt), "input size": tuple(ckpt["size"]),
+                    "normalisation mean": tuple(ckpt["mean"]),
+                    "normalisation std": tuple(ckpt["std"])}
             for key, value in fact.items():
-                if value != facts[0][key]:
+                if facts and value != facts[0][key]:
                     show = (lambda v: v.describe()) if key == "classes" else str
                     raise SegpipeError(
-                        f"{path}: {key} {show(value)} differs from {paths[0]}'s, "
-                        f"{show(facts[0][key])}: the models of an ensemble average their "
+                        f"{path} and {paths[0]} differ in their {key}: {show(value)} and "
+                        f"{show(facts[0][key])}; an ensemble averages its models' "
                         "probabilities, so they must predict the same classes from the same input")
+            models.append(model)
+            facts.append(fact)
         first = facts[0]
         return cls(tuple(paths), tuple(models), first["classes"], first["input size"],
                    first["normalisation mean"], first["normalisation std"])
@@ -202,6 +213,7 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     threshold = default("evaluate.threshold") if threshold is None else threshold
     tta = default("predict.tta") if tta is None else tta
     embed_image = default("predict.embed_image") if embed_image is None else embed_image
+    simplification = simplification or Simplification.default()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     checkpoints = checkpoint_paths([checkpoints] if isinstance(checkpoints, (str, Path))
                                    else checkpoints)
@@ -213,6 +225,8 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
                            f"{', '.join(PREDICTION_FORMATS)}")
     formats = list(dict.fromkeys(formats))
     images = image_files(input_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SegpipeError(f"{output_dir}: exists and is not a folder: choose another --output")
     if output_dir.resolve() == input_dir.resolve():
         raise SegpipeError(f"{output_dir}: is the input folder; the predictions would replace or "
                            "join the images and their annotations: choose another --output")
@@ -221,28 +235,24 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     inputs = {**{path: "an input image" for path in images},
               **{path: "a LabelMe file of the input" for path in input_dir.glob("*.json")},
               **{path: "a checkpoint" for path in checkpoints}}
-    check_outputs([csv_path, *(p for paths in outputs.values() for p in paths.values())], inputs)
-    for paths in outputs.values():
-        if "labelme" in paths:
-            _check_replaceable(paths["labelme"])
-    for folder in {csv_path.parent, *(p.parent for paths in outputs.values() for p in paths.values())}:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SegpipeError(f"{folder}: cannot create the folder ({exc.strerror})") from None
+    targets = [p for paths in outputs.values() for p in paths.values()]
+    check_outputs([csv_path, *targets], inputs)
+    for target in targets:
+        _check_replaceable(target)
     device = acquire_device(device)
     ensemble = Ensemble.load(checkpoints, device)
     labels = ensemble.labels
     rows = []
-    with contextlib.ExitStack() as written:  # renamed together when the block succeeds
+    with _removed_if_empty_on_error({csv_path.parent, *(p.parent for p in targets)}), \
+            contextlib.ExitStack() as written:  # renamed together when the block succeeds
         for path in tqdm(images, desc="predict", unit="image", disable=None):
             image = read_image(path)
             members = ensemble.member_probabilities(image, device, tta)
-            rows.append({"name": path.stem, "image": str(path),
-                         **uncertainty(members, labels, threshold)})
             probs = _resize(members.mean(axis=0), image.shape[:2])
             classes = labels.predict(probs[0] if labels.binary else probs, threshold)
-            rows[-1]["foreground"] = float((classes > 0).mean())
+            rows.append({"name": path.stem, "image": str(path),
+                         **uncertainty(members, labels, threshold),
+                         "foreground": float((classes > 0).mean())})
             for fmt, target in outputs[path].items():
                 tmp = written.enter_context(atomic_path(target))
                 if fmt == "png":
@@ -254,12 +264,25 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
                     document = labelme_document(shapes, path, target, image.shape[:2],
                                                 path.read_bytes() if embed_image else None)
                     tmp.write_text(json.dumps(document, indent=2))
-        tmp = written.enter_context(atomic_path(csv_path))
-        write_csv(tmp, UNCERTAINTY_COLUMNS, ranked(rows))
-    key = "disagreement, then entropy" if len(rows) and rows[0]["members"] > 1 else "entropy"
-    log.info("wrote %s of %d images (%s, ensemble of %d%s) and %s (ranked by %s) to %s",
+        write_csv(written.enter_context(atomic_path(csv_path)), UNCERTAINTY_COLUMNS, ranked(rows))
+    key = "disagreement, then entropy" if rows[0]["members"] > 1 else "entropy"
+    log.info("wrote %s of %d image(s) (%s, ensemble of %d%s) and %s (ranked by %s) to %s",
              " and ".join(formats), len(images), labels.describe(), len(checkpoints),
              ", mirrored" if tta else "", UNCERTAINTY_CSV, key, output_dir)
+
+
+@contextlib.contextmanager
+def _removed_if_empty_on_error(folders: set[Path]):
+    """Folders (and their parents) that do not exist yet are removed again, when empty, if the
+    block fails: a failed prediction leaves nothing behind."""
+    new = {f for folder in folders for f in (folder, *folder.parents) if not f.exists()}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(new, key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _resize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -269,9 +292,19 @@ def _resize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _check_replaceable(path: Path) -> None:
-    """A LabelMe file at ``path`` may be replaced only when it is a segpipe prediction that
-    nobody has edited."""
+    """An existing output may be replaced only when segpipe wrote it and, for a LabelMe file,
+    nobody has changed it since (:func:`~segpipe.data.labelme.is_unedited_prediction`)."""
     if not path.exists():
+        return
+    if path.suffix == ".png":
+        try:
+            with PIL.Image.open(path) as png:
+                ours = png.info.get("Software") == PNG_SOFTWARE
+        except (OSError, ValueError, SyntaxError):
+            ours = False
+        if not ours:
+            raise SegpipeError(f"{path}: exists and is not a mask segpipe predicted (a mask of "
+                               "yours?); it is never overwritten: choose another --output")
         return
     try:
         document = json.loads(path.read_bytes())
@@ -284,14 +317,15 @@ def _check_replaceable(path: Path) -> None:
 
 
 def write_png(path: Path, classes: np.ndarray, labels: Labels) -> None:
-    """A class map (H, W) uint8 as a PNG: 0/255 for a binary model, else a palette PNG of the
-    class indices with the VOC colours."""
+    """A class map (H, W) uint8 as a PNG marked as segpipe's (``Software``: see
+    :data:`PNG_SOFTWARE`): 0/255 for a binary model, else a palette PNG of the class indices
+    with the VOC colours."""
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
     if labels.binary:
-        path.write_bytes(cv2.imencode(".png", np.where(classes > 0, 255, 0).astype(np.uint8))[1]
-                         .tobytes())
+        PIL.Image.fromarray(np.where(classes > 0, 255, 0).astype(np.uint8)).save(
+            path, format="PNG", pnginfo=info)
         return
-    import PIL.Image
-
     image = PIL.Image.fromarray(classes)  # mode L: putpalette makes it P
     image.putpalette([value for rgb in labels.palette() for value in rgb])
-    image.save(path, format="PNG")
+    image.save(path, format="PNG", pnginfo=info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import cv2
 import numpy as np
@@ -12,8 +13,8 @@ import PIL.Image
 import pytest
 
 from segpipe import SegpipeError
-from segpipe.data.labelme import (Simplification, is_unedited_prediction, labelme_document, load_annotation,
-                                  mask_shapes, rasterise)
+from segpipe.data.labelme import (Simplification, is_unedited_prediction, labelme_document,
+                                  load_annotation, mask_shapes, rasterise)
 from segpipe.labels import Labels
 
 
@@ -400,6 +401,9 @@ def test_a_binary_study_refuses_the_hole_label_as_foreground():
     """Without data.background, `_background_` (the holes of predicted files) would paint
     foreground in a binary study: it must be named a background label."""
     assert Labels().unnamed(["cat", "_background_"]) == ["_background_"]
+    # with data.foreground it would not be drawn at all: the holes stay filled
+    assert Labels.from_config(foreground=["cat"]).unnamed(["cat", "_background_"]) == [
+        "_background_"]
     assert Labels(background=("_background_",)).unnamed(["cat", "_background_"]) == []
 
 
@@ -437,6 +441,24 @@ def test_an_edited_prediction_is_told_from_an_unedited_one(tmp_path):
     relabelled["shapes"][0]["label"] = "cat"
     added = json.loads(json.dumps(document))
     added["shapes"].append({**shapes[0], "label": "dog"})
+    reviewed = json.loads(json.dumps(document))
+    reviewed["shapes"][0]["flags"]["predicted"] = False  # an annotator's tick
+    described = json.loads(json.dumps(document))
+    described["shapes"][0]["description"] = "checked"
+    flagged = json.loads(json.dumps(document))
+    flagged["flags"] = {"done": True}
     human = {k: v for k, v in document.items() if k != "segpipe"}
-    for edited in (moved, relabelled, added, human, None, {"segpipe": 1, "shapes": []}):
+    for edited in (moved, relabelled, added, reviewed, described, flagged, human, None,
+                   {"segpipe": 1, "shapes": []}):
         assert not is_unedited_prediction(edited)
+
+
+@pytest.mark.parametrize("tolerance, min_area, problem", [
+    (-1, 10, "tolerance -1: expected a finite number of pixels >= 0"),
+    (float("inf"), 10, "tolerance inf: expected a finite number"),
+    (float("nan"), 10, "tolerance nan: expected a finite number"),
+    (1.0, -3, "min_area -3: expected a whole number of pixels >= 0"),
+    (1.0, 2.5, "min_area 2.5: expected a whole number")])
+def test_bad_simplification_settings(tolerance, min_area, problem):
+    with pytest.raises(SegpipeError, match=re.escape(problem)):
+        Simplification(tolerance, min_area)

@@ -109,8 +109,7 @@ def test_bad_input_names_the_file(tmp_path):
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(SegpipeError, match=r"broken.png: not a readable image"):
         predict_folder(checkpoint, tmp_path / "in", tmp_path / "out")
-    assert not (tmp_path / "out" / "broken.png").exists()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # sorted: broken comes first
+    assert not (tmp_path / "out").exists()  # all or nothing, the folder too
 
     (tmp_path / "in" / "broken.png").unlink()
     (tmp_path / "junk.pt").write_bytes(b"junk")
@@ -237,7 +236,15 @@ def test_a_human_or_corrected_annotation_in_the_output_is_never_replaced(tmp_pat
                                            r"prediction"):
         predict_folder(checkpoint, tmp_path / "in", out, formats=["labelme"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    make_labelme([("cat", "polygon", [[1, 1], [5, 1], [5, 5]])], name="img0", folder=tmp_path / "in")
+    theirs = tmp_path / "theirs"  # a folder of the user's own masks
+    theirs.mkdir()
+    cv2.imwrite(str(theirs / "img0.png"), np.zeros((48, 60), np.uint8))
+    with pytest.raises(SegpipeError, match=r"img0.png: exists and is not a mask segpipe predicted"):
+        predict_folder(checkpoint, tmp_path / "in", theirs)
+    predict_folder(checkpoint, tmp_path / "in", out / "masks")
+    predict_folder(checkpoint, tmp_path / "in", out / "masks")  # its own masks: replaced
+    make_labelme([("cat", "polygon", [[1, 1], [5, 1], [5, 5]])], name="img0",
+                 folder=tmp_path / "in")
     with pytest.raises(SegpipeError, match=r"is the input folder"):
         predict_folder(checkpoint, tmp_path / "in", tmp_path / "in", formats=["labelme"])
 
@@ -304,13 +311,15 @@ def test_members_that_disagree_on_what_they_predict_are_an_error(tmp_path):
     norm["mean"] = [0.5, 0.5, 0.5]
     torch.save(norm, tmp_path / "norm.pt")
     smooth_images(tmp_path / "in", count=1)
-    for other, message in ((classes, r"classes.pt: classes 2 classes \(softmax\): leaf, stone "
-                                     r"differs from .*base.pt's, binary"),
-                           (size, r"size.pt: input size \(32, 32\) differs .* \(24, 20\)"),
-                           (tmp_path / "norm.pt", r"norm.pt: normalisation mean \(0.5, ")):
+    for other, message in ((classes, r"classes.pt and .*base.pt differ in their classes: 2 "
+                                     r"classes \(softmax\): leaf, stone and binary"),
+                           (size, r"size.pt and .*base.pt differ in their input size: \(32, 32\) "
+                                  r"and \(24, 20\)"),
+                           (tmp_path / "norm.pt", r"norm.pt and .*base.pt differ in their "
+                                                  r"normalisation mean: \(0.5, ")):
         with pytest.raises(SegpipeError, match=message):
             predict_folder([base, other], tmp_path / "in", tmp_path / "out")
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_folders_and_lists_name_their_checkpoints(tmp_path):
@@ -330,6 +339,9 @@ def test_run_folders_and_lists_name_their_checkpoints(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegpipeError, match=r"empty: holds no model.pt"):
         checkpoint_paths([tmp_path / "empty"])
+    (tmp_path / "bad.txt").write_text(f"{tmp_path / 'gone'}\n")
+    with pytest.raises(SegpipeError, match=r"gone: checkpoint not found \(listed in .*bad.txt\)"):
+        checkpoint_paths([f"@{tmp_path / 'bad.txt'}"])
     (tmp_path / "none.txt").write_text("\n")
     with pytest.raises(SegpipeError, match=r"none.txt: lists no checkpoint"):
         checkpoint_paths([f"@{tmp_path / 'none.txt'}"])

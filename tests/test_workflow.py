@@ -616,7 +616,7 @@ def test_the_predict_section_predicts_with_the_reference_ensemble(finished_class
 
 def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
     """A new predict folder runs predict alone, a second time nothing, an image added predict
-    alone again: the models are not touched."""
+    alone again (here without the mirrors): the models are not touched."""
     study = private_copy(finished_classes, tmp_path / "study")
     new = tmp_path / "new"
     new.mkdir()
@@ -629,9 +629,12 @@ def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
     assert set(planned(study)) == set()
     shutil.copy(new / "photo0.jpg", new / "photo2.jpg")
     assert set(planned(study)) == {"predict", "all"}
+    edit_config(study, lambda c: c["predict"].update(tta=False))
+    assert "--no-tta" in snakemake(study, "--dry-run").stdout
     snakemake(study)
     ranking = pd.read_csv(study / "results" / "predictions" / "architecture" / "uncertainty.csv")
     assert sorted(ranking["name"]) == ["photo0", "photo1", "photo2"]
+    assert (ranking["members"] == 1).all() and ranking["entropy"].is_monotonic_decreasing
 
 
 def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path):

@@ -319,6 +319,14 @@ class Simplification:
     tolerance: float
     min_area: int
 
+    def __post_init__(self) -> None:
+        if not (_is_coordinate(self.tolerance) and self.tolerance >= 0):
+            raise SegpipeError(f"tolerance {self.tolerance}: expected a finite number of pixels "
+                               ">= 0")
+        if isinstance(self.min_area, bool) or not isinstance(self.min_area, int) \
+                or self.min_area < 0:
+            raise SegpipeError(f"min_area {self.min_area}: expected a whole number of pixels >= 0")
+
     @classmethod
     def default(cls) -> Simplification:
         """The settings' defaults (``predict.tolerance``, ``predict.min_area``)."""
@@ -384,7 +392,7 @@ def labelme_document(shapes: list[dict], image_path: Path, json_path: Path,
         "imageData": None if image_data is None else base64.b64encode(image_data).decode(),
         "imageHeight": int(size[0]),
         "imageWidth": int(size[1]),
-        PREDICTION_KEY: {"version": __version__, "shapes_sha256": _shapes_digest(shapes)},
+        PREDICTION_KEY: {"version": __version__, "sha256": _digest(shapes, {})},
     }
 
 
@@ -395,21 +403,24 @@ def is_unedited_prediction(document: object) -> bool:
     if not isinstance(document, dict) or not isinstance(document.get(PREDICTION_KEY), dict):
         return False
     try:
-        return document[PREDICTION_KEY].get("shapes_sha256") == _shapes_digest(document["shapes"])
+        return document[PREDICTION_KEY].get("sha256") == _digest(document["shapes"],
+                                                                 document.get("flags"))
     except (KeyError, TypeError, ValueError):
         return False
 
 
-def _shapes_digest(shapes: list[dict]) -> str:
-    """SHA-256 of what an annotator edits: each shape's label, type, group and points (as
-    floats, so that LabelMe's re-saving of an unchanged file keeps it)."""
-    canonical = [[s["label"], s.get("shape_type"), s.get("group_id"),
-                  [[float(x), float(y)] for x, y in s["points"]]] for s in shapes]
-    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
+def _digest(shapes: list[dict], flags: object) -> str:
+    """SHA-256 of what an annotator can change: the file's flags and each shape's label,
+    type, group, flags, description and points (as floats, so that LabelMe's re-saving of an
+    unchanged file keeps it)."""
+    canonical = [flags or {}, [[s["label"], s.get("shape_type"), s.get("group_id"),
+                                s.get("flags") or {}, s.get("description") or "",
+                                [[float(x), float(y)] for x, y in s["points"]]] for s in shapes]]
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
 def _outlines(mask: np.ndarray) -> list[np.ndarray]:
-    """The outer contours (K, 1, 2) of a uint8 mask's 8-connected regions, largest first."""
+    """The outer contours (K, 1, 2) of a uint8 mask's 8-connected regions, longest first."""
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return sorted(contours, key=len, reverse=True)
 

@@ -14,8 +14,8 @@ if PREDICT_IMAGES:
             threshold=config["evaluate"]["threshold"],
             tolerance=config["predict"]["tolerance"],
             min_area=config["predict"]["min_area"],
-            flags=" ".join(f"--{flag.replace('_', '-')}" for flag in ("tta", "embed_image")
-                           if config["predict"][flag]),
+            flags=" ".join(f"--{'' if config['predict'][flag] else 'no-'}{flag.replace('_', '-')}"
+                           for flag in ("tta", "embed_image")),
         log:
             f"{LOGS}/predict.log",
         benchmark:
