@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
+from segpipe.columns import REFERENCE_RUNS
 from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction,
                                   labelme_document, mask_shapes)
-from segpipe.columns import REFERENCE_RUNS
 from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, check_outputs,
                            image_files, prediction_paths, write_csv)
 from segpipe.labels import Labels
