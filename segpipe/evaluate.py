@@ -37,21 +37,21 @@ from segpipe.labels import Labels
 from segpipe.metrics import image_metrics, pooled_metrics
 from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits, probabilities
+from segpipe.spec import default
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
-                 device: str = "auto") -> None:
+def evaluate_run(run_dir: Path, cache: Path, threshold: float = default("evaluate.threshold"),
+                 n_examples: int = default("evaluate.examples"),
+                 device: str = default("resources.device")) -> None:
     """Score a run's best model and snapshots on its test images (see the module docstring) on
     ``device`` (:data:`segpipe.runtime.DEVICES`), holding the run directory's lock
     (:func:`segpipe.rundir.run_lock`). The snapshots must be those that ``model.pt`` records
-    (:func:`segpipe.rundir.check_snapshots`)."""
+    (:func:`segpipe.rundir.check_snapshots`). ``threshold`` and ``n_examples`` are the
+    config's ``evaluate`` settings, checked by the schema where they enter (the workflow at
+    start, ``segpipe evaluate``'s options)."""
     run_dir, cache = Path(run_dir), Path(cache)
-    if not 0 < threshold < 1:
-        raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
-    if n_examples < 1:
-        raise SegpipeError(f"examples {n_examples}: expected at least 1")
     if not run_dir.is_dir():
         raise SegpipeError(f"{run_dir}: run directory not found")
     with run_lock(run_dir, "evaluate"):

@@ -27,14 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segpipe import SegpipeError
 from segpipe.labels import IGNORE, Labels
+from segpipe.spec import default
 
 EPS = 1e-5
 """Smoothing constant of the soft Dice and Tversky ratios."""
-TVERSKY_DEFAULTS = {"alpha": 0.7, "beta": 0.3, "gamma": 0.75}
-"""Focal Tversky's weight of false negatives, of false positives, and exponent (Abraham &
-Khan 2019), when the definition leaves them out."""
 
 
 class BinaryCrossEntropy(nn.Module):
@@ -182,19 +179,21 @@ def build_loss(definition: dict, labels: Labels = Labels()) -> nn.Module:
     of ``labels`` (one output channel: binary terms, else softmax terms).
 
     Term weights are ≥ 0, at least one positive; terms of weight 0 are not computed.
-    ``pos_weight`` (> 0, default 1) applies to ``bce``: the weight of positive pixels, with
-    several classes of every foreground class (background 1) unless ``class_weights`` (one per
-    class, background first) gives them; ``tversky_alpha``, ``tversky_beta``, ``tversky_gamma``
-    to ``focal_tversky`` (defaults in the schema). Raises :class:`~segpipe.SegpipeError` for
-    ``class_weights`` whose length is not the number of classes.
+    ``pos_weight`` (> 0) applies to ``bce``: the weight of positive pixels, with several
+    classes of every foreground class (background 1) unless ``class_weights`` (one per class,
+    background first) gives them; ``tversky_alpha``, ``tversky_beta``, ``tversky_gamma`` to
+    ``focal_tversky``. An option left out takes the schema's default
+    (:func:`segpipe.spec.default`). The definition is trusted: it was checked where it entered
+    (:func:`segpipe.spec.check_spec`, :func:`segpipe.spec.loss_errors`).
     """
     ignore = bool(labels.ignore)
+    option = {key: float(definition.get(key, default(f"$defs.loss.{key}")))
+              for key in ("pos_weight", "tversky_alpha", "tversky_beta", "tversky_gamma")}
     if labels.binary:
-        bce = lambda: BinaryCrossEntropy(float(definition.get("pos_weight", 1.0)), ignore)  # noqa: E731
+        bce = lambda: BinaryCrossEntropy(option["pos_weight"], ignore)  # noqa: E731
     else:
         bce = lambda: CrossEntropy(_class_weights(definition, labels))  # noqa: E731
-    tversky = {key: float(definition.get(f"tversky_{key}", default))
-               for key, default in TVERSKY_DEFAULTS.items()}
+    tversky = {key: option[f"tversky_{key}"] for key in ("alpha", "beta", "gamma")}
     terms = {
         "bce": bce,
         "dice": lambda: SoftDiceLoss(ignore=ignore),
@@ -207,12 +206,7 @@ def build_loss(definition: dict, labels: Labels = Labels()) -> nn.Module:
 def _class_weights(definition: dict, labels: Labels) -> list[float] | None:
     """The cross-entropy weights of a multi-class study (None: all 1)."""
     if "class_weights" in definition:
-        weights = list(map(float, definition["class_weights"]))
-        if len(weights) != labels.outputs:
-            raise SegpipeError(
-                f"loss: class_weights has {len(weights)} weights, but the study has "
-                f"{labels.outputs} classes ({', '.join(labels.class_names)})")
-        return weights
+        return list(map(float, definition["class_weights"]))
     if "pos_weight" in definition:
         return [1.0] + [float(definition["pos_weight"])] * (labels.outputs - 1)
     return None

@@ -62,7 +62,7 @@ from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dt
                              forward_logits, peak_memory_mb, place, probabilities)
 from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
                             snapshots)
-from segpipe.spec import check_model, check_spec
+from segpipe.spec import check_spec, default
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +171,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> object | N
     return None
 
 
-def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
-              num_workers: int = 0) -> None:
+def train_run(spec: dict, cache: Path, out_dir: Path,
+              device: str = default("resources.device"), num_workers: int = 0) -> None:
     """Train one run (see the module docstring) on ``device`` (:data:`segpipe.runtime.DEVICES`)
-    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``, and keeps a run
+    with ``num_workers`` DataLoader workers (0: loading in this process; ``segpipe train`` and
+    the workflow pass ``resources.num_workers``); resumes from ``out_dir/state.pt``, and keeps a run
     directory that holds the complete outputs of this spec and cache content. Holds the run
-    directory's lock (:func:`segpipe.rundir.run_lock`) throughout, waiting for its holder."""
-    check_spec(spec)
+    directory's lock (:func:`segpipe.rundir.run_lock`) throughout, waiting for its holder.
+    The spec is checked here, once (:func:`segpipe.spec.check_spec`, with the cache's image
+    size and classes); the train settings it leaves out are the schema's defaults."""
+    from segpipe.data.dataset import cache_facts
+
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
         raise SegpipeError(f"{cache}: training cache not found")
+    spec = check_spec(spec, *cache_facts(cache))
     with run_lock(out_dir, "train"):
         handler = logging.FileHandler(out_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -211,7 +216,6 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     _check_split(cache, train_idx, val_idx)
     val_set = SegmentationH5Dataset(cache, indices=val_idx)
     size, labels = list(val_set[0][0].shape[1:]), val_set.labels
-    check_model(spec["architecture"], spec["backbone"], size)
     device = acquire_device(device_setting)
     autocast = amp_dtype(device, settings["amp"])
 

@@ -6,6 +6,7 @@ import torch
 
 from segpipe import SegpipeError
 from segpipe.data.augment import FILL, build_augmentation
+from segpipe.spec import check_definition
 
 SIZE = (64, 64)
 STANDARD = {"hflip": 0.5, "vflip": 0.3, "rotate": 15, "jitter": 0.2, "erase": 0.25}
@@ -213,7 +214,7 @@ def test_wrong_input_size_is_refused():
 ])
 def test_bad_definitions_name_the_key(definition, message):
     with pytest.raises(SegpipeError, match=f"^augmentation definition: {message}"):
-        build_augmentation(definition, SIZE)
+        check_definition("augmentation", definition)
 
 
 def rng(seed: int) -> np.random.Generator:

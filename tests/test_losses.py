@@ -6,7 +6,7 @@ import torch
 from segpipe import SegpipeError
 from segpipe.labels import IGNORE, Labels
 from segpipe.losses import EPS, build_loss
-from segpipe.spec import check_definition
+from segpipe.spec import check_definition, loss_errors
 
 torch.set_num_threads(1)
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
@@ -162,8 +162,12 @@ def test_class_weights_and_pos_weight_weigh_the_cross_entropy():
                                                  weight=torch.tensor([1.0, 4.0, 4.0, 4.0]))
     loss = build_loss({"bce": 1.0, "pos_weight": 4.0}, CLASSES)(logits, target)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    with pytest.raises(SegpipeError, match="class_weights has 2 weights, but the study has 4"):
-        build_loss({"bce": 1.0, "class_weights": [1, 2]}, CLASSES)
+    # the rule between a loss and the classes, checked where a spec enters, not by build_loss
+    assert loss_errors({"bce": 1.0, "class_weights": [1, 2]}, CLASSES) == [
+        "loss.class_weights: 2 weights, but the study has 4 classes (background, a, b, c)"]
+    assert loss_errors({"bce": 1.0, "class_weights": [1, 2]}, Labels())[0].startswith(
+        "loss.class_weights: applies with several classes")
+    assert loss_errors({"bce": 1.0, "class_weights": [1, 2, 3, 4]}, CLASSES) == []
 
 
 def test_ignored_pixels_count_in_no_multiclass_term():

@@ -12,10 +12,12 @@ import torchvision
 
 from segpipe import SegpipeError
 from segpipe.cli import main
+from segpipe.columns import AXES
 from segpipe.labels import Labels
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
 from segpipe.models.unetpp import mean_probability_logit
+from segpipe.spec import check_spec
 
 torch.set_num_threads(1)
 
@@ -377,7 +379,7 @@ def test_bad_state_dict_files(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("architecture, backbone, message", [
-    ({"width": 8}, {}, "architecture definition: model: missing"),
+    ({"width": 8}, {}, "architecture.model: missing"),
     ({"model": "transunet"}, {}, "model: 'transunet' is not one of unet, unetpp"),
     ({"model": "unet", "dropout": 0.1}, {},
      r"dropout: unknown key \(allowed: model, width, depth, down, up\)"),
@@ -391,8 +393,8 @@ def test_bad_state_dict_files(tmp_path, content, message):
      "deep_supervision: 'yes' is not of type 'boolean'"),
     ({"model": "atrous_unet", "rates": []}, {}, r"rates: \[\] should be non-empty"),
     ({"model": "unet"}, {"encoder": "vgg16", "weights": "none"},
-     "backbone definition: encoder: 'vgg16' is not one of scratch, resnet18"),
-    ({"model": "unet"}, {"encoder": "resnet34"}, "backbone definition: weights: missing"),
+     "backbone.encoder: 'vgg16' is not one of scratch, resnet18"),
+    ({"model": "unet"}, {"encoder": "resnet34"}, "backbone.weights: missing"),
     ({"model": "unet"}, {"encoder": "resnet34", "weights": "none", "frozen": True},
      r"frozen: unknown key \(allowed: encoder, weights, stem\)"),
     ({"model": "unet"}, {"stem": "small"}, "the scratch encoder takes no weights or stem"),
@@ -408,8 +410,12 @@ def test_bad_state_dict_files(tmp_path, content, message):
      r"architecture.depth: 6 exceeds the 5 stages of the resnet18 encoder \(backbone\)"),
 ])
 def test_bad_definitions_name_the_key(architecture, backbone, message):
-    with pytest.raises(SegpipeError, match=message):
-        build_model(architecture, backbone)
+    """Checked where a run enters (`segpipe train`'s spec; the workflow's start checks the
+    config by the same schema), not again by build_model."""
+    spec = {"run": "r", "seed": 0, "names": dict.fromkeys(AXES, "x"), "architecture": architecture,
+            "backbone": backbone, "loss": {"bce": 1.0}, "augmentation": {}, "train": {}}
+    with pytest.raises(SegpipeError, match=f"^run spec: .*{message}"):
+        check_spec(spec)
 
 
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():

@@ -33,8 +33,10 @@ from segpipe import SegpipeError, __version__
 from segpipe.data.groups import group_keys, identical, merge_identical
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
-from segpipe.files import atomic_path, check_outputs, labelme_files, labelme_index
+from segpipe.files import (atomic_path, check_outputs, found_labels, labelme_files,
+                           labelme_index)
 from segpipe.labels import IGNORE, Labels
+from segpipe.spec import default
 
 CONTENT_KEY = "content_sha256"
 
@@ -46,12 +48,12 @@ def build_cache(
     output: str | Path,
     size: tuple[int, int],
     labels: Labels | None = None,
-    val_fraction: float = 0.0,
-    split_seed: int = 0,
-    folds: int | None = None,
-    group: str | None = None,
+    val_fraction: float | None = None,
+    split_seed: int = default("data.split_seed"),
+    folds: int | None = default("data.folds"),
+    group: str | None = default("data.group"),
     train_cache: str | Path | None = None,
-    drop_duplicates: bool = False,
+    drop_duplicates: bool = default("data.drop_test_duplicates"),
 ) -> None:
     """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
     the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
@@ -59,22 +61,28 @@ def build_cache(
     expression ``group``; identical images (the same image bytes) are one group, logged as a
     warning, with a second one where their masks differ.
 
-    A test folder is built against the ``train_cache`` of its study: an image of it is an error,
-    or with ``drop_duplicates`` left out of this cache with a warning.
+    ``val_fraction`` ``None`` is the config's default (``data.val_fraction``) for a training
+    folder, and no validation split with ``folds`` or for a test folder, which is built against
+    the ``train_cache`` of its study: an image of it is an error, or with ``drop_duplicates``
+    left out of this cache with a warning. The other defaults are the config's too
+    (:func:`segpipe.spec.default`).
 
     Every file is read as far as its image bytes before any is decoded. The file is written
     under a temporary name, with its disk space reserved before the first image, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
-    input (a LabelMe file, an image, the training cache), a label that a study with classes does
-    not name, a label rule under which no shape paints a class in the whole folder, a split the
-    groups cannot make, an output that cannot be written and a disk without room for it; labels
-    the config names that never occur are logged. ``labels``: the classes
-    (:class:`segpipe.labels.Labels`; default binary).
+    input (a LabelMe file, an image, the training cache), a folder that breaks the label rule
+    (:meth:`segpipe.labels.Labels.folder_errors`, the workflow's: a training folder is one
+    without ``train_cache``), a split the groups cannot make, an output that cannot be written
+    and a disk without room for it. ``labels``: the classes (:class:`segpipe.labels.Labels`;
+    default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
     labels = Labels() if labels is None else labels
+    if val_fraction is None:
+        val_fraction = 0.0 if folds is not None or train_cache is not None else \
+            default("data.val_fraction")
     if height < 1 or width < 1:
         raise SegpipeError(f"size must be positive, got {height}x{width}")
     if not 0.0 <= val_fraction < 1.0:
@@ -90,6 +98,10 @@ def build_cache(
     index = labelme_index(files)
     check_outputs([output], {entry.image_file: f"the image of {entry.path}"
                              for entry in index if entry.image_file is not None})
+    errors = labels.folder_errors(found_labels(index), str(input_dir),
+                                  training=train_cache is None)
+    if errors:
+        raise SegpipeError("\n".join(errors))
     if train_cache is not None:
         index = _unseen(index, Path(train_cache), drop_duplicates)
         files = [entry.path for entry in index]
@@ -129,7 +141,6 @@ def build_cache(
                 annotation = load_annotation(path)
                 image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
                 images[i] = image
-                _check_named(path, annotation, labels)
                 masks[i] = mask = rasterise(annotation, size, labels)
                 first = first_row.setdefault(annotation.image_digest, i)
                 if first != i and (masks[first] != mask).any():
@@ -140,7 +151,6 @@ def build_cache(
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
                 found.update(s.label for s in annotation.shapes)
                 skipped.update(annotation.skipped)
-            _check_labels(input_dir, found, labels)
             h5.attrs[CONTENT_KEY] = content_digest(h5)
     log.info(
         "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
@@ -243,29 +253,6 @@ def _create_reserved(path: Path, layout: bytes, count: int, size: tuple[int, int
             raise SegpipeError(
                 f"{output}: cannot reserve the {reserve / 2**20:.1f} MiB it needs ({exc.strerror})"
             ) from None
-
-
-def _check_named(path: Path, annotation, labels: Labels) -> None:
-    """A study with ``classes`` names every label of its files (LabelMe's VOC export refuses
-    an unknown label too)."""
-    unnamed = labels.unnamed(s.label for s in annotation.shapes)
-    if unnamed:
-        raise SegpipeError(
-            f"{path}: label(s) {', '.join(map(repr, unnamed))} named by no entry of "
-            "data.classes, data.background or data.ignore; add each to one of them")
-
-
-def _check_labels(input_dir: Path, found: Counter, labels: Labels) -> None:
-    """Some shape paints a class; labels the config names but no file has are logged."""
-    names = ", ".join(sorted(found)) or "none"
-    if not any(labels.value(label) not in (None, 0, IGNORE) for label in found):
-        raise SegpipeError(
-            f"{input_dir}: no shape paints a class ({labels.describe()}); labels of filled "
-            f"shapes found: {names}")
-    missing = labels.named_labels() - set(found)
-    if missing:
-        log.warning("%s: labels %s occur in no filled shape (found: %s)", input_dir,
-                    sorted(missing), names)
 
 
 def _shares(pixels: Counter, labels: Labels, total: int) -> str:

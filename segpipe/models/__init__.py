@@ -19,7 +19,7 @@ from segpipe.models.encoders import RESNETS, resnet_encoder
 from segpipe.models.r2unet import AttentionR2UNet, R2UNet
 from segpipe.models.unet import UNet
 from segpipe.models.unetpp import UNetPlusPlus
-from segpipe.spec import check_model, resnet_depth
+from segpipe.spec import resnet_depth
 
 __all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost",
            "model_table", "print_model_table"]
@@ -48,12 +48,11 @@ def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> Segment
     "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>, optional "stem":
     "imagenet" | "small"}``; under a ResNet, ``depth`` (default: all its stride-2 stages, 5,
     or 4 with the small stem) selects how many ResNet stages are used, ``width`` defaults to
-    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Both definitions are checked
-    against the config schema (:mod:`segpipe.spec`); bad input raises :class:`SegpipeError`
-    naming the key. ``outputs``: channels of the logits, :attr:`segpipe.labels.Labels.outputs`
-    (1 binary, else background + classes).
+    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. The definitions are trusted:
+    they were checked where they entered (:mod:`segpipe.spec`: the workflow's start, ``segpipe
+    train``'s spec; a checkpoint holds checked ones). ``outputs``: channels of the logits,
+    :attr:`segpipe.labels.Labels.outputs` (1 binary, else background + classes).
     """
-    check_model(architecture, backbone)
     options = dict(architecture)
     cls = ARCHITECTURES[options.pop("model")]
     name = backbone.get("encoder", "scratch")
