@@ -39,8 +39,32 @@ one, and its default (:func:`resnet_depth`)."""
 
 @functools.cache
 def schema() -> dict:
-    """The parsed config.schema.yaml."""
-    return yaml.safe_load(SCHEMA_FILE.read_text())
+    """The parsed config.schema.yaml, with what it states once made into JSON Schema rules:
+    ``$defs.architecture.families`` (family → its options) into the enum of ``model`` and
+    each family's unknown-key check; ``$defs.loss.terms`` (term → the options that apply to it)
+    into "an option needs its term", "a term with a weight > 0" and the weights' types."""
+    schema_ = yaml.safe_load(SCHEMA_FILE.read_text())
+    loss = schema_["$defs"]["loss"]
+    terms = loss["terms"]
+    loss["properties"] = {**{term: {"type": "number", "minimum": 0,
+                                    "description": f"weight of the {term} term (0 = off)"}
+                             for term in terms if term not in loss["properties"]},
+                          **loss["properties"]}
+    loss["dependentRequired"] = {option: [term] for term, options in terms.items()
+                                 for option in options}
+    *others, last = terms
+    names = f"{', '.join(others)} or {last}" if others else last
+    loss["allOf"] = [{"description": f"needs a term ({names}) with a weight > 0",
+                      "anyOf": [{"required": [term], "properties": {term: {"exclusiveMinimum": 0}}}
+                                for term in terms]}]
+    architecture = schema_["$defs"]["architecture"]
+    families = architecture["families"]
+    architecture["properties"]["model"]["enum"] = list(families)
+    architecture["allOf"] = [
+        {"if": {"properties": {"model": {"const": family}}, "required": ["model"]},
+         "then": {"propertyNames": {"enum": ["model", *options]}}}
+        for family, options in families.items()]
+    return schema_
 
 
 # JSON Schema's "integer" admits 2.0 and "number" admits NaN and infinity; the code needs neither.

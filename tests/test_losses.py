@@ -5,8 +5,8 @@ import torch
 
 from segpipe import SegpipeError
 from segpipe.labels import IGNORE, Labels
-from segpipe.losses import EPS, build_loss
-from segpipe.spec import check_definition, loss_errors
+from segpipe.losses import EPS, TERMS, build_loss
+from segpipe.spec import check_definition, loss_errors, schema
 
 torch.set_num_threads(1)
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
@@ -210,3 +210,12 @@ def test_binary_ignore_leaves_ignored_pixels_out():
     plain = build_loss({"bce": 1.0, "dice": 1.0})(logits[..., :1, :], target[..., :1, :])
     assert build_loss({"bce": 1.0, "dice": 1.0}, labels)(logits, target).item() == pytest.approx(
         plain.item(), rel=1e-6)
+
+
+def test_the_schema_lists_every_registered_term_and_its_options():
+    """The one check between losses.TERMS and $defs.loss.terms of the config contract (from
+    which the schema's term rules are made): every option of a term is typed there."""
+    terms = schema()["$defs"]["loss"]["terms"]
+    assert list(terms) == list(TERMS)
+    properties = schema()["$defs"]["loss"]["properties"]
+    assert set(properties) == {*terms, *(option for options in terms.values() for option in options)}

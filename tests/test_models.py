@@ -2,6 +2,7 @@
 canonical parameter counts follow from the papers' architectures, the blocks compute their
 stated formulas, and bad definitions fail with a message naming the key or the file."""
 
+import inspect
 import math
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from segpipe.labels import Labels
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
 from segpipe.models.unetpp import mean_probability_logit
-from segpipe.spec import check_spec
+from segpipe.spec import check_spec, schema
 
 torch.set_num_threads(1)
 
@@ -416,6 +417,19 @@ def test_bad_definitions_name_the_key(architecture, backbone, message):
             "backbone": backbone, "loss": {"bce": 1.0}, "augmentation": {}, "train": {}}
     with pytest.raises(SegpipeError, match=f"^run spec: .*{message}"):
         check_spec(spec)
+
+
+def test_the_schema_lists_every_registered_family_with_the_options_of_its_class():
+    """The one check between the registry (segpipe/models/, each family registered by its
+    module) and the config contract ($defs.architecture.families, from which the enum of
+    `model` and each family's unknown-key rule are made), so neither can drift."""
+    families = schema()["$defs"]["architecture"]["families"]
+    assert list(families) == list(ARCHITECTURES)
+    for name, cls in ARCHITECTURES.items():
+        options = [p for p in inspect.signature(cls).parameters if p not in ("encoder", "outputs")]
+        assert families[name] == options, name
+        for option in options:  # each is typed in the schema
+            assert option in schema()["$defs"]["architecture"]["properties"], (name, option)
 
 
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():

@@ -9,6 +9,22 @@ from segpipe.models.blocks import AttentionGate
 from segpipe.models.encoders import Encoder
 
 
+FAMILIES: dict[str, type[SegmentationModel]] = {}
+"""The model families by name, as their modules register them (:func:`family`)."""
+
+
+def family(name: str):
+    """Class decorator: register a :class:`SegmentationModel` subclass as the model family
+    ``name`` (the ``model`` of an architecture definition). A module of segpipe/models/ that
+    defines one is all a new family takes in Python: the package imports every module; its
+    options (the keyword arguments of the class but ``encoder`` and ``outputs``) are listed
+    under ``$defs.architecture.families`` of the config schema (tests/test_models.py checks)."""
+    def register(cls: type[SegmentationModel]) -> type[SegmentationModel]:
+        FAMILIES[name] = cls
+        return cls
+    return register
+
+
 class SegmentationModel(nn.Module):
     """``forward(x)``: normalised RGB batch (N, 3, H, W), any H and W → logits (N, C, H, W),
     C the ``outputs`` of the family (1: binary; background + K classes: softmax).
