@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from segpipe import SegpipeError, plots, stats
+from segpipe import SegpipeError, figures, plots, stats
 from segpipe.columns import CONFUSION_CSV, METRIC_COLUMNS, RUN_COLUMNS
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
@@ -46,13 +46,7 @@ TEST_METRIC = "dice"  # the metric of the tests, verdicts, ranks and the signifi
 COMPARISON_COLUMNS = ("reference",
                       *(f"delta_{m}{end}" for m in PER_IMAGE_METRICS for end in ("", "_lo", "_hi")),
                       "p_wilcoxon", "p_holm", "p_mrmc", "p_mrmc_holm", "verdict")
-EVOLUTION_KEYS = ("epochs", "probs", "images", "masks", "names", "threshold")
-# The figures aggregate_experiment writes (sweep.png only with a sweep; classes.png and
-# confusion.png only with several classes), in summary.md's order.
-FIGURES = ("curves", "bars", "sweep", "classes", "confusion", "significance", "ranking",
-           "evolution", "samples")
-MAX_EVOLUTION_ROWS = 9
-MAX_SAMPLES = 3
+EVOLUTION_KEYS = ("epochs", "probs", "probs_best", "images", "masks", "names", "threshold")
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -80,10 +74,9 @@ def _read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = (),
 
 
 def _read_evolution(path: Path) -> dict[str, np.ndarray]:
-    """evolution.npz with consistent shapes: epochs (S,), probs (S,K,H,W), images (K,H,W,3),
-    masks (K,H,W), names (K,), the evaluation threshold (a scalar), optional probs_best
-    (K,H,W); K ≥ 1, and S ≥ 1 unless probs_best is present (no configured snapshot epoch may
-    have been reached)."""
+    """evolution.npz with consistent shapes: epochs (S,), probs (S,K,H,W), probs_best
+    (K,H,W), images (K,H,W,3), masks (K,H,W), names (K,), the evaluation threshold (a scalar);
+    K ≥ 1 (S may be 0: no configured snapshot epoch may have been reached)."""
     if not path.is_file():
         raise SegpipeError(f"{path}: file not found")
     try:
@@ -98,15 +91,10 @@ def _read_evolution(path: Path) -> dict[str, np.ndarray]:
     s, k = len(data["epochs"]), len(data["names"])
     if k == 0:
         raise SegpipeError(f"{path}: holds no test image")
-    if s == 0 and "probs_best" not in data:
-        raise SegpipeError(f"{path}: holds neither a snapshot epoch nor probs_best, so there "
-                           "is no prediction to show")
     h, w = data["masks"].shape[1:] if data["masks"].ndim == 3 else (None, None)
     channels = data["probs"].shape[2:-2]  # (C,) with several classes
-    expected = {"probs": (s, k, *channels, h, w), "images": (k, h, w, 3), "masks": (k, h, w),
-                "threshold": ()}
-    if "probs_best" in data:
-        expected["probs_best"] = (k, *channels, h, w)
+    expected = {"probs": (s, k, *channels, h, w), "probs_best": (k, *channels, h, w),
+                "images": (k, h, w, 3), "masks": (k, h, w), "threshold": ()}
     wrong = [f"{key} {data[key].shape} (expected {shape})" for key, shape in expected.items()
              if data[key].shape != shape]
     if wrong:
@@ -417,17 +405,10 @@ def _representatives(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
     return evolution
 
 
-def _final_prediction(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, str]:
-    """Probabilities (k, H, W) of the trained model on the first k example images: the best
-    model on validation where evaluate stored it (``probs_best``), else the last snapshot."""
-    if "probs_best" in data:
-        return data["probs_best"][:k], "best model on validation"
-    return data["probs"][-1, :k], "last snapshot"
-
-
 def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
-    """Write summary.csv and the figures of ``FIGURES`` for experiment ``name`` into
-    ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set).
+    """Write summary.csv and the figures (:data:`segpipe.figures.FIGURES`) for experiment
+    ``name`` into ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set, classes.png and
+    confusion.png only with several classes).
 
     ``spec``: ``{"axes": [...], "sweep": null | {"axis", "param", "values": {value: number}},
     "baseline": null | {<axis>: value, ...},
@@ -445,58 +426,22 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     labels = Labels.from_columns(per_image[0].columns)
     if not labels.binary:
         summary = class_summary(summary, _class_scores(runs, per_image, labels))
-    groups = list(summary["group"])
     sweep = spec.get("sweep")
     x = _sweep_values(name, sweep, axes, summary) if sweep else None
-    evolution = _representatives(runs)
-    colours = plots.group_colours(len(groups), x)
     order = np.argsort(summary["rank"].to_numpy(), kind="stable")  # best first
-    ranked = summary.iloc[order]
+    context = figures.Context(
+        name=name, summary=summary, ranked=summary.iloc[order], order=order,
+        colours=plots.group_colours(len(summary), x), by_epoch=summarise_by_epoch(by_epoch),
+        sweep=sweep, x=x, labels=labels, test_scores=test_scores, ranks=ranks,
+        confusion=None if labels.binary else [sum(members["confusion"])
+                                              for _, members in _groups(runs)],
+        evolution=_representatives(runs), image_folds=image_folds)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(output_dir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    _save(plots.plot_curves(summarise_by_epoch(by_epoch), groups, colours,
-                            f"{name}: test metrics during training"), output_dir / "curves.png")
-    _save(plots.plot_bars(summary, colours, f"{name}: test metrics"), output_dir / "bars.png")
-    if sweep:
-        _save(plots.plot_sweep(summary, x, f"{sweep['axis']} {sweep['param']}",
-                               f"{name}: test metrics vs {sweep['axis']} {sweep['param']}"),
-              output_dir / "sweep.png")
-    if not labels.binary:
-        _save(plots.plot_class_bars(summary, labels.names, colours,
-                                    f"{name}: test Dice per class"), output_dir / "classes.png")
-        confusion = [sum(members["confusion"]) for _, members in _groups(runs)]
-        _save(plots.plot_confusion(confusion, groups, labels.class_names,
-                                   f"{name}: test pixels by true and predicted class "
-                                   "(all runs of each group)"), output_dir / "confusion.png")
-
-    _save(plots.plot_significance(list(ranked["group"]), ranked[f"{TEST_METRIC}_mean"],
-                                  stats.significance([test_scores[i] for i in order]),
-                                  stats.ALPHA, f"{name}: pairwise significance (test Dice)"),
-          output_dir / "significance.png")
-    _save(plots.plot_ranking(list(ranked["group"]), ranks[:, order], ranked["rank"],
-                             ranked["rank_lo"], ranked["rank_hi"], [colours[i] for i in order],
-                             f"{name}: rank stability (test Dice)"), output_dir / "ranking.png")
-
-    first = next(iter(evolution.values()))
-    threshold = float(first["threshold"])  # evaluate's: the figures agree with metrics.csv
-    per_group = max(1, min(MAX_SAMPLES, MAX_EVOLUTION_ROWS // len(groups)))
-    examples = [(group, data, k) for group, data in evolution.items()
-                for k in range(min(per_group, len(data["names"])))]
-    shown = "lowest seed of each group" + (", fold 0" if image_folds is not None else "")
-    _save(plots.plot_evolution(examples, f"{name}: predictions at each snapshot epoch "
-                               f"({shown})", threshold=threshold, labels=labels),
-          output_dir / "evolution.png")
-
-    k = min(MAX_SAMPLES, len(first["names"]))
-    predictions, sources = zip(*(_final_prediction(data, k) for data in evolution.values()))
-    source = " or ".join(dict.fromkeys(sources))
-    source += ", fold 0" if image_folds is not None else ""
-    _save(plots.plot_samples(groups, predictions, first["images"][:k], first["masks"][:k],
-                             first["names"][:k], f"{name}: test predictions ({source})",
-                             threshold=threshold, labels=labels),
-          output_dir / "samples.png")
+    for figure in figures.figures_for(sweep is not None, labels.binary):
+        _save(figures.FIGURES[figure].draw(context), output_dir / f"{figure}.png")
 
 
 # --------------------------------------------------------------------------- summary.md
@@ -617,9 +562,9 @@ def _experiment_section(folder: Path, output: Path) -> str:
             f"{_estimate(row, 'map')}; its best run: `{row['best_run']}` (val Dice "
             f"{row['best_run_val_dice']:.3f}).")
     lines += ["", *_comparisons(summary), *_class_table(summary)]
-    figures = [folder / f"{figure}.png" for figure in FIGURES]
+    pngs = [folder / f"{figure}.png" for figure in figures.FIGURES]
     links = [f"[{path.stem}]({Path(os.path.relpath(path, output.parent)).as_posix()})"
-             for path in figures if path.is_file()]
+             for path in pngs if path.is_file()]
     lines += ["", "Figures: " + " · ".join(links), ""]
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ from segpipe.columns import (AXES, CONFUSION_CSV, MEAN_COLUMNS, METRICS, POOLED_
 from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
 from segpipe.metrics import image_metrics, pooled_metrics
+from segpipe.plots import plot_predictions
 from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits, probabilities
 from segpipe.spec import default
@@ -144,48 +145,6 @@ def score(model: nn.Module, checkpoint: dict, loader: torch.utils.data.DataLoade
     confusion = None if labels.binary else pooled.confusion().numpy()
     return ({m: torch.cat(v).numpy() for m, v in per_image.items()}, pooled.compute(),
             torch.cat(kept)[:keep].numpy(), confusion)
-
-
-def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
-                     probs: np.ndarray, threshold: float, labels: Labels, path: Path,
-                     title: str) -> None:
-    """A figure with one row per image: image, truth, prediction, probability. Binary: the
-    prediction is ``prob >= threshold``; with several classes truth and prediction (argmax)
-    are in the classes' palette colours, with a legend, and the probability panel shows the
-    predicted class's probability."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
-    from matplotlib.patches import Patch
-
-    rows = len(names)
-    fig = Figure(figsize=(10, 2.6 * rows + 0.5 + (not labels.binary) * 0.4),
-                 layout="constrained")
-    axes = fig.subplots(rows, 4, squeeze=False)
-    palette = np.array(labels.palette(), np.uint8)
-    for r in range(rows):
-        if labels.binary:
-            panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
-                      (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
-                      (probs[r], "viridis", "probability")]
-        else:
-            panels = [(images[r], None, "image"), (palette[masks[r]], None, "truth"),
-                      (palette[labels.predict(probs[r])], None, "prediction (argmax)"),
-                      (probs[r].max(axis=0), "viridis", "probability of the prediction")]
-        for ax, (data, cmap, label) in zip(axes[r], panels):
-            shown = ax.imshow(data, cmap=cmap, vmin=0, vmax=1 if cmap else None,
-                              interpolation="nearest")
-            if r == 0:
-                ax.set_title(label, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(names[r], fontsize=9)
-        fig.colorbar(shown, ax=axes[r][3], fraction=0.046)
-    if not labels.binary:
-        fig.legend([Patch(color=palette[i] / 255) for i in range(len(labels.class_names))],
-                   labels.class_names, loc="outside lower center", ncols=8, frameon=False,
-                   fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
 
 
 def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float],

@@ -23,13 +23,14 @@ from segpipe.aggregate import (
 from segpipe.cli import main
 from segpipe.stats import Scores
 from segpipe.columns import METRIC_COLUMNS as METRICS
+from segpipe.figures import FIGURES, figures_for
 
 HEIGHT, WIDTH, EXAMPLES = 20, 28, 3
 SNAPSHOTS = (2, 4)
 
 
 def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b", "c"),
-              probs_best=False, dice=None, first_case=0):
+              probs_best=True, dice=None, first_case=0):
     """A run folder whose every test metric is ``score`` and whose best val_dice is ``val_dice``.
 
     per_image.csv holds the per-image ``dice`` (default: score − 0.1, score, score + 0.1 on
@@ -352,7 +353,7 @@ def test_groups_without_a_shared_seed_are_an_error(tmp_path):
 
 def test_runs_that_reached_no_snapshot_epoch(tmp_path):
     """Early stopping before the first snapshot epoch: curves are empty, samples use the best
-    model's probabilities; without those there is nothing to show, which is a clear error."""
+    model's probabilities, which evaluate always stores; a file without them is an error."""
     runs = []
     for seed in (0, 1):
         folder = tmp_path / "runs" / f"s{seed}"
@@ -367,9 +368,9 @@ def test_runs_that_reached_no_snapshot_epoch(tmp_path):
     write_summary([tmp_path / "out"], tmp_path / "summary.md")
     assert "One group: nothing to compare." in (tmp_path / "summary.md").read_text()
 
-    write_run(tmp_path / "bare", 0, 0.5, 0.6, snapshots=())
+    write_run(tmp_path / "bare", 0, 0.5, 0.6, snapshots=(), probs_best=False)
     runs[0]["dir"] = str(tmp_path / "bare")
-    with pytest.raises(SegpipeError, match="holds neither a snapshot epoch nor probs_best"):
+    with pytest.raises(SegpipeError, match=r"evolution.npz: missing array\(s\) probs_best"):
         aggregate_experiment("early", {"axes": ["loss"], "runs": runs}, tmp_path / "out2")
 
 
@@ -509,3 +510,13 @@ def test_class_summary_per_class_dice_and_paired_delta():
     assert (table["dice.leaf_lo"] <= table["dice.leaf_mean"]).all()
     assert (table["dice.leaf_mean"] <= table["dice.leaf_hi"]).all()
     assert table.loc[1, "delta_dice.leaf_lo"] <= -0.7 / 6 <= table.loc[1, "delta_dice.leaf_hi"]
+
+
+def test_every_figure_has_its_caption_and_every_caption_a_figure():
+    """The registry (segpipe.figures) is what the workflow declares and the report captions:
+    a figure is its draw function and its caption file, nothing else."""
+    report = Path(__file__).resolve().parents[1] / "workflow" / "report"
+    assert {path.stem for path in report.glob("*.rst")} - {"summary"} == set(FIGURES)
+    assert figures_for(sweep=False, binary=True) == [
+        "curves", "bars", "significance", "ranking", "evolution", "samples"]
+    assert set(figures_for(sweep=True, binary=False)) == set(FIGURES)

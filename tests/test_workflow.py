@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from segpipe.aggregate import FIGURES
+from segpipe.figures import FIGURES
 from segpipe.labels import IGNORE
 
 CLASS_FIGURES = ("classes", "confusion")

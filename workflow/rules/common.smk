@@ -14,6 +14,7 @@ from segpipe.data.groups import check_group_count, group_keys, merge_identical
 from segpipe.files import DEMO_NAME, demo_files, found_labels, labelme_files, labelme_index
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
 from segpipe.columns import AXES, CONFUSION_CSV, DEFINITIONS
+from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
 from segpipe.spec import loss_errors, model_errors, schema
 
@@ -341,27 +342,13 @@ def figure(name, title):
     )
 
 
-# The figures `segpipe aggregate` writes (segpipe.aggregate.FIGURES), with their titles in the
-# report; sweep.png only for an experiment with `sweep:`.
-FIGURES = {
-    "curves": "test metrics vs epoch",
-    "bars": "test metrics",
-    "significance": "pairwise significance",
-    "ranking": "rank stability",
-    "evolution": "mask evolution",
-    "samples": "sample predictions",
-}
-SWEEP_FIGURES = {"sweep": "test metrics vs swept parameter"}
-CLASS_FIGURES = {"classes": "test Dice per class", "confusion": "confusion matrices"}
-
-
 def experiment_outputs(sweep=False):
-    """The outputs of an experiment's aggregation, by name: summary.csv and the figures."""
-    figures = {**FIGURES, **(SWEEP_FIGURES if sweep else {}),
-               **({} if LABELS.binary else CLASS_FIGURES)}
+    """The outputs of an experiment's aggregation, by name: summary.csv and the figures
+    (segpipe.figures.FIGURES, with their titles in the report)."""
     return {
         "summary": f"{EXPERIMENT_DIR}/summary.csv",
-        **{name: figure(name, title) for name, title in figures.items()},
+        **{name: figure(name, FIGURES[name].title)
+           for name in figures_for(sweep, LABELS.binary)},
     }
 
 
