@@ -36,9 +36,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, figures, plots, stats
-from segpipe.columns import CONFUSION_CSV, METRIC_COLUMNS, RUN_COLUMNS
+from segpipe.columns import METRIC_COLUMNS, RUN_COLUMNS
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
+from segpipe import rundir
 from segpipe.stats import mean_ci95
 
 PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from per_image.csv
@@ -134,23 +135,23 @@ def _load_run(folders: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     Dice averaged. One folder's values are returned as they are."""
     metrics, by_epoch, per_image, val_dice, confusion = [], [], [], [], 0
     for fold, folder in enumerate(folders):
-        metrics.append(_read_csv(folder / "metrics.csv", (*METRIC_COLUMNS, *RUN_COLUMNS)).iloc[0])
-        val_dice.append(_read_csv(folder / "history.csv", ("val_dice",))["val_dice"].max())
-        table = _read_csv(folder / "per_image.csv", PER_IMAGE_METRICS, text=("name",))
+        metrics.append(_read_csv(folder / rundir.METRICS, (*METRIC_COLUMNS, *RUN_COLUMNS)).iloc[0])
+        val_dice.append(_read_csv(folder / rundir.HISTORY, ("val_dice",))["val_dice"].max())
+        table = _read_csv(folder / rundir.PER_IMAGE, PER_IMAGE_METRICS, text=("name",))
         table = table.assign(name=table["name"].astype(str))
-        snapshots = _read_csv(folder / "metrics_by_epoch.csv", ("epoch", *plots.CURVE_METRICS),
+        snapshots = _read_csv(folder / rundir.BY_EPOCH, ("epoch", *plots.CURVE_METRICS),
                               allow_empty=True)
         by_epoch.append(snapshots.assign(images=len(table)))
         per_image.append(table.assign(fold=fold) if len(folders) > 1 else table)
         if not Labels.from_columns(table.columns).binary:
-            confusion = confusion + _read_confusion(folder / CONFUSION_CSV, table.columns)
+            confusion = confusion + _read_confusion(folder / rundir.CONFUSION, table.columns)
     images = np.array([len(table) for table in per_image], float)
     weights = images / images.sum()
     per_image = pd.concat(per_image, ignore_index=True)
     tested_twice = per_image.loc[per_image["name"].duplicated(), "name"]
     if len(folders) > 1 and len(tested_twice):
         image = tested_twice.iloc[0]
-        files = " and ".join(str(folders[f] / "per_image.csv")
+        files = " and ".join(str(folders[f] / rundir.PER_IMAGE)
                              for f in per_image.loc[per_image["name"] == image, "fold"])
         raise SegpipeError(f"{files} both score image {image}: the folds of a run must test "
                            "disjoint images")
@@ -298,8 +299,8 @@ def class_summary(summary: pd.DataFrame, class_scores: dict[str, dict[str, stats
 def _per_image_files(folders: list[Path]) -> str:
     """The per_image.csv file(s) of a run, for messages."""
     if len(folders) == 1:
-        return str(folders[0] / "per_image.csv")
-    return f"per_image.csv of {', '.join(map(str, folders))}"
+        return str(folders[0] / rundir.PER_IMAGE)
+    return f"{rundir.PER_IMAGE} of {', '.join(map(str, folders))}"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -392,7 +393,7 @@ def _representatives(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
     chosen = runs.loc[runs.groupby("group", sort=False)["seed"].idxmin()]
     evolution, reference = {}, None
     for group, folders in zip(chosen["group"], chosen["folders"]):
-        path = folders[0] / "evolution.npz"
+        path = folders[0] / rundir.EVOLUTION
         data = _read_evolution(path)
         reference = data if reference is None else reference
         if list(data["names"]) != list(reference["names"]):

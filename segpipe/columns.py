@@ -30,8 +30,6 @@ PER_IMAGE_CSV = ("name", *METRICS)
 """``per_image.csv``: one row per test image, the best model's metrics."""
 BY_EPOCH_CSV = ("epoch", *METRIC_COLUMNS)
 """``metrics_by_epoch.csv``: one row per snapshot epoch, its metrics on the test split."""
-CONFUSION_CSV = "confusion.csv"
-"""With several classes: the pooled confusion matrix of the best model on the test split."""
 
 
 def class_metric_columns(labels) -> list[str]:

@@ -29,13 +29,14 @@ from torch import nn
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
-from segpipe.columns import (AXES, CONFUSION_CSV, MEAN_COLUMNS, METRICS, POOLED_COLUMNS,
+from segpipe.columns import (AXES, MEAN_COLUMNS, METRICS, POOLED_COLUMNS,
                              RUN_COLUMNS, by_epoch_csv, class_metric_columns, metrics_csv,
                              per_image_csv)
 from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
 from segpipe.metrics import image_metrics, pooled_metrics
 from segpipe.plots import plot_predictions
+from segpipe import rundir
 from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits, probabilities
 from segpipe.spec import default
@@ -64,7 +65,7 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
     from segpipe.data.dataset import SegmentationH5Dataset, split_indices
 
     device = acquire_device(device)
-    model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
+    model, checkpoint = load_checkpoint(run_dir / rundir.MODEL, device)
     spec, labels = checkpoint["spec"], checkpoint_labels(checkpoint)
     fold = spec.get("fold")
     rows = None if fold is None else split_indices(cache, fold)[2]
@@ -72,16 +73,17 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
     names = all_names[: len(images)]
     if list(images.shape[1:3]) != list(checkpoint["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
-                           f"{run_dir / 'model.pt'} was trained at "
+                           f"{run_dir / rundir.MODEL} was trained at "
                            f"{checkpoint['size'][0]}x{checkpoint['size'][1]}")
     test_set = SegmentationH5Dataset(cache, indices=rows)
     if test_set.labels.class_names != labels.class_names:
         raise SegpipeError(f"{cache}: holds the classes {', '.join(test_set.labels.class_names)}"
-                           f", but {run_dir / 'model.pt'} predicts "
+                           f", but {run_dir / rundir.MODEL} predicts "
                            f"{', '.join(labels.class_names)}")
     loader = torch.utils.data.DataLoader(test_set, batch_size=8)
 
-    check_snapshots(run_dir / "snapshots", spec["train"]["snapshot_epochs"], checkpoint["epochs"])
+    check_snapshots(run_dir / rundir.SNAPSHOTS, spec["train"]["snapshot_epochs"],
+                    checkpoint["epochs"])
     per_image, pooled, probs, confusion = score(model, checkpoint, loader, device, threshold,
                                                 len(names), labels)
     row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},
@@ -89,12 +91,12 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
            **{key: checkpoint[key] for key in RUN_COLUMNS}}
 
     epochs, by_epoch, evolution = [], [], []
-    for epoch, path in snapshots(run_dir / "snapshots").items():
+    for epoch, path in snapshots(run_dir / rundir.SNAPSHOTS).items():
         snapshot, snapshot_checkpoint = load_checkpoint(path, device)
         if snapshot_checkpoint["spec"] != spec or snapshot_checkpoint["epoch"] != epoch:
             raise SegpipeError(f"{path}: holds epoch {snapshot_checkpoint['epoch']} of run "
                                f"{snapshot_checkpoint['spec']['run']}, not epoch {epoch} of the "
-                               f"run of {run_dir / 'model.pt'}")
+                               f"run of {run_dir / rundir.MODEL}")
         snapshot_per_image, snapshot_pooled, snapshot_probs, _ = score(
             snapshot, snapshot_checkpoint, loader, device, threshold, len(names), labels)
         epochs.append(epoch)
@@ -102,22 +104,22 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
                                                            labels)})
         evolution.append(snapshot_probs)
     # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
-    write_csv(run_dir / "metrics.csv", metrics_csv(labels), [row])
-    write_csv(run_dir / "per_image.csv", per_image_csv(labels),
+    write_csv(run_dir / rundir.METRICS, metrics_csv(labels), [row])
+    write_csv(run_dir / rundir.PER_IMAGE, per_image_csv(labels),
               [{"name": name, **{m: values[k] for m, values in per_image.items()}}
                for k, name in enumerate(all_names)])
-    write_csv(run_dir / "metrics_by_epoch.csv", by_epoch_csv(labels), by_epoch)
+    write_csv(run_dir / rundir.BY_EPOCH, by_epoch_csv(labels), by_epoch)
     if confusion is not None:
-        write_csv(run_dir / CONFUSION_CSV, ("truth", *labels.class_names),
+        write_csv(run_dir / rundir.CONFUSION, ("truth", *labels.class_names),
                   [{"truth": name, **dict(zip(labels.class_names, map(int, counts)))}
                    for name, counts in zip(labels.class_names, confusion)])
-    with atomic_path(run_dir / "evolution.npz") as tmp:
+    with atomic_path(run_dir / rundir.EVOLUTION) as tmp:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
             probs_best=probs.astype(np.float16), images=images, masks=masks,
             names=np.array(names, dtype=str), threshold=np.float64(threshold))
-    plot_predictions(names, images, masks, probs, threshold, labels, run_dir / "predictions.png",
+    plot_predictions(names, images, masks, probs, threshold, labels, run_dir / rundir.PREDICTIONS,
                      title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
              row["pooled_dice"], len(epochs))

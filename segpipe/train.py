@@ -60,8 +60,8 @@ from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
                              forward_logits, peak_memory_mb, place, probabilities)
-from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
-                            snapshots)
+from segpipe import rundir
+from segpipe.rundir import check_snapshots, expected_snapshots, run_lock, snapshot_path, snapshots
 from segpipe.spec import check_spec, default
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ def fingerprint(spec: dict, cache: Path) -> str:
 def _finished(out_dir: Path, spec: dict, key: str) -> bool:
     """Whether ``out_dir`` holds a complete run of fingerprint ``key``: ``model.pt`` recording
     it, ``history.csv``, exactly the snapshots of its epochs, and no state of a run unfinished."""
-    model = out_dir / "model.pt"
-    if ((out_dir / "state.pt").exists() or (out_dir / "state_snapshots").exists()
-            or not model.is_file() or not (out_dir / "history.csv").is_file()):
+    model = out_dir / rundir.MODEL
+    if ((out_dir / rundir.STATE).exists() or (out_dir / rundir.PENDING_SNAPSHOTS).exists()
+            or not model.is_file() or not (out_dir / rundir.HISTORY).is_file()):
         return False
     try:
         checkpoint = torch.load(model, map_location="cpu", weights_only=True)
@@ -117,7 +117,7 @@ def _finished(out_dir: Path, spec: dict, key: str) -> bool:
     if not isinstance(checkpoint, dict) or checkpoint.get("fingerprint") != key:
         return False
     try:
-        check_snapshots(out_dir / "snapshots", spec["train"]["snapshot_epochs"],
+        check_snapshots(out_dir / rundir.SNAPSHOTS, spec["train"]["snapshot_epochs"],
                         checkpoint["epochs"])
     except SegpipeError:
         return False
@@ -187,7 +187,7 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
         raise SegpipeError(f"{cache}: training cache not found")
     spec = check_spec(spec, *cache_facts(cache))
     with run_lock(out_dir, "train"):
-        handler = logging.FileHandler(out_dir / "train.log")
+        handler = logging.FileHandler(out_dir / rundir.TRAIN_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         level = log.level
         log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log gets the epochs
@@ -241,7 +241,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         **loader_options)
     val_loader = torch.utils.data.DataLoader(val_set, **loader_options)
 
-    state_path, pending_snapshots = out_dir / "state.pt", out_dir / "state_snapshots"
+    state_path, pending_snapshots = out_dir / rundir.STATE, out_dir / rundir.PENDING_SNAPSHOTS
     state_key = fingerprint(spec, cache)
     state = _load_state(state_path, state_key)
     if state is not None and not set(expected_snapshots(
@@ -311,17 +311,17 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
         log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
                  run, progress["epoch"], patience)
     meta = _meta(progress, parameters)
-    save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size, labels,
+    save_checkpoint(out_dir / rundir.MODEL, spec, progress["best_state"], size, labels,
                     epoch=progress["best_epoch"], val_dice=progress["best_dice"],
                     fingerprint=state_key, **meta)
-    write_csv(out_dir / "history.csv", HISTORY_COLUMNS, progress["history"])
+    write_csv(out_dir / rundir.HISTORY, HISTORY_COLUMNS, progress["history"])
     # The state goes first: killed after this, a re-run starts over instead of finishing
     # without the pending snapshots.
     state_path.unlink()
-    shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
+    shutil.rmtree(out_dir / rundir.SNAPSHOTS, ignore_errors=True)
     pending_snapshots.mkdir(exist_ok=True)
-    os.replace(pending_snapshots, out_dir / "snapshots")
-    check_snapshots(out_dir / "snapshots", settings["snapshot_epochs"], progress["epoch"])
+    os.replace(pending_snapshots, out_dir / rundir.SNAPSHOTS)
+    check_snapshots(out_dir / rundir.SNAPSHOTS, settings["snapshot_epochs"], progress["epoch"])
     log.info("%s: best val dice %.4f at epoch %d of %d; %.0f s training, peak memory %.0f MiB",
              run, progress["best_dice"], progress["best_epoch"], progress["epoch"],
              meta["train_seconds"], meta["peak_memory_mb"])

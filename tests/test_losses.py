@@ -218,4 +218,5 @@ def test_the_schema_lists_every_registered_term_and_its_options():
     terms = schema()["$defs"]["loss"]["terms"]
     assert list(terms) == list(TERMS)
     properties = schema()["$defs"]["loss"]["properties"]
-    assert set(properties) == {*terms, *(option for options in terms.values() for option in options)}
+    options = {option for options in terms.values() for option in options}
+    assert set(properties) == {*terms, *options}

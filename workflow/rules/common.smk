@@ -13,7 +13,8 @@ from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
 from segpipe.files import DEMO_NAME, demo_files, found_labels, labelme_files, labelme_index
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
-from segpipe.columns import AXES, CONFUSION_CSV, DEFINITIONS
+from segpipe import rundir
+from segpipe.columns import AXES, DEFINITIONS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
 from segpipe.spec import loss_errors, model_errors, schema
@@ -186,7 +187,8 @@ def _check_images(files):
     """The user's LabelMe files ({split: [paths]}) read as far as their images, checked as
     rasterise checks them before its first image, and {split: [segpipe.files.LabelmeEntry]}:
     every file is valid JSON with a 'shapes' list and its image exists; each folder keeps the
-    label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image; the training images' groups (identical images are one) suffice for
+    label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image;
+    the training images' groups (identical images are one) suffice for
     data.folds or the validation split; no test image is a training image, unless
     data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
     data = config["data"]
@@ -284,8 +286,8 @@ def experiment_spec(wildcards):
 
 
 def experiment_inputs(wildcards):
-    files = ("metrics.csv", "per_image.csv", "metrics_by_epoch.csv", "history.csv",
-             "evolution.npz", *([] if LABELS.binary else [CONFUSION_CSV]))
+    files = [rundir.HISTORY, *(name for key, name in rundir.evaluation_files(LABELS.binary).items()
+                               if key != "predictions")]
     runs = EXPERIMENTS[wildcards.experiment]
     return [f"{folder}/{f}" for r in runs for folder in job_dirs(r) for f in files]
 
