@@ -90,29 +90,13 @@ def build_cache(
     if folds is not None and val_fraction > 0:
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
-    files = labelme_files(input_dir)
-    inputs = {path: f"a LabelMe file of {input_dir}" for path in files}
-    if train_cache is not None:
-        inputs[Path(train_cache)] = "the training cache (--train-cache)"
-    check_outputs([output], inputs)
-    index = labelme_index(files)
-    check_outputs([output], {entry.image_file: f"the image of {entry.path}"
-                             for entry in index if entry.image_file is not None})
-    errors = labels.folder_errors(found_labels(index), str(input_dir),
-                                  training=train_cache is None)
-    if errors:
-        raise SegpipeError("\n".join(errors))
-    if train_cache is not None:
-        index = _unseen(index, Path(train_cache), drop_duplicates)
-        files = [entry.path for entry in index]
-
-    n = len(files)
-    names = [p.stem for p in files]
-    digests = [entry.digest for entry in index]
+    index = _read_folder(input_dir, output, labels, train_cache, drop_duplicates)
+    names, digests = [entry.path.stem for entry in index], [entry.digest for entry in index]
     keys = merge_identical(group_keys(names, group), digests)
     for same in identical(digests):
         log.warning("%s: the same image (identical image bytes): one group, %r, on one side "
-                    "of every split", " and ".join(str(files[i]) for i in same), keys[same[0]])
+                    "of every split", " and ".join(str(index[i].path) for i in same),
+                    keys[same[0]])
     groups = group_ids(keys)
     try:
         if folds is None:
@@ -127,20 +111,55 @@ def build_cache(
         **labels.attrs(),
         "group": json.dumps(group),
         "size": np.array(size),
-        "count": n,
+        "count": len(index),
         "split_seed": split_seed,
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
-    layout = _layout(names, keys, digests, size, split, attrs)
+    found, skipped, pixels = _write(output, [entry.path for entry in index], size, labels,
+                                    _layout(names, keys, digests, size, split, attrs))
+    log.info(
+        "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
+        output, len(index), _describe_split(split, groups), height, width, labels.describe(),
+        _shares(pixels, labels, len(index) * height * width), _counts(found), _counts(skipped),
+    )
+
+
+def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str | Path | None,
+                 drop_duplicates: bool) -> list:
+    """The LabelMe files of ``input_dir`` read as far as their images
+    (:func:`segpipe.files.labelme_index`), checked before any image is decoded: the output
+    replaces no input, the folder keeps the label rule, and (a test folder) no image is one of
+    the training cache, or with ``drop_duplicates`` those are left out."""
+    files = labelme_files(input_dir)
+    inputs = {path: f"a LabelMe file of {input_dir}" for path in files}
+    if train_cache is not None:
+        inputs[Path(train_cache)] = "the training cache (--train-cache)"
+    check_outputs([output], inputs)
+    index = labelme_index(files)
+    check_outputs([output], {entry.image_file: f"the image of {entry.path}"
+                             for entry in index if entry.image_file is not None})
+    errors = labels.folder_errors(found_labels(index), str(input_dir),
+                                  training=train_cache is None)
+    if errors:
+        raise SegpipeError("\n".join(errors))
+    return index if train_cache is None else _unseen(index, Path(train_cache), drop_duplicates)
+
+
+def _write(output: Path, files: list[Path], size: tuple[int, int], labels: Labels,
+           layout: bytes) -> tuple[Counter, Counter, Counter]:
+    """Rasterise ``files`` into the cache ``output`` of ``layout`` (:func:`_layout`), written
+    under a temporary name with its space reserved and renamed when complete; the labels of
+    the filled shapes, the shapes skipped and the pixels of each mask value, counted."""
+    height, width = size
     found, skipped, pixels, first_row = Counter(), Counter(), Counter(), {}
     with atomic_path(output) as partial:
-        _create_reserved(partial, layout, n, size, output)
+        _create_reserved(partial, layout, len(files), size, output)
         with h5py.File(partial, "r+") as h5:
             images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
             for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
                 annotation = load_annotation(path)
-                image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
-                images[i] = image
+                images[i] = cv2.resize(annotation.image, (width, height),
+                                       interpolation=cv2.INTER_AREA)
                 masks[i] = mask = rasterise(annotation, size, labels)
                 first = first_row.setdefault(annotation.image_digest, i)
                 if first != i and (masks[first] != mask).any():
@@ -152,11 +171,7 @@ def build_cache(
                 found.update(s.label for s in annotation.shapes)
                 skipped.update(annotation.skipped)
             h5.attrs[CONTENT_KEY] = content_digest(h5)
-    log.info(
-        "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
-        output, n, _describe_split(split, groups), height, width, labels.describe(),
-        _shares(pixels, labels, n * height * width), _counts(found), _counts(skipped),
-    )
+    return found, skipped, pixels
 
 
 def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
