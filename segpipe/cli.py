@@ -108,7 +108,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_summary(args: argparse.Namespace) -> None:
-    from segpipe.aggregate import write_summary
+    from segpipe.summary import write_summary
 
     write_summary(args.experiments, args.output)
 

@@ -21,6 +21,9 @@ MEAN_COLUMNS = tuple("map" if metric == "ap" else metric for metric in METRICS)
 POOLED_COLUMNS = tuple(f"pooled_{metric}" for metric in METRICS)
 """The metrics over all test pixels together."""
 METRIC_COLUMNS = MEAN_COLUMNS + POOLED_COLUMNS
+CURVES = {"map": "test mAP", "dice": "test Dice"}
+"""The columns of metrics_by_epoch.csv that aggregation averages per epoch into curves.png,
+with their labels there."""
 RUN_COLUMNS = ("parameters", "train_seconds", "epochs", "best_epoch", "peak_memory_mb")
 """Facts about the training of a run, copied from its checkpoint."""
 

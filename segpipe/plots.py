@@ -39,6 +39,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from segpipe.columns import CURVES
 from segpipe.files import atomic_path
 from segpipe.labels import IGNORE, Labels
 
@@ -65,7 +66,6 @@ SIGNIFICANCE_COLOURS = {True: "#2b6cb0", False: "#e8edf3"}
 DIAGONAL_COLOUR = "white"
 BLOB_AREA = 700  # points² of a blob holding every resample
 
-CURVE_METRICS = {"map": "test mAP", "dice": "test Dice"}
 BAR_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP", "precision": "precision",
                "recall": "recall"}
 SWEEP_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP"}
@@ -155,7 +155,7 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
     """
     fig = Figure(figsize=(11, 4 + _legend_height(groups, 11)), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
+    for ax, (metric, label) in zip(axes, CURVES.items()):
         for group, colour in zip(groups, colours):
             rows = by_epoch[by_epoch["group"] == group]
             ax.plot(rows["epoch"], rows[f"{metric}_mean"], marker="o", markersize=3,

@@ -14,12 +14,9 @@ import pytest
 import scipy.stats
 
 from segpipe import SegpipeError
-from segpipe.aggregate import (
-    _load_run,
-    class_summary,
-    aggregate_experiment,
-    write_summary,
-)
+from segpipe.aggregate import aggregate_experiment, class_summary
+from segpipe.results import load_run
+from segpipe.summary import write_summary
 from segpipe.cli import main
 from segpipe.stats import Scores
 from segpipe.columns import METRIC_COLUMNS as METRICS
@@ -426,7 +423,7 @@ def test_snapshot_metrics_of_folds_are_weighted_by_their_images(tmp_path):
     """Fold 0 (3 images, snapshots at epochs 2 and 4, Dice 0.3 and 0.6) and fold 1 (2 images,
     stopped early: a snapshot at epoch 2 only, Dice 0.85)."""
     spec = cv_spec(tmp_path)
-    _, curves, per_image = _load_run([Path(folder) for folder in spec["runs"][0]["folds"]])
+    _, curves, per_image = load_run([Path(folder) for folder in spec["runs"][0]["folds"]])
     assert list(curves["epoch"]) == [2, 4]
     assert curves["dice"].tolist() == pytest.approx([(3 * 0.3 + 2 * 0.85) / 5, 0.6])
     assert list(per_image["name"]) == [f"case{i}" for i in range(5)]
