@@ -11,8 +11,8 @@ augmentations trust what they get. Every message names the key path:
 ``config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up)``.
 
 Beyond the schema, this module holds only the rules between options that a schema cannot
-state (:func:`model_errors`, :func:`loss_errors`). It imports neither torch nor numpy: the Snakemake process, which
-may run without them (``--sdm conda``), imports it.
+state (:func:`model_errors`, :func:`loss_errors`). It imports neither torch nor numpy: the
+Snakemake process, which may run without them (``--sdm conda``), imports it.
 """
 
 from __future__ import annotations

@@ -538,7 +538,8 @@ def test_editing_an_architecture_reruns_its_runs_in_every_fold(cv_study: Path):
     (TINY_CV, lambda d: d.update(test_dir="results/demo_data/test"),
      "config: data.test_dir: must be absent (or null) with data.folds"),
     (TINY, lambda d: d.pop("test_dir"), "config: data.test_dir: required unless data.folds"),
-    (TINY_CV, lambda d: d.update(group="(synth"), "config: data.group: '(synth' is not a regular"),
+    (TINY_CV, lambda d: d.update(group="(synth"),
+     "config: data.group = '(synth': not a regular expression"),  # groups.group_keys' message
     (TINY_CV, lambda d: d.update(folds=2), "config: data.folds: 2 is less than the minimum of 3"),
     (TINY_CV, lambda d: d.update(drop_test_duplicates=True),
      "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation has "
