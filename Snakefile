@@ -34,6 +34,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:
@@ -43,4 +44,5 @@ rule all:
          for run in RUNS],
         SUMMARY,
         [path for name in config["experiments"] for path in experiment_files(name)],
+        prediction_files(),  # with a predict section: its folder's predictions
     default_target: True

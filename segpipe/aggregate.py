@@ -31,7 +31,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from segpipe import SegpipeError, figures, plots, stats
-from segpipe.columns import CURVES, METRIC_COLUMNS
+from segpipe.columns import CURVES, METRIC_COLUMNS, REFERENCE_RUNS
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
 from segpipe.results import (PER_IMAGE_METRICS, check_experiment_spec, class_scores, group_name,
@@ -161,9 +161,10 @@ def _sweep_values(name: str, sweep: dict, axes: list[str], summary: pd.DataFrame
 
 
 def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
-    """Write summary.csv and the figures (:data:`segpipe.figures.FIGURES`) for experiment
-    ``name`` into ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set, classes.png and
-    confusion.png only with several classes).
+    """Write summary.csv, :data:`~segpipe.columns.REFERENCE_RUNS` (the run folders of the
+    reference group; empty without one) and the figures (:data:`segpipe.figures.FIGURES`) for
+    experiment ``name`` into ``output_dir`` (sweep.png only when ``spec["sweep"]`` is set,
+    classes.png and confusion.png only with several classes).
 
     ``spec``: ``{"axes": [...], "sweep": null | {"axis", "param", "values": {value: number}},
     "baseline": null | {<axis>: value, ...},
@@ -195,6 +196,10 @@ def aggregate_experiment(name: str, spec: dict, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(output_dir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
+    reference = summary["reference"].iloc[0]
+    with atomic_path(output_dir / REFERENCE_RUNS) as tmp:
+        tmp.write_text("".join(f"{run['dir']}\n" for run in run_specs
+                               if group_name(name, axes, run) == reference))
     for figure in figures.figures_for(sweep is not None, labels.binary):
         _save(figures.FIGURES[figure].draw(context), output_dir / f"{figure}.png")
 

@@ -95,10 +95,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    from segpipe.data.labelme import Simplification
     from segpipe.predict import predict_folder
 
     predict_folder(args.checkpoint, args.input, args.output, threshold=args.threshold,
-                   device=args.device)
+                   formats=args.format, tta=args.tta,
+                   simplification=Simplification(args.tolerance, args.min_area),
+                   embed_image=args.embed_image, device=args.device)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
@@ -211,11 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(s)
     s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("predict", help="write PNG masks for a folder of images")
-    s.add_argument("--checkpoint", type=Path, required=True, help="a run's model.pt")
+    s = sub.add_parser("predict", help="masks or LabelMe files for a folder of images, by one "
+                                       "model or an ensemble, and uncertainty.csv")
+    s.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
+                   help="checkpoints (model.pt), run folders (every model.pt below: the folds) or "
+                        "@FILE listing them; several predict as an ensemble")
     s.add_argument("--input", type=Path, required=True, help="folder of images")
-    s.add_argument("--output", type=Path, required=True, help="folder for the masks")
-    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--output", type=Path, required=True,
+                   help="folder for the predictions and uncertainty.csv")
+    s.add_argument("--format", nargs="+", choices=["png", "labelme"], default=["png"],
+                   help="png masks and/or LabelMe JSON (both: in masks/ and labelme/)")
+    s.add_argument("--threshold", type=float, default=default("evaluate.threshold"))
+    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=default("predict.tta"),
+                   help="average each model over the image mirrored three ways (4 passes)")
+    s.add_argument("--tolerance", type=float, default=default("predict.tolerance"),
+                   metavar="PIXELS",
+                   help="LabelMe polygons: Douglas-Peucker simplification tolerance")
+    s.add_argument("--min-area", type=int, default=default("predict.min_area"), metavar="PIXELS",
+                   help="LabelMe polygons: regions and holes smaller are dropped")
+    s.add_argument("--embed-image", action=argparse.BooleanOptionalAction,
+                   default=default("predict.embed_image"),
+                   help="LabelMe files carry the image (imageData), not only its path")
     _add_device(s)
     s.set_defaults(func=_cmd_predict)
 

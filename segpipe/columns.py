@@ -33,6 +33,9 @@ PER_IMAGE_CSV = ("name", *METRICS)
 """``per_image.csv``: one row per test image, the best model's metrics."""
 BY_EPOCH_CSV = ("epoch", *METRIC_COLUMNS)
 """``metrics_by_epoch.csv``: one row per snapshot epoch, its metrics on the test split."""
+REFERENCE_RUNS = "reference_runs.txt"
+"""An experiment's reference group (chosen on validation), one run folder per line: the
+ensemble ``segpipe predict`` uses in the workflow (every seed, and below each its folds)."""
 
 
 def class_metric_columns(labels) -> list[str]:

@@ -161,6 +161,46 @@ def demo_files(folder: str | Path, count: int) -> list[str]:
             for suffix in ("json", "jpg")]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+"""The images ``segpipe predict`` reads from a folder."""
+PREDICTION_FORMATS = {"png": ".png", "labelme": ".json"}
+"""The formats of ``segpipe predict`` and the suffix of their files."""
+PREDICTION_FOLDERS = {"png": "masks", "labelme": "labelme"}
+"""The sub-folder of each format when several are written at once."""
+UNCERTAINTY_CSV = "uncertainty.csv"
+"""``segpipe predict``: the images most uncertain first."""
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The images (:data:`IMAGE_SUFFIXES`, any case) of a folder, sorted; raises
+    :class:`SegpipeError` for a missing folder, none, or two of one stem (their predictions
+    would be one file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegpipeError(f"{folder}: input folder not found")
+    images = sorted(p for p in folder.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SegpipeError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems: dict[str, Path] = {}
+    for path in images:
+        if path.stem in stems:
+            raise SegpipeError(f"{stems[path.stem]} and {path}: two images of one name; their "
+                               f"predictions would both be written as {path.stem}.*")
+        stems[path.stem] = path
+    return images
+
+
+def prediction_paths(output_dir: str | Path, stem: str, formats: Sequence[str]) -> dict[str, Path]:
+    """Where each format's file of image ``stem`` goes: ``output_dir/<stem><suffix>`` for one
+    format, ``output_dir/<masks|labelme>/<stem><suffix>`` for several (LabelMe would list the
+    PNG masks of its folder as images to annotate)."""
+    if len(formats) == 1:
+        return {formats[0]: Path(output_dir) / f"{stem}{PREDICTION_FORMATS[formats[0]]}"}
+    return {f: Path(output_dir) / PREDICTION_FOLDERS[f] / f"{stem}{PREDICTION_FORMATS[f]}"
+            for f in formats}
+
+
 def check_outputs(outputs: Iterable[Path], inputs: Mapping[Path, str]) -> None:
     """Raise :class:`SegpipeError` if writing one of ``outputs`` would replace one of ``inputs``
     (path: what it is, for the message): the output names the input, or the file an input

@@ -30,6 +30,9 @@ IGNORE = 255
 """The mask value of pixels that no loss or metric counts."""
 BACKGROUND = "background"
 """The name of class 0."""
+LABELME_BACKGROUND = "_background_"
+"""LabelMe's own label for class 0 (``labelme2voc.py``): segpipe's predicted LabelMe files
+label the holes of a region with it when the study names no background label."""
 CLASS_NAME = re.compile(r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*")
 """A class name: it becomes part of column names (``dice.<class>``)."""
 MAX_CLASSES = 254
@@ -183,16 +186,31 @@ class Labels:
                 return index
         return None
 
+    def label_of(self, value: int) -> str:
+        """The LabelMe label a predicted shape of class ``value`` (1…K) gets: the first label
+        that paints the class (:meth:`value` gives it back), else the class name."""
+        sources = self.sources[value - 1] if self.sources else ()
+        return sources[0] if sources else self.names[value - 1]
+
+    @property
+    def hole_label(self) -> str:
+        """The label of a predicted hole (it paints 0, erasing): the study's first background
+        label, else :data:`LABELME_BACKGROUND`."""
+        return self.background[0] if self.background else LABELME_BACKGROUND
+
     def named_labels(self) -> set[str]:
         """Every label that the config names (classes, background, ignore)."""
         return {*(label for labels in self.sources or () for label in labels),
                 *self.background, *self.ignore}
 
     def unnamed(self, labels: Iterable[str]) -> list[str]:
-        """The labels of ``labels`` that a study with ``classes`` does not name, sorted (none
-        without ``classes``: a binary study draws what it selects and skips the rest)."""
+        """The labels of ``labels`` that a study with ``classes`` does not name, sorted. Without
+        ``classes`` a binary study draws what it selects and skips the rest, but
+        :data:`LABELME_BACKGROUND`, the holes of predicted files, must be a background label:
+        drawn as foreground it would fill them."""
         if not self.configured:
-            return []
+            return [LABELME_BACKGROUND] if (LABELME_BACKGROUND in set(labels) and
+                                            self.value(LABELME_BACKGROUND) == 1) else []
         return sorted(set(labels) - self.named_labels())
 
     def folder_errors(self, found: Mapping[str, Sequence[object]], folder: str,

@@ -1,35 +1,55 @@
-"""Inference from a self-describing checkpoint: ``segpipe predict`` on a folder of new images.
+"""Inference from self-describing checkpoints: ``segpipe predict`` on a folder of new images.
 
 A checkpoint (``model.pt`` or a snapshot, :mod:`segpipe.checkpoint`) holds the
 architecture and backbone definitions, the input size and the normalisation, so no config is
-needed. Each image is resized to the model size with area interpolation and the
-probabilities are resized back to the original size bilinearly. A binary model's pixels with
-``probability >= threshold`` are foreground: 255 in the written PNG mask, else 0. A model of
-several classes (:mod:`segpipe.labels`) writes the class index of each pixel (argmax; 0
-background) as a palette PNG with the VOC colours, as LabelMe's VOC export does.
+needed. Several checkpoints (the seeds and folds of a run) predict as an **ensemble**: their
+probabilities are averaged, as nnU-Net predicts with its five folds (Isensee et al. 2021,
+Nat. Methods 18:203); with ``tta`` each also sees the image mirrored horizontally, vertically
+and both ways, the mirrored predictions flipped back and averaged the same way. Each image is
+resized to the model size with area interpolation and the averaged probabilities are resized
+back to the original size bilinearly. A binary model's pixels with ``probability >=
+threshold`` are foreground, else the class of the largest probability (argmax; 0 background).
+
+Formats (docs/formats.md): ``png``, a binary 0/255 mask or for several classes a palette PNG of
+class indices with the VOC colours (as LabelMe's VOC export writes it); ``labelme``, a LabelMe
+JSON of polygons (:func:`segpipe.data.labelme.mask_shapes`) for an annotator to correct. Every
+run also writes ``uncertainty.csv`` (:func:`uncertainty`), which ranks the images most
+uncertain first: those to annotate next.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
-from segpipe.data.labelme import decode_image
-from segpipe.files import atomic_path, check_outputs
+from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction, labelme_document,
+                                  mask_shapes)
+from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, check_outputs,
+                            image_files, prediction_paths, write_csv)
 from segpipe.labels import Labels
 from segpipe.runtime import acquire_device, forward_logits, probabilities
+from segpipe.spec import default
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+UNCERTAINTY_COLUMNS = ("rank", "name", "image", "disagreement", "entropy", "members",
+                       "foreground")
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+"""Test-time augmentation: none, horizontal, vertical and both mirrors (dims of N, C, H, W)."""
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -42,70 +62,234 @@ def read_image(path: Path) -> np.ndarray:
     return decode_image(encoded, str(path))
 
 
-@torch.no_grad()
-def predict_probability(model: nn.Module, checkpoint: dict, image: np.ndarray,
-                        device: torch.device) -> np.ndarray:
-    """Probabilities float32 at the size of the RGB uint8 ``image``: the foreground's (H, W) of a
-    binary model, every class's (C, H, W) of a model of several classes."""
-    height, width = checkpoint["size"]
-    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    batch = torch.from_numpy(resized).permute(2, 0, 1)[None]
-    logits = forward_logits(model, batch, device, checkpoint["mean"], checkpoint["std"])
-    probs = probabilities(logits)[0].cpu().numpy()
-    resized = [cv2.resize(p, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-               for p in probs]
-    return resized[0] if len(resized) == 1 else np.stack(resized)
+def checkpoint_paths(sources: Sequence[str | Path]) -> list[Path]:
+    """The checkpoints named by ``sources``: a file is one; a folder gives every ``model.pt``
+    in or below it (a run folder: its own, or one per fold; never its snapshots); ``@list``
+    reads one source per line of the file ``list``. Each once, in order."""
+    found: dict[Path, None] = {}
+    for source in sources:
+        source = str(source)
+        if source.startswith("@"):
+            try:
+                lines = Path(source[1:]).read_text().splitlines()
+            except OSError as exc:
+                raise SegpipeError(f"{source[1:]}: cannot read ({exc.strerror})") from None
+            listed = [line.strip() for line in lines if line.strip()]
+            if not listed:
+                raise SegpipeError(f"{source[1:]}: lists no checkpoint or run folder")
+            found.update(dict.fromkeys(checkpoint_paths(listed)))
+        elif Path(source).is_dir():
+            models = sorted(p for p in Path(source).rglob("model.pt")
+                            if "snapshots" not in p.relative_to(source).parts)
+            if not models:
+                raise SegpipeError(f"{source}: holds no model.pt (a run folder, or a folder of "
+                                   "runs, holds one per run and fold)")
+            found.update(dict.fromkeys(models))
+        else:
+            found[Path(source)] = None
+    return list(found)
 
 
-def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path,
-                   threshold: float = 0.5, device: str = "auto") -> None:
-    """Write ``output_dir/<stem>.png`` (0/255 mask at the original size) for every image
-    (jpg, jpeg, png, bmp, tif, tiff) in ``input_dir``: all of them or, after an error, none
-    (each is written under a temporary name, and all are renamed once every mask is written).
-    ``output_dir`` may be neither ``input_dir`` nor hold a mask path that would replace an
-    input (an image, the checkpoint)."""
+@dataclass(frozen=True)
+class Ensemble:
+    """Models that predict together: they agree on their classes, input size and
+    normalisation (their checkpoints' ``labels``, ``size``, ``mean`` and ``std``)."""
+
+    paths: tuple[Path, ...]
+    models: tuple[nn.Module, ...]
+    labels: Labels
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def load(cls, paths: Sequence[Path], device: torch.device) -> Ensemble:
+        """Load every checkpoint; raises :class:`SegpipeError` naming the two that disagree."""
+        if not paths:
+            raise SegpipeError("no checkpoint given")
+        models, facts = [], []
+        for path in paths:
+            model, ckpt = load_checkpoint(path, device)
+            models.append(model)
+            facts.append({"classes": checkpoint_labels(ckpt), "input size": tuple(ckpt["size"]),
+                          "normalisation mean": tuple(ckpt["mean"]),
+                          "normalisation std": tuple(ckpt["std"])})
+        for path, fact in zip(paths[1:], facts[1:]):
+            for key, value in fact.items():
+                if value != facts[0][key]:
+                    show = (lambda v: v.describe()) if key == "classes" else str
+                    raise SegpipeError(
+                        f"{path}: {key} {show(value)} differs from {paths[0]}'s, "
+                        f"{show(facts[0][key])}: the models of an ensemble average their "
+                        "probabilities, so they must predict the same classes from the same input")
+        first = facts[0]
+        return cls(tuple(paths), tuple(models), first["classes"], first["input size"],
+                   first["normalisation mean"], first["normalisation std"])
+
+    @torch.no_grad()
+    def member_probabilities(self, image: np.ndarray, device: torch.device,
+                             tta: bool = False) -> np.ndarray:
+        """Probabilities float32 (M, C, h, w) at the model size of the RGB uint8 ``image``: one
+        row per model (times four mirrors with ``tta``, each flipped back); C = 1 (the
+        foreground's) for a binary model, background + K classes otherwise."""
+        height, width = self.size
+        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        batch = torch.from_numpy(resized).permute(2, 0, 1)[None]
+        flips = FLIPS if tta else FLIPS[:1]
+        batch = torch.cat([batch.flip(dims) if dims else batch for dims in flips])
+        members = []
+        for model in self.models:
+            probs = probabilities(forward_logits(model, batch, device, self.mean, self.std))
+            members += [p.flip(dims) if dims else p for p, dims in zip(probs, flips)]
+        return torch.stack(members).cpu().numpy()
+
+
+def uncertainty(members: np.ndarray, labels: Labels, threshold: float = 0.5) -> dict:
+    """How unsure an ensemble is of an image, from its members' probabilities (M, C, h, w):
+
+    - ``entropy``: the mean over the pixels of the entropy of the averaged probabilities,
+      divided by its maximum (ln 2 for a binary model, ln C otherwise), so in [0, 1];
+    - ``disagreement``: 1 − the mean Dice between the masks of every two members (the
+      committee's disagreement, Seung et al. 1992, COLT), NaN with one member. Two masks'
+      Dice is the mean over the foreground classes either holds; both empty is agreement (1).
+    """
+    mean = members.mean(axis=0)
+    p = np.clip(mean, 1e-12, 1.0)
+    if labels.binary:
+        q = np.clip(1.0 - mean[0], 1e-12, 1.0)
+        entropy = -(p[0] * np.log(p[0]) + q * np.log(q)) / math.log(2)
+    else:
+        entropy = -(p * np.log(p)).sum(axis=0) / math.log(len(p))
+    masks = [labels.predict(m[0] if labels.binary else m, threshold) for m in members]
+    pairs = [_dice(a, b, labels.binary) for a, b in itertools.combinations(masks, 2)]
+    return {"entropy": float(entropy.mean()),
+            "disagreement": 1.0 - float(np.mean(pairs)) if pairs else float("nan"),
+            "members": len(members)}
+
+
+def _dice(a: np.ndarray, b: np.ndarray, binary: bool) -> float:
+    """Dice of two class maps: the mean over the foreground classes either holds (1: none)."""
+    classes = [1] if binary else [c for c in np.union1d(np.unique(a), np.unique(b)) if c > 0]
+    scores = [2.0 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum())
+              for c in classes if (a == c).any() or (b == c).any()]
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """``rows`` (:func:`uncertainty` of each image) most uncertain first, numbered ``rank``:
+    by disagreement, then entropy (disagreement is NaN for one member: by entropy alone)."""
+    def key(row: dict) -> tuple[float, float]:
+        disagreement = row["disagreement"]
+        return (0.0 if math.isnan(disagreement) else -disagreement, -row["entropy"])
+    return [{**row, "rank": rank} for rank, row in enumerate(sorted(rows, key=key), start=1)]
+
+
+def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_dir: Path,
+                   threshold: float | None = None, formats: Sequence[str] = ("png",),
+                   tta: bool | None = None, simplification: Simplification | None = None,
+                   embed_image: bool | None = None, device: str = "auto") -> None:
+    """Predict every image of ``input_dir`` with the ensemble of ``checkpoints``
+    (:func:`checkpoint_paths`) into ``output_dir``: each format's file per image
+    (:func:`segpipe.files.prediction_paths`) and :data:`UNCERTAINTY_CSV`; all of them or,
+    after an error, none (each is written under a temporary name, and all are renamed once
+    every one is written). ``output_dir`` may be neither ``input_dir`` nor hold a path that
+    would replace an input (an image, a LabelMe file, a checkpoint), nor a LabelMe file other
+    than an unedited prediction (:func:`~segpipe.data.labelme.is_unedited_prediction`: an
+    annotation, or a corrected one). ``embed_image``: LabelMe files carry the image
+    (``imageData``) instead of only its path. Settings left None take the config's defaults
+    (``evaluate.threshold``, ``predict.tta``, ``predict.embed_image``; the polygons':
+    :meth:`Simplification.default`)."""
+    threshold = default("evaluate.threshold") if threshold is None else threshold
+    tta = default("predict.tta") if tta is None else tta
+    embed_image = default("predict.embed_image") if embed_image is None else embed_image
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    checkpoints = checkpoint_paths([checkpoints] if isinstance(checkpoints, (str, Path))
+                                   else checkpoints)
     if not 0 < threshold < 1:
         raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
-    if not input_dir.is_dir():
-        raise SegpipeError(f"{input_dir}: input folder not found")
-    images = sorted(p for p in input_dir.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise SegpipeError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    stems: dict[str, Path] = {}
-    for path in images:
-        if path.stem in stems:
-            raise SegpipeError(f"{stems[path.stem]} and {path} would both be written as "
-                               f"{output_dir / (path.stem + '.png')}")
-        stems[path.stem] = path
+    unknown = [f for f in formats if f not in PREDICTION_FORMATS]
+    if unknown or not formats:
+        raise SegpipeError(f"format {', '.join(unknown) or 'none'}: expected some of "
+                           f"{', '.join(PREDICTION_FORMATS)}")
+    formats = list(dict.fromkeys(formats))
+    images = image_files(input_dir)
     if output_dir.resolve() == input_dir.resolve():
-        raise SegpipeError(f"{output_dir}: is the input folder; the masks would replace or join "
-                           "the images: choose another --output")
-    masks = {stem: output_dir / f"{stem}.png" for stem in stems}
-    inputs = {path: "an input image" for path in images}
-    check_outputs(masks.values(), {**inputs, Path(checkpoint): "the checkpoint"})
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SegpipeError(f"{output_dir}: cannot create the folder ({exc.strerror})") from None
+        raise SegpipeError(f"{output_dir}: is the input folder; the predictions would replace or "
+                           "join the images and their annotations: choose another --output")
+    outputs = {path: prediction_paths(output_dir, path.stem, formats) for path in images}
+    csv_path = output_dir / UNCERTAINTY_CSV
+    inputs = {**{path: "an input image" for path in images},
+              **{path: "a LabelMe file of the input" for path in input_dir.glob("*.json")},
+              **{path: "a checkpoint" for path in checkpoints}}
+    check_outputs([csv_path, *(p for paths in outputs.values() for p in paths.values())], inputs)
+    for paths in outputs.values():
+        if "labelme" in paths:
+            _check_replaceable(paths["labelme"])
+    for folder in {csv_path.parent, *(p.parent for paths in outputs.values() for p in paths.values())}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SegpipeError(f"{folder}: cannot create the folder ({exc.strerror})") from None
     device = acquire_device(device)
-    model, ckpt = load_checkpoint(checkpoint, device)
-    labels = checkpoint_labels(ckpt)
+    ensemble = Ensemble.load(checkpoints, device)
+    labels = ensemble.labels
+    rows = []
     with contextlib.ExitStack() as written:  # renamed together when the block succeeds
-        for path in images:
-            prob = predict_probability(model, ckpt, read_image(path), device)
-            tmp = written.enter_context(atomic_path(masks[path.stem]))
-            if labels.binary:
-                mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
-                tmp.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
-            else:
-                write_class_png(tmp, labels.predict(prob), labels)
-    log.info("wrote %d masks (%s) to %s", len(images), labels.describe(), output_dir)
+        for path in tqdm(images, desc="predict", unit="image", disable=None):
+            image = read_image(path)
+            members = ensemble.member_probabilities(image, device, tta)
+            rows.append({"name": path.stem, "image": str(path),
+                         **uncertainty(members, labels, threshold)})
+            probs = _resize(members.mean(axis=0), image.shape[:2])
+            classes = labels.predict(probs[0] if labels.binary else probs, threshold)
+            rows[-1]["foreground"] = float((classes > 0).mean())
+            for fmt, target in outputs[path].items():
+                tmp = written.enter_context(atomic_path(target))
+                if fmt == "png":
+                    write_png(tmp, classes, labels)
+                else:
+                    own = probs[0] if labels.binary else np.take_along_axis(
+                        probs, classes[None].astype(np.intp), axis=0)[0]
+                    shapes = mask_shapes(classes, labels, simplification, own)
+                    document = labelme_document(shapes, path, target, image.shape[:2],
+                                                path.read_bytes() if embed_image else None)
+                    tmp.write_text(json.dumps(document, indent=2))
+        tmp = written.enter_context(atomic_path(csv_path))
+        write_csv(tmp, UNCERTAINTY_COLUMNS, ranked(rows))
+    key = "disagreement, then entropy" if len(rows) and rows[0]["members"] > 1 else "entropy"
+    log.info("wrote %s of %d images (%s, ensemble of %d%s) and %s (ranked by %s) to %s",
+             " and ".join(formats), len(images), labels.describe(), len(checkpoints),
+             ", mirrored" if tta else "", UNCERTAINTY_CSV, key, output_dir)
 
 
-def write_class_png(path: Path, classes: np.ndarray, labels: Labels) -> None:
-    """A class-index map (H, W) uint8 as a palette PNG with the VOC colours."""
+def _resize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Probabilities (C, h, w) resized bilinearly to (C, H, W)."""
+    return np.stack([cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                     for p in probs])
+
+
+def _check_replaceable(path: Path) -> None:
+    """A LabelMe file at ``path`` may be replaced only when it is a segpipe prediction that
+    nobody has edited."""
+    if not path.exists():
+        return
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        document = None
+    if not is_unedited_prediction(document):
+        raise SegpipeError(f"{path}: exists and is not an unedited segpipe prediction (an "
+                           "annotation, or a prediction corrected since); it is never "
+                           "overwritten: move it to your annotations, or choose another --output")
+
+
+def write_png(path: Path, classes: np.ndarray, labels: Labels) -> None:
+    """A class map (H, W) uint8 as a PNG: 0/255 for a binary model, else a palette PNG of the
+    class indices with the VOC colours."""
+    if labels.binary:
+        path.write_bytes(cv2.imencode(".png", np.where(classes > 0, 255, 0).astype(np.uint8))[1]
+                         .tobytes())
+        return
     import PIL.Image
 
     image = PIL.Image.fromarray(classes)  # mode L: putpalette makes it P

@@ -368,8 +368,8 @@ def test_predict_output_that_is_the_input_folder(checkpoint, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(photos),
                  "--output", str(photos)]) == 1
     assert capsys.readouterr().err == (f"segpipe: error: {photos}: is the input folder; the "
-                                       "masks would replace or join the images: choose another "
-                                       "--output\n")
+                                       "predictions would replace or join the images and their "
+                                       "annotations: choose another --output\n")
     assert checksums(photos) == before
 
 

@@ -20,11 +20,10 @@ import pytest
 import torch
 from test_train import cache, make_spec  # noqa: F401 (cache: the training cache fixture)
 
-from segpipe.checkpoint import load_checkpoint
 from segpipe.evaluate import evaluate_run
 from segpipe.losses import build_loss
 from segpipe.models import build_model
-from segpipe.predict import predict_probability
+from segpipe.predict import Ensemble
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, amp_dtype, forward_logits, place
 from segpipe.train import train_run
 
@@ -192,8 +191,8 @@ def test_predict_on_cuda_equals_the_cpu(trained, ieee_fp32):
     image = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
     probabilities = {}
     for device in (torch.device("cpu"), torch.device("cuda", torch.cuda.current_device())):
-        model, checkpoint = load_checkpoint(trained / "model.pt", device)
-        probabilities[device.type] = predict_probability(model, checkpoint, image, device)
-    assert probabilities["cuda"].shape == (45, 70)
+        ensemble = Ensemble.load([trained / "model.pt"], device)
+        probabilities[device.type] = ensemble.member_probabilities(image, device, tta=True)
+    assert probabilities["cuda"].shape == (4, 1, *ensemble.size)  # the four mirrors
     np.testing.assert_allclose(probabilities["cuda"], probabilities["cpu"], rtol=0,
                                atol=TOLERANCE)

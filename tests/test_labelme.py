@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 
 from segpipe import SegpipeError
-from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.data.labelme import (Simplification, is_unedited_prediction, labelme_document, load_annotation,
+                                  mask_shapes, rasterise)
 from segpipe.labels import Labels
 
 
@@ -336,3 +337,106 @@ def test_label_both_foreground_and_background():
     with pytest.raises(SegpipeError, match=r"label 'a' is given two roles \(foreground and "
                                            r"background\)"):
         Labels.from_config(foreground=["a", "b"], background=["a"])
+
+
+# --- writing: predicted class maps as LabelMe polygons ------------------------------------
+
+EXACT = Simplification(tolerance=0, min_area=0)
+
+
+def written_back(shapes, size, tmp_path, labels: Labels) -> np.ndarray:
+    """The class map segpipe's rasteriser paints from a written LabelMe file of ``shapes``."""
+    image = tmp_path / "image.png"
+    cv2.imwrite(str(image), np.zeros((*size, 3), np.uint8))
+    path = tmp_path / "predicted" / "image.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(labelme_document(shapes, image, path, size)))
+    return rasterise(load_annotation(path), None, labels)
+
+
+def test_a_ring_with_an_island_in_its_hole(tmp_path):
+    """A 7x7 square of class 1 with a 3x3 hole holding a one-pixel island of class 2: the
+    square's 4 corners, then its hole (the background label, erasing), then the island."""
+    classes = np.zeros((10, 10), np.uint8)
+    classes[1:8, 2:9] = 1
+    classes[3:6, 4:7] = 0
+    classes[4, 5] = 2
+    labels = Labels(("ring", "dot"), (("ring",), ("dot", "spot")), ("_background_",),
+                    configured=True)
+    shapes = mask_shapes(classes, labels, EXACT)
+    assert [s["label"] for s in shapes] == ["ring", "_background_", "dot"]
+    assert shapes[0]["points"] == [[2.0, 1.0], [2.0, 7.0], [8.0, 7.0], [8.0, 1.0]]
+    assert sorted(map(tuple, shapes[1]["points"])) == [(4.0, 3.0), (4.0, 5.0), (6.0, 3.0),
+                                                       (6.0, 5.0)]
+    assert len(shapes[2]["points"]) == 3  # one pixel: its point, repeated to a polygon
+    assert all(s["shape_type"] == "polygon" and s["flags"] == {"predicted": True}
+               for s in shapes)
+    np.testing.assert_array_equal(written_back(shapes, classes.shape, tmp_path, labels), classes)
+
+
+def test_min_area_drops_small_regions_and_fills_small_holes(tmp_path):
+    classes = np.zeros((12, 12), np.uint8)
+    classes[1:9, 1:9] = 1
+    classes[4, 4] = 0                 # a hole of 1 pixel
+    classes[10:12, 10:12] = 1         # a region of 4 pixels
+    shapes = mask_shapes(classes, Labels(), Simplification(tolerance=0, min_area=5))
+    assert [s["label"] for s in shapes] == ["foreground"]
+    expected = np.zeros_like(classes)
+    expected[1:9, 1:9] = 1
+    np.testing.assert_array_equal(
+        written_back(shapes, classes.shape, tmp_path, Labels(background=("_background_",))),
+        expected)
+
+
+def test_the_hole_label_is_the_studys_background_label():
+    classes = np.zeros((9, 9), np.uint8)
+    classes[1:8, 1:8] = 1
+    classes[3:6, 3:6] = 0
+    labels = Labels.from_config(foreground=["leaf"], background=["grass", "sky"])
+    assert [s["label"] for s in mask_shapes(classes, labels, EXACT)] == ["leaf", "grass"]
+
+
+def test_a_binary_study_refuses_the_hole_label_as_foreground():
+    """Without data.background, `_background_` (the holes of predicted files) would paint
+    foreground in a binary study: it must be named a background label."""
+    assert Labels().unnamed(["cat", "_background_"]) == ["_background_"]
+    assert Labels(background=("_background_",)).unnamed(["cat", "_background_"]) == []
+
+
+@pytest.mark.parametrize("classes", [None, ["leaf", "stone"]], ids=["binary", "classes"])
+def test_round_trip_of_the_demo_test_images(tmp_path, classes):
+    """The demo's test images (the synthetic data of config.yaml: 16 at 192x256, seed 1),
+    their masks at the original size written as LabelMe polygons with the default
+    simplification and rasterised back: per class IoU >= 0.99 on every image."""
+    from segpipe.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "demo", count=16, seed=1, size=(192, 256))
+    labels = Labels.from_config(classes, background=["grass"])
+    reader = Labels.from_config(classes, background=["grass"])  # grass: the hole label
+    ious = []
+    for path in sorted((tmp_path / "demo").glob("*.json")):
+        truth = rasterise(load_annotation(path), None, labels)
+        back = written_back(mask_shapes(truth, labels), truth.shape, tmp_path, reader)
+        for value in range(1, labels.outputs if not labels.binary else 2):
+            a, b = truth == value, back == value
+            if a.any() or b.any():
+                ious.append((a & b).sum() / (a | b).sum())
+    assert len(ious) >= 16 and min(ious) >= 0.99, (len(ious), min(ious))
+
+
+def test_an_edited_prediction_is_told_from_an_unedited_one(tmp_path):
+    classes = np.zeros((9, 9), np.uint8)
+    classes[2:7, 2:7] = 1
+    shapes = mask_shapes(classes, Labels(), EXACT)
+    document = labelme_document(shapes, tmp_path / "x.png", tmp_path / "x.json", (9, 9))
+    resaved = json.loads(json.dumps(document).replace("2.0", "2"))  # ints: as LabelMe may save
+    assert is_unedited_prediction(document) and is_unedited_prediction(resaved)
+    moved = json.loads(json.dumps(document))
+    moved["shapes"][0]["points"][0] = [1.5, 2.0]  # one point dragged
+    relabelled = json.loads(json.dumps(document))
+    relabelled["shapes"][0]["label"] = "cat"
+    added = json.loads(json.dumps(document))
+    added["shapes"].append({**shapes[0], "label": "dog"})
+    human = {k: v for k, v in document.items() if k != "segpipe"}
+    for edited in (moved, relabelled, added, human, None, {"segpipe": 1, "shapes": []}):
+        assert not is_unedited_prediction(edited)

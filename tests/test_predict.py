@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import cv2
 import PIL.Image
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from segpipe import SegpipeError
 from segpipe.labels import Labels
 from segpipe.models import build_model
-from segpipe.predict import predict_folder
 from segpipe.checkpoint import make_checkpoint
+from segpipe.data.labelme import Simplification, load_annotation, rasterise
+from segpipe.predict import Ensemble, checkpoint_paths, predict_folder, uncertainty
 
 ARCHITECTURE = {"model": "unet", "width": 4, "depth": 2}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -57,7 +61,7 @@ def test_masks_have_the_original_sizes_and_follow_the_threshold(tmp_path):
     sizes = write_images(tmp_path / "in")
     predict_folder(checkpoint, tmp_path / "in", tmp_path / "out")
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == [f"{stem}.png" for stem in sorted(sizes)]
+    assert written == sorted([f"{stem}.png" for stem in sizes] + ["uncertainty.csv"])
     for stem, size in sizes.items():
         mask = cv2.imread(str(tmp_path / "out" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == size and mask.dtype == np.uint8 and (mask == 255).all()
@@ -82,7 +86,7 @@ def test_mask_is_the_thresholded_model_probability(tmp_path):
     middle = ordered[len(ordered) // 4: 3 * len(ordered) // 4]
     i = int(np.argmax(np.diff(middle)))
     threshold = float(middle[i] + middle[i + 1]) / 2
-    predict_folder(checkpoint, tmp_path / "in", tmp_path / "out", threshold=threshold)
+    predict_folder(checkpoint, tmp_path / "in", tmp_path / "out", threshold=threshold, tta=False)
     expected = np.where(prob >= threshold, 255, 0)
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "x.png"), cv2.IMREAD_UNCHANGED),
                                   expected)
@@ -115,7 +119,7 @@ def test_bad_input_names_the_file(tmp_path):
     with pytest.raises(SegpipeError, match=r"missing.pt: checkpoint not found"):
         predict_folder(tmp_path / "missing.pt", tmp_path / "in", tmp_path / "out")
     cv2.imwrite(str(tmp_path / "in" / "good.jpg"), np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(SegpipeError, match=r"good.jpg and .*good.png would both be written"):
+    with pytest.raises(SegpipeError, match=r"good.jpg and .*good.png: two images of one name"):
         predict_folder(checkpoint, tmp_path / "in", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegpipeError, match=r"empty: no images"):
@@ -140,3 +144,192 @@ def test_several_classes_write_palette_pngs_of_class_indices(tmp_path):
         assert png.mode == "P" and png.size == size[::-1]
         assert (np.array(png) == 2).all()  # stone everywhere, as LabelMe's VOC export writes
         assert png.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
+
+
+def random_model(seed: int, labels: Labels = Labels()) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ARCHITECTURE, {}, labels.outputs).eval()
+
+
+def smooth_images(folder: Path, count: int = 3, size=(48, 60)) -> list[Path]:
+    """Images of smooth colour fields, so that a random U-Net's output has regions, not noise."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        image = cv2.GaussianBlur(rng.random((*size, 3)), (0, 0), 5)
+        image = (255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)
+        paths.append(folder / f"img{i}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    return paths
+
+
+@pytest.mark.parametrize("labels", [Labels(), Labels(("leaf", "stone"), configured=True)],
+                         ids=["binary", "classes"])
+def test_labelme_files_round_trip_to_the_png_masks(tmp_path, labels):
+    """Both formats at once: masks/ and labelme/; each LabelMe file, rasterised by segpipe, is
+    the PNG mask: exactly without simplification, and at the default IoU >= 0.98 per class
+    (the classes tile these images, each boundary shared by two polygons; the demo images'
+    0.99 is tested in test_labelme.py); it points at its image and holds every field
+    LabelMe 5 reads."""
+    images = smooth_images(tmp_path / "in", size=(96, 120))
+    # A random model whose head bias cancels its mean logit per channel: every class wins
+    # somewhere, and a binary model's probability straddles 0.5.
+    model = random_model(0, labels)
+    probe = torch.from_numpy(cv2.imread(str(images[0]))[..., ::-1].copy()).permute(2, 0, 1)[None]
+    x = (probe / 255.0 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        model.state_dict()["decoder.head.bias"] -= model(x).mean(dim=(0, 2, 3))
+    checkpoint = save_checkpoint(model, tmp_path / "model.pt", {}, labels=labels)
+    threshold = 0.5
+    reader = Labels.from_config(list(labels.names) if labels.configured else None,
+                                background=["_background_"])  # the labels of the files
+    for simplification, least in ((Simplification(0, 0), 1.0), (None, 0.98)):
+        out = tmp_path / f"out{least}"
+        predict_folder(checkpoint, tmp_path / "in", out, threshold=threshold,
+                       formats=["png", "labelme"], simplification=simplification, tta=False)
+        assert sorted(p.name for p in out.iterdir()) == ["labelme", "masks", "uncertainty.csv"]
+        for image in images:
+            mask = np.array(PIL.Image.open(out / "masks" / f"{image.stem}.png"))
+            mask = (mask > 0).astype(np.uint8) if labels.binary else mask
+            path = out / "labelme" / f"{image.stem}.json"
+            document = json.loads(path.read_text())
+            assert set(document) == {"version", "flags", "shapes", "imagePath", "imageData",
+                                     "imageHeight", "imageWidth", "segpipe"}
+            assert (path.parent / document["imagePath"]).resolve() == image.resolve()
+            assert document["imageData"] is None
+            assert (document["imageHeight"], document["imageWidth"]) == mask.shape
+            for shape in document["shapes"]:
+                assert set(shape) == {"label", "points", "group_id", "description",
+                                      "shape_type", "flags", "mask"}
+                assert shape["flags"] == {"predicted": True}
+            back = rasterise(load_annotation(path), None, reader)
+            present = [v for v in range(1, len(labels.names) + 1) if (mask == v).any()]
+            assert present, "the model predicts no region: no round trip to check"
+            for value in present:
+                a, b = mask == value, back == value
+                assert (a & b).sum() / (a | b).sum() >= least
+
+
+def test_embedded_image(tmp_path):
+    checkpoint = save_checkpoint(constant_model(2.0), tmp_path / "model.pt", backbone={})
+    (image,) = smooth_images(tmp_path / "in", count=1)
+    predict_folder(checkpoint, tmp_path / "in", tmp_path / "out", formats=["labelme"],
+                   embed_image=True)
+    document = json.loads((tmp_path / "out" / "img0.json").read_text())
+    assert base64.b64decode(document["imageData"]) == image.read_bytes()
+    (shape,) = document["shapes"]  # the whole image, foreground
+    assert sorted(map(tuple, shape["points"])) == [(0, 0), (0, 47), (59, 0), (59, 47)]
+    assert shape["description"] == "mean probability 0.881"  # sigmoid(2)
+
+
+def test_a_human_or_corrected_annotation_in_the_output_is_never_replaced(tmp_path, make_labelme):
+    checkpoint = save_checkpoint(constant_model(2.0), tmp_path / "model.pt", backbone={})
+    smooth_images(tmp_path / "in", count=2)
+    out = tmp_path / "out"
+    predict_folder(checkpoint, tmp_path / "in", out, formats=["labelme"])
+    predict_folder(checkpoint, tmp_path / "in", out, formats=["labelme"])  # its own: replaced
+    corrected = json.loads((out / "img1.json").read_text())
+    corrected["shapes"][0]["points"][0] = [3.0, 4.0]
+    (out / "img1.json").write_text(json.dumps(corrected))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SegpipeError, match=r"img1.json: exists and is not an unedited segpipe "
+                                           r"prediction"):
+        predict_folder(checkpoint, tmp_path / "in", out, formats=["labelme"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    make_labelme([("cat", "polygon", [[1, 1], [5, 1], [5, 5]])], name="img0", folder=tmp_path / "in")
+    with pytest.raises(SegpipeError, match=r"is the input folder"):
+        predict_folder(checkpoint, tmp_path / "in", tmp_path / "in", formats=["labelme"])
+
+
+def test_an_ensemble_averages_its_members_probabilities(tmp_path):
+    """sigmoid(2) = 0.8808 and sigmoid(-1) = 0.2689 average to 0.5749: foreground at
+    threshold 0.5, background at 0.6; each member alone decides otherwise at 0.6 and 0.5."""
+    high = save_checkpoint(constant_model(2.0), tmp_path / "high.pt", backbone={})
+    low = save_checkpoint(constant_model(-1.0), tmp_path / "low.pt", backbone={})
+    smooth_images(tmp_path / "in", count=1)
+    for threshold, expected in ((0.5, 255), (0.6, 0)):
+        predict_folder([high, low], tmp_path / "in", tmp_path / "out", threshold=threshold)
+        assert (cv2.imread(str(tmp_path / "out" / "img0.png"), cv2.IMREAD_UNCHANGED)
+                == expected).all()
+    row = pd.read_csv(tmp_path / "out" / "uncertainty.csv").iloc[0]
+    # 2 models x 4 mirrors; at 0.6 four masks all foreground, four empty: of the 28 pairs the
+    # 2 x 6 within a kind agree (Dice 1), the 16 across do not (0): disagreement 16/28
+    assert row["members"] == 8 and row["disagreement"] == pytest.approx(16 / 28)
+    p = (1 / (1 + np.exp(-2)) + 1 / (1 + np.exp(1))) / 2
+    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2)
+    assert row["entropy"] == pytest.approx(entropy, rel=1e-5)
+
+
+def test_mirrored_passes_are_flipped_back_and_averaged(tmp_path):
+    model = random_model(3)
+    checkpoint = save_checkpoint(model, tmp_path / "model.pt", {})
+    image = np.random.default_rng(2).integers(0, 256, (24, 20, 3), dtype=np.uint8)  # model size
+    members = Ensemble.load([checkpoint], torch.device("cpu")).member_probabilities(
+        image, torch.device("cpu"), tta=True)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None] / 255.0
+         - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        for row, dims in zip(members, [(), (3,), (2,), (2, 3)]):
+            flipped = x.flip(dims) if dims else x
+            expected = torch.sigmoid(model(flipped))
+            expected = expected.flip(dims) if dims else expected
+            np.testing.assert_allclose(row, expected[0].numpy(), rtol=0, atol=1e-5)
+    assert not np.allclose(members[0], members[1], atol=1e-3)  # the model is not symmetric
+
+
+def test_uncertainty_of_hand_made_members():
+    """Four binary members on 2x2 pixels, masks {1,1,0,0}, {1,0,0,0}, {0,0,0,0} twice: of the
+    six pairs the first has Dice 2/3, the last (both empty) 1, the others 0, so the
+    disagreement is 1 - (2/3 + 1)/6 = 13/18."""
+    members = np.array([[[[0.9, 0.9], [0.1, 0.1]]],
+                        [[[0.9, 0.1], [0.1, 0.1]]],
+                        [[[0.1, 0.1], [0.1, 0.1]]],
+                        [[[0.2, 0.3], [0.4, 0.1]]]], np.float32)
+    result = uncertainty(members, Labels())
+    assert result["members"] == 4
+    assert result["disagreement"] == pytest.approx(13 / 18)
+    mean = members.mean(axis=0)[0]
+    h = -(mean * np.log(mean) + (1 - mean) * np.log(1 - mean)) / np.log(2)
+    assert result["entropy"] == pytest.approx(h.mean(), rel=1e-5)
+    assert np.isnan(uncertainty(members[:1], Labels())["disagreement"])
+
+
+def test_members_that_disagree_on_what_they_predict_are_an_error(tmp_path):
+    base = save_checkpoint(constant_model(1.0), tmp_path / "base.pt", {})
+    labels = Labels(("leaf", "stone"), configured=True)
+    classes = save_checkpoint(random_model(0, labels), tmp_path / "classes.pt", {}, labels=labels)
+    size = save_checkpoint(constant_model(1.0), tmp_path / "size.pt", {}, size=(32, 32))
+    norm = torch.load(base, weights_only=True)
+    norm["mean"] = [0.5, 0.5, 0.5]
+    torch.save(norm, tmp_path / "norm.pt")
+    smooth_images(tmp_path / "in", count=1)
+    for other, message in ((classes, r"classes.pt: classes 2 classes \(softmax\): leaf, stone "
+                                     r"differs from .*base.pt's, binary"),
+                           (size, r"size.pt: input size \(32, 32\) differs .* \(24, 20\)"),
+                           (tmp_path / "norm.pt", r"norm.pt: normalisation mean \(0.5, ")):
+        with pytest.raises(SegpipeError, match=message):
+            predict_folder([base, other], tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_run_folders_and_lists_name_their_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        (run / f"fold{fold}" / "snapshots").mkdir(parents=True)
+        for path in (run / f"fold{fold}" / "model.pt",
+                     run / f"fold{fold}" / "snapshots" / "model.pt"):
+            path.write_bytes(b"")
+    other = tmp_path / "other" / "model.pt"
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    (tmp_path / "list.txt").write_text(f"{run}\n\n{other}\n")
+    folds = [run / "fold0" / "model.pt", run / "fold1" / "model.pt"]
+    assert checkpoint_paths([run]) == folds
+    assert checkpoint_paths([f"@{tmp_path / 'list.txt'}", other]) == [*folds, other]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegpipeError, match=r"empty: holds no model.pt"):
+        checkpoint_paths([tmp_path / "empty"])
+    (tmp_path / "none.txt").write_text("\n")
+    with pytest.raises(SegpipeError, match=r"none.txt: lists no checkpoint"):
+        checkpoint_paths([f"@{tmp_path / 'none.txt'}"])

@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import PIL.Image
 import pytest
 import torch
 import yaml
@@ -281,6 +282,13 @@ BAD_EDITS = {
     "group matching no user file": (lambda c, w: (user_data(c, w), c["data"].update(
         group="^IMG_")), "config: data.group = '^IMG_': matches none of the 12 names (e.g. "
         "'synth_0000') in {w}/results/demo_data/train"),
+    "predict with an unknown experiment": (lambda c, w: c.update(predict={
+        "input_dir": "results/demo_data/test", "experiment": "architecture2"}),
+        "config: predict.experiment: 'architecture2' is not an experiment (experiments: "
+        "architecture, dice_weight)"),
+    "predict folder missing": (lambda c, w: c.update(predict={
+        "input_dir": "/nonexistent/new", "experiment": "architecture"}),
+        "config: predict.input_dir: /nonexistent/new: input folder not found"),
     "test folder that is the training folder": (lambda c, w: (user_data(c, w), c["data"].update(
         test_dir=c["data"]["train_dir"])), "config: data.test_dir: 12 test image(s) are training "
         "images (identical image bytes), and would be scored as unseen:\n  {w}/results/demo_data/"
@@ -588,6 +596,66 @@ def test_study_with_classes_runs_end_to_end(finished_classes: Path):
     assert "Per class: test Dice" in (results / "summary.md").read_text()
 
 
+def test_the_predict_section_predicts_with_the_reference_ensemble(finished_classes: Path):
+    """tiny_classes.yaml predicts the demo test folder with the architecture experiment's
+    reference: a mask, a LabelMe file (rasterised back: the mask) per image, uncertainty.csv."""
+    from segpipe.data.labelme import load_annotation, rasterise
+    from segpipe.labels import Labels
+
+    results = finished_classes / "results"
+    reference = pd.read_csv(results / "experiments" / "architecture" / "summary.csv")
+    runs = (results / "experiments" / "architecture" / "reference_runs.txt").read_text().split()
+    assert runs == [f"results/runs/{reference['reference'][0]}__scratch__bcedice_0.5__plain__s0"]
+    out = results / "predictions" / "architecture"
+    ranking = pd.read_csv(out / "uncertainty.csv")
+    assert sorted(ranking["name"]) == [f"synth_{i:04d}" for i in range(4)]
+    assert list(ranking["rank"]) == [1, 2, 3, 4]
+    assert (ranking["members"] == 4).all()  # one seed, mirrored three ways (predict.tta)
+    assert ranking["disagreement"].is_monotonic_decreasing
+    reader = Labels.from_config(["leaf", "stone"], background=["grass"])
+    for name in ranking["name"]:
+        mask = np.array(PIL.Image.open(out / "masks" / f"{name}.png"))
+        back = rasterise(load_annotation(out / "labelme" / f"{name}.json"), None, reader)
+        assert mask.shape == (64, 80) and (back == mask).mean() > 0.98
+
+
+def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
+    """A new predict folder runs predict alone, a second time nothing, an image added predict
+    alone again: the models are not touched."""
+    study = private_copy(finished_classes, tmp_path / "study")
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(2):
+        shutil.copy(study / "results" / "demo_data" / "test" / f"synth_000{i}.jpg",
+                    new / f"photo{i}.jpg")
+    edit_config(study, lambda c: c["predict"].update(input_dir=str(new)))
+    assert set(planned(study)) == {"predict", "all"}
+    snakemake(study)
+    assert set(planned(study)) == set()
+    shutil.copy(new / "photo0.jpg", new / "photo2.jpg")
+    assert set(planned(study)) == {"predict", "all"}
+    snakemake(study)
+    ranking = pd.read_csv(study / "results" / "predictions" / "architecture" / "uncertainty.csv")
+    assert sorted(ranking["name"]) == ["photo0", "photo1", "photo2"]
+
+
+def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path):
+    """An annotator corrects a predicted file in place; a re-run of predict (here: its reference
+    file rewritten) fails, naming it, and Snakemake has not deleted it (an update() output)."""
+    study = private_copy(finished_classes, tmp_path / "study")
+    corrected = study / "results" / "predictions" / "architecture" / "labelme" / "synth_0001.json"
+    document = json.loads(corrected.read_text())
+    document["shapes"].append({**document["shapes"][0], "label": "stone"})
+    corrected.write_text(json.dumps(document))
+    reference = study / "results" / "experiments" / "architecture" / "reference_runs.txt"
+    reference.write_text(reference.read_text() + "\n")  # new content: predict runs again
+    proc = snakemake(study, check=False)
+    assert proc.returncode == 1
+    assert f"{corrected.relative_to(study)}: exists and is not an unedited segpipe prediction" \
+        in (study / "results" / "logs" / "predict.log").read_text()
+    assert json.loads(corrected.read_text()) == document
+
+
 def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
     """Classes that leave out a label of the user's files: the dry run stops, naming it."""
     for split, seed in (("train", 0), ("test", 1)):
@@ -656,8 +724,11 @@ def test_binary_study_writes_what_it_wrote_before_classes(finished: Path, tmp_pa
                     str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"],
                    check=True, capture_output=True, env=env, timeout=900)
 
-    assert result_files(finished) == result_files(workdir)
-    changed = [str(p) for p in result_files(finished)
+    def files(root: Path) -> list[Path]:  # reference_runs.txt: added since, for predict
+        return [p for p in result_files(root) if p.name != "reference_runs.txt"]
+
+    assert files(finished) == files(workdir)
+    changed = [str(p) for p in files(finished)
                if _comparable(finished / p) != _comparable(workdir / p)]
     assert not changed
 

@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -47,7 +50,7 @@ import PIL.ImageDraw
 
 from segpipe import SegpipeError
 from segpipe.files import FILLED_TYPES, image_digest, labelme_image, read_labelme
-from segpipe.labels import Labels
+from segpipe.labels import IGNORE, Labels
 
 POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
 MIN_POLYGON_POINTS = 3
@@ -288,3 +291,163 @@ def _patch_region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int
     inside = ((rows >= 0) & (rows < patch_h))[:, None] & ((cols >= 0) & (cols < patch_w))
     pixels = shape.patch[np.clip(rows, 0, patch_h - 1)[:, None], np.clip(cols, 0, patch_w - 1)]
     return inside & pixels
+
+
+# ---------------------------------------------------------------------------- writing
+
+LABELME_VERSION = "5.5.0"
+"""The format version predicted files declare (LabelMe 5.x reads every field they hold)."""
+PREDICTED_FLAG = "predicted"
+"""The shape flag (``flags: {"predicted": true}``) of every shape segpipe draws."""
+MIN_POLYGON_IOU = 0.99
+"""The least IoU between a simplified polygon, drawn, and the region it outlines."""
+PREDICTION_KEY = "segpipe"
+"""The top-level key of a predicted file (LabelMe keeps unknown keys when it saves): the
+segpipe version and the digest of the shapes as written, which tells an edited file."""
+
+
+@dataclass(frozen=True)
+class Simplification:
+    """How a class map becomes polygons: each contour is simplified by Douglas–Peucker
+    (``cv2.approxPolyDP``) to within ``tolerance`` pixels (0: every corner of the pixel
+    outline kept), the tolerance halved (down to 0) while the polygon, drawn as LabelMe draws
+    it, covers its region with IoU below :data:`MIN_POLYGON_IOU` (small regions keep their
+    corners); regions and holes of fewer than ``min_area`` pixels are dropped (a dropped hole
+    is filled, a dropped region takes what surrounds it)."""
+
+    tolerance: float
+    min_area: int
+
+    @classmethod
+    def default(cls) -> Simplification:
+        """The settings' defaults (``predict.tolerance``, ``predict.min_area``)."""
+        from segpipe.spec import default
+
+        return cls(default("predict.tolerance"), default("predict.min_area"))
+
+
+def mask_shapes(classes: np.ndarray, labels: Labels,
+                simplification: Simplification | None = None,
+                probability: np.ndarray | None = None) -> list[dict]:
+    """LabelMe shapes of a class map (H, W) uint8 (0 background, 1…K, :data:`IGNORE` not drawn)
+    at its own size, which :func:`rasterise` paints back into the map (up to the
+    simplification): one polygon per connected region (8-connected) of each class, labelled
+    :meth:`Labels.label_of`, then one polygon per hole of the region (4-connected), labelled
+    :attr:`Labels.hole_label`, which erases. Regions come largest filled area first, so a
+    region inside another's hole is drawn after the hole, and holes nest to any depth.
+    ``probability``: the model's probability of each pixel's class (H, W), whose mean over a
+    region becomes its ``description``. ``simplification``: default
+    :meth:`Simplification.default`."""
+    simplification = simplification or Simplification.default()
+    regions = []
+    for value in np.unique(classes):
+        if value == 0 or value == IGNORE:
+            continue
+        count, components, stats, _ = cv2.connectedComponentsWithStats(
+            (classes == value).astype(np.uint8), connectivity=8)
+        for index in range(1, count):
+            x, y, w, h, area = stats[index]
+            if area < simplification.min_area:
+                continue
+            region = np.pad(components[y:y + h, x:x + w] == index, 1).astype(np.uint8)
+            outline = _outlines(region)[0]
+            filled = cv2.drawContours(np.zeros_like(region), [outline], -1, 1, cv2.FILLED)
+            holes = [_simplified(hole, region.shape, simplification.tolerance)
+                     for hole in _holes(filled & (1 - region), simplification.min_area)]
+            outline = _simplified(outline, region.shape, simplification.tolerance)
+            origin = np.array([x - 1, y - 1])
+            mean = None if probability is None else float(
+                probability[y:y + h, x:x + w][region[1:-1, 1:-1] > 0].mean())
+            regions.append((int(filled.sum()), int(value), outline, holes, origin, mean))
+    shapes = []
+    for _, value, outline, holes, origin, mean in sorted(regions, key=lambda r: -r[0]):
+        description = "" if mean is None else f"mean probability {mean:.3f}"
+        shapes.append(_polygon(labels.label_of(value), outline, origin, description))
+        shapes.extend(_polygon(labels.hole_label, hole, origin, "hole") for hole in holes)
+    return shapes
+
+
+def labelme_document(shapes: list[dict], image_path: Path, json_path: Path,
+                     size: tuple[int, int], image_data: bytes | None = None) -> dict:
+    """The LabelMe 5.x file of ``shapes`` for the image ``image_path`` (H, W) ``size``, to be
+    written at ``json_path``: ``imagePath`` relative to it, ``imageData`` the base64 of the
+    image file's bytes when given, else null."""
+    from segpipe import __version__
+
+    relative = os.path.relpath(Path(image_path).absolute(), Path(json_path).absolute().parent)
+    return {
+        "version": LABELME_VERSION,
+        "flags": {},
+        "shapes": shapes,
+        "imagePath": Path(relative).as_posix(),
+        "imageData": None if image_data is None else base64.b64encode(image_data).decode(),
+        "imageHeight": int(size[0]),
+        "imageWidth": int(size[1]),
+        PREDICTION_KEY: {"version": __version__, "shapes_sha256": _shapes_digest(shapes)},
+    }
+
+
+def is_unedited_prediction(document: object) -> bool:
+    """Whether a LabelMe document is a segpipe prediction whose shapes nobody has changed
+    since (it may be replaced): a human annotation, or a prediction an annotator corrected,
+    is not."""
+    if not isinstance(document, dict) or not isinstance(document.get(PREDICTION_KEY), dict):
+        return False
+    try:
+        return document[PREDICTION_KEY].get("shapes_sha256") == _shapes_digest(document["shapes"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _shapes_digest(shapes: list[dict]) -> str:
+    """SHA-256 of what an annotator edits: each shape's label, type, group and points (as
+    floats, so that LabelMe's re-saving of an unchanged file keeps it)."""
+    canonical = [[s["label"], s.get("shape_type"), s.get("group_id"),
+                  [[float(x), float(y)] for x, y in s["points"]]] for s in shapes]
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
+
+
+def _outlines(mask: np.ndarray) -> list[np.ndarray]:
+    """The outer contours (K, 1, 2) of a uint8 mask's 8-connected regions, largest first."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return sorted(contours, key=len, reverse=True)
+
+
+def _holes(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
+    """The outlines of the 4-connected regions of ``mask`` (the holes of a region: background
+    is 4-connected where the foreground is 8-connected) of at least ``min_area`` pixels."""
+    count, components, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    return [_outlines((components == index).astype(np.uint8))[0]
+            for index in range(1, count) if stats[index, cv2.CC_STAT_AREA] >= min_area]
+
+
+def _simplified(contour: np.ndarray, size: tuple[int, int], tolerance: float) -> np.ndarray:
+    """The points (K, 1, 2) of a contour in a (H, W) crop simplified to within ``tolerance``
+    pixels, or less (:class:`Simplification`): LabelMe's drawing of the polygon
+    (:func:`_labelme_region`) covers the contour's region with IoU >= :data:`MIN_POLYGON_IOU`."""
+    def drawn(points: np.ndarray) -> np.ndarray:
+        return _labelme_region(Shape("", "polygon", points.reshape(-1, 2)), size)
+
+    if len(contour) <= MIN_POLYGON_POINTS:
+        return contour
+    region = drawn(contour)
+    while tolerance >= 0.05:
+        points = cv2.approxPolyDP(contour, tolerance, closed=True)
+        if len(points) >= MIN_POLYGON_POINTS:
+            mask = drawn(points)
+            if (mask & region).sum() >= MIN_POLYGON_IOU * (mask | region).sum():
+                return points
+        tolerance /= 2
+    return contour
+
+
+def _polygon(label: str, points: np.ndarray, origin: np.ndarray, description: str) -> dict:
+    """A predicted LabelMe polygon of contour points (K, 1, 2) in a crop at ``origin``; pixel
+    (x, y) is the point (x, y), as LabelMe's ``shape_to_mask`` draws it (:func:`rasterise` at
+    the original size: outline included)."""
+    points = points.reshape(-1, 2) + origin
+    while len(points) < MIN_POLYGON_POINTS:  # a region of one pixel or one straight line
+        points = np.concatenate([points, points[-1:]])
+    return {"label": label, "points": points.astype(float).tolist(), "group_id": None,
+            "description": description, "shape_type": "polygon",
+            "flags": {PREDICTED_FLAG: True}, "mask": None}

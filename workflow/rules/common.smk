@@ -11,10 +11,11 @@ from snakemake.exceptions import WorkflowError
 
 from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
-from segpipe.files import DEMO_NAME, demo_files, found_labels, labelme_files, labelme_index
+from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, found_labels, image_files,
+                           labelme_files, labelme_index, prediction_paths)
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
 from segpipe import rundir
-from segpipe.columns import AXES, DEFINITIONS
+from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
 from segpipe.spec import loss_errors, model_errors, schema
@@ -239,6 +240,32 @@ LABELME_FILES = _check_data()
 LABELME_INDEX = _check_images(LABELME_FILES)
 
 
+def _check_predict():
+    """The images predict.input_dir holds (none without it): its experiment is one of the
+    config's; the folder holds images (the demo data's test folder, written by a rule, is
+    known by its names)."""
+    predict = config["predict"]
+    if "input_dir" not in predict:
+        return []
+    if predict["experiment"] not in config["experiments"]:
+        raise WorkflowError(
+            f"config: predict.experiment: '{predict['experiment']}' is not an experiment "
+            f"(experiments: {', '.join(config['experiments'])})")
+    folder = Path(predict["input_dir"])
+    for split in ("train", "test"):
+        if folder == Path(DEMO_DATA, split) and split not in LABELME_INDEX:
+            count = config["data"]["synthetic"][f"{split}_count"]
+            return [Path(f) for f in demo_files(folder, count) if f.endswith(".jpg")]
+    try:
+        return image_files(folder)
+    except SegpipeError as exc:
+        raise WorkflowError(f"config: predict.input_dir: {exc}")
+
+
+PREDICT_IMAGES = _check_predict()
+PREDICT_DIR = f"{RESULTS}/predictions/{config['predict'].get('experiment')}"
+
+
 def run_dir(run):
     return RUN_DIR.format(**run)
 
@@ -283,6 +310,30 @@ def experiment_spec(wildcards):
         },
         sort_keys=True,
     )
+
+
+def _predictions():
+    """{format: [file per image]} of the predict rule: a PNG mask and a LabelMe file each."""
+    paths = [prediction_paths(PREDICT_DIR, image.stem, ["png", "labelme"])
+             for image in PREDICT_IMAGES]
+    return {fmt: [str(p[fmt]) for p in paths] for fmt in ("png", "labelme")}
+
+
+def prediction_outputs():
+    """The outputs of the predict rule. The LabelMe files are update(): Snakemake never
+    deletes them before the job, so one an annotator corrected in place is kept (`segpipe
+    predict` refuses to replace it, naming it)."""
+    files = _predictions()
+    return {"masks": files["png"], "labelme": update(files["labelme"]),
+            "uncertainty": f"{PREDICT_DIR}/{UNCERTAINTY_CSV}"}
+
+
+def prediction_files():
+    """Every file of the predict rule (none without predict.input_dir)."""
+    if not PREDICT_IMAGES:
+        return []
+    files = _predictions()
+    return [*files["png"], *files["labelme"], f"{PREDICT_DIR}/{UNCERTAINTY_CSV}"]
 
 
 def experiment_inputs(wildcards):
@@ -349,6 +400,7 @@ def experiment_outputs(sweep=False):
     (segpipe.figures.FIGURES, with their titles in the report)."""
     return {
         "summary": f"{EXPERIMENT_DIR}/summary.csv",
+        "reference_runs": f"{EXPERIMENT_DIR}/{REFERENCE_RUNS}",
         **{name: figure(name, FIGURES[name].title)
            for name in figures_for(sweep, LABELS.binary)},
     }
