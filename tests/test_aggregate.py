@@ -20,6 +20,7 @@ from segpipe.summary import write_summary
 from segpipe.cli import main
 from segpipe.stats import Scores
 from segpipe.columns import METRIC_COLUMNS as METRICS
+from segpipe.columns import REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 
 HEIGHT, WIDTH, EXAMPLES = 20, 28, 3
@@ -255,7 +256,7 @@ def test_figures_are_png_and_not_blank(experiment):
         assert image[..., :3].std() > 0.05, figure
     assert not (experiment / "sweep.png").exists()
     assert sorted(p.name for p in experiment.iterdir()) == sorted(
-        [*(f"{figure}.png" for figure in drawn), "summary.csv"])
+        [*(f"{figure}.png" for figure in drawn), "summary.csv", REFERENCE_RUNS])
 
 
 def test_sweep_png_written_with_a_sweep(tmp_path):
