@@ -122,9 +122,8 @@ def install(check: Check, wheels: Path | None, site: Path) -> bool:
         shutil.rmtree(REPO / "build", ignore_errors=True)
         for info in REPO.glob("*.egg-info"):
             shutil.rmtree(info, ignore_errors=True)
-        if not ok:
-            check.row("install", f"segpipe --no-deps: {_tail(output)}", ok=False)
-            return False
+        if not ok:  # the steps still import this checkout (PYTHONPATH): go on, marked failed
+            check.row("install segpipe", f"pip install --no-deps: {_tail(output)}", ok=False)
     code = f"""
 import importlib, importlib.metadata, sys, torch
 def version(dist):
