@@ -184,12 +184,6 @@ def _fill_defaults(instance: dict, schema_: dict) -> None:
             _fill_defaults(instance[key], subschema)
 
 
-def check_definition(axis: str, definition: object) -> None:
-    """Raise :class:`SegpipeError` naming every key of an ``axis`` (architecture, backbone,
-    loss, augmentation) definition that the schema refuses."""
-    _raise(schema_errors(definition, f"#/$defs/{axis}", f"{axis} definition"))
-
-
 def resnet_depth(backbone: dict) -> int:
     """The stride-2 stages of a ResNet backbone definition: :data:`RESNET_DEPTH`, one fewer
     with ``stem: small``, whose first convolution keeps the image's resolution."""

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from segpipe import SegpipeError
+from segpipe.columns import AXES
 from segpipe.labels import IGNORE, Labels
 from segpipe.losses import EPS, TERMS, build_loss
-from segpipe.spec import check_definition, loss_errors, schema
+from segpipe.spec import check_spec, loss_errors, schema
 
 torch.set_num_threads(1)
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
@@ -113,8 +114,13 @@ def test_shape_mismatch_is_refused():
     ({"focal_tversky": 1.0, "tversky_gamma": 0}, "tversky_gamma: 0 is less than or equal"),
 ])
 def test_bad_definitions_name_the_key(definition, message):
-    with pytest.raises(SegpipeError, match=f"^loss definition: {message}"):
-        check_definition("loss", definition)
+    """Checked where a run enters (`segpipe train`'s spec; the workflow's start by the same
+    schema), not by build_loss."""
+    spec = {**{"run": "r", "seed": 0, "names": dict.fromkeys(AXES, "x"),
+            "architecture": {"model": "unet"}, "backbone": {}, "loss": {"bce": 1.0},
+            "augmentation": {}, "train": {}}, "loss": definition}
+    with pytest.raises(SegpipeError, match=f"^run spec: loss[.:] ?{message}"):
+        check_spec(spec)
 
 
 # --------------------------------------------------------------------------- several classes
