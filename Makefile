@@ -6,7 +6,7 @@ CORES  ?= $(shell nproc)
 # Workflow jobs run `python -m segpipe`: make it the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-slurm lint bench clean
+.PHONY: demo test test-slurm lint bench gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_models.py
+
+# The GPU check (docs/training.md#the-gpu-check): the wheels a lent GPU machine lacks, into
+# .whl/ (git-ignored); then, on that machine, the tests, benchmarks and a study in one call.
+gpu-wheels:
+	benchmarks/gpu_wheels.sh .whl
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(wildcard .whl/*.whl),--wheels .whl) $(GPU_CHECK)
 
 clean:
 	rm -rf results .snakemake report.html

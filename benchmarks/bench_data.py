@@ -4,7 +4,7 @@ polygons on every read); and the augmented training loader with N workers agains
 
     python benchmarks/bench_data.py [--size 512] [--source 512] [--count 48] [--epochs 3]
         [--batch 8] [--workers 0 1 2 4] [--threads 1] [--augmentation standard]
-        [--gpu-images-per-s R]
+        [--gpu-images-per-s R] [--json PATH]
 
 Self-contained: it writes a synthetic LabelMe folder (JPEG + JSON, ``source`` x ``source``
 pixels) into a temporary folder and caches it at ``size`` x ``size``; the per-item loader
@@ -20,6 +20,7 @@ step at this size and batch.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -97,7 +98,7 @@ def gpu_images_per_second(size: int, batch: int, steps: int = 10) -> float:
     return statistics.median(rates[1:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side (pixels)")
     parser.add_argument("--source", type=int, help="side of the photos (default: --size)")
@@ -114,7 +115,8 @@ def main() -> None:
     parser.add_argument("--gpu-images-per-s", type=float,
                         help="the GPU's training images/s to compare with (default: measured "
                              "when CUDA is available)")
-    args = parser.parse_args()
+    parser.add_argument("--json", metavar="PATH", help="also write the rates to PATH")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     definition = yaml.safe_load(CONFIG.read_text())["augmentations"][args.augmentation]
     size, source = (args.size, args.size), (args.source or args.size,) * 2
@@ -150,6 +152,13 @@ def main() -> None:
     for workers, (fresh, kept) in training.items():
         versus = f"  {kept / gpu:5.2f} x the GPU's {gpu:.1f} images/s" if gpu else ""
         print(f"  {workers} workers: {fresh:8.1f} | {kept:8.1f}{versus}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"count": args.count, "size": args.size, "batch": args.batch,
+                       "synthesise": synth, "rasterise": raster, "per_item": per_item,
+                       "cached": cached, "gpu_images_per_s": gpu,
+                       "training": [{"workers": n, "new_workers": fresh, "persistent": kept}
+                                    for n, (fresh, kept) in training.items()]}, file, indent=1)
 
 
 if __name__ == "__main__":

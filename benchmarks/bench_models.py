@@ -2,7 +2,7 @@
 
     python benchmarks/bench_models.py [--device auto|cuda|cpu] [--size S] [--batch 8]
         [--width W] [--models unet attention_unet unet+resnet34 ... | all] [--rounds 5]
-        [--steps 3] [--threads N] [--compile] [--peak-tflops T] [--no-peers]
+        [--steps 3] [--threads N] [--compile] [--peak-tflops T] [--no-peers] [--json PATH]
 
 A model is ``<architecture>`` (its scratch encoder, ``--width`` channels at the first level,
 default the architecture's) or ``<architecture>+<backbone>``, default options, random weights.
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import statistics
 import sys
 import time
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float,
                         help="the GPU's dense peak TFLOP/s for the autocast dtype: adds %% of it")
     parser.add_argument("--no-peers", action="store_true", help="time segpipe's models only")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the setting and one object per model to PATH")
     args = parser.parse_args(argv)
     models = [f"{a}+{b}" for a in ARCHITECTURES for b in BACKBONES] \
         if args.models == ["all"] else args.models
@@ -223,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
             sync(device)
             entry.images_per_s.append(args.batch * args.steps / (time.perf_counter() - start))
 
+    setting = {"device": where, "size": args.size, "batch": args.batch,
+               "dtype": str(autocast or torch.float32).removeprefix("torch."),
+               "channels_last": True, "compile": args.compile, "peers": peers}
+    rows = []
     peak = f" {'% peak':>7}" if args.peak_tflops else ""
     print(f"{'model':<32} {'parameters':>11} {'GFLOPs':>8} {'images/s':>9} {'TFLOP/s':>8}"
           f"{peak} {'peak MiB':>9}   vs nearest peer (speed, TFLOP/s)")
@@ -231,15 +238,22 @@ def main(argv: list[str] | None = None) -> None:
         tflops = TRAIN_FLOPS_FACTOR * entry.gflops * rate / 1000
         percent = f" {100 * tflops / args.peak_tflops:>6.1f}%" if args.peak_tflops else ""
         memory = f"{entry.peak_mb:>9.0f}" if device.type == "cuda" else f"{'n/a':>9}"
-        versus = ""
+        versus, speed = "", None
         if entry.peer:
             other = entries[entry.peer]
             speed = statistics.median(a / b for a, b in zip(entry.images_per_s,
                                                             other.images_per_s))
             versus = (f"   {speed:.2f}x, {speed * entry.gflops / other.gflops:.2f}x "
                       f"vs {entry.peer}")
+        rows.append({"model": name, "parameters": entry.parameters, "gflops": entry.gflops,
+                     "images_per_s": rate, "tflops": tflops, "peak_mb": entry.peak_mb,
+                     "peer": entry.peer, "speed_vs_peer": speed,
+                     "tflops_vs_peer": speed and speed * entry.gflops / entries[entry.peer].gflops})
         print(f"{name:<32} {entry.parameters:>11,} {entry.gflops:>8.2f} {rate:>9.2f} {tflops:>8.3f}"
               f"{percent} {memory}{versus}", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({**setting, "models": rows}, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Command-line interface: argument parsing only; each sub-command calls one function.
 
-Every step of the pipeline is a sub-command (``segpipe <step> --help``). A
-:class:`segpipe.SegpipeError` is printed as ``segpipe: error: <message>`` (exit code 1)
-instead of a traceback.
+Every step of the pipeline is a sub-command (``segpipe <step> --help``). An option that is a
+config setting (:func:`_setting`) takes its default from the config schema and is checked
+against it (:mod:`segpipe.spec`), so a step run by hand does what the workflow's job does with
+a config that leaves the setting out. A :class:`segpipe.SegpipeError` is printed as
+``segpipe: error: <message>`` (exit code 1) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 from segpipe import SegpipeError, __version__
-from segpipe.spec import default
+from segpipe.spec import check_setting, default
 
 
 def _json_arg(text: str) -> dict:
@@ -109,14 +111,34 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_summary(args: argparse.Namespace) -> None:
-    from segpipe.aggregate import write_summary
+    from segpipe.summary import write_summary
 
     write_summary(args.experiments, args.output)
 
 
+def _setting(parser: argparse.ArgumentParser, flag: str, path: str, help: str,
+             **options: object) -> None:
+    """Add the option ``flag`` for the config setting at ``path`` (e.g. ``evaluate.threshold``):
+    its default is the schema's, and :func:`main` checks a given value against the schema."""
+    value = default(path)
+    shown = (" ".join(map(str, value)) or "none") if isinstance(value, list) else \
+        "none" if value is None else value
+    action = parser.add_argument(flag, default=value,
+                                 help=f"{help} (default {shown}: config {path})", **options)
+    settings = parser.get_default("settings") or {}
+    parser.set_defaults(settings={**settings, action.dest: (flag, path)})
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    """Every option of :func:`_setting` against the schema, as the workflow checks the config."""
+    for dest, (flag, path) in getattr(args, "settings", {}).items():
+        value = getattr(args, dest)
+        check_setting(path, list(value) if isinstance(value, tuple) else value, flag)
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
-                        help="auto (default): a free GPU when the job was given one, else the CPU")
+    _setting(parser, "--device", "resources.device", "auto: a free GPU when the job was given "
+             "one, else the CPU", metavar="{auto,cpu,cuda}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,35 +150,41 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write the synthetic demo dataset (JPEG + LabelMe JSON)")
     s.add_argument("--output", type=Path, required=True, help="folder to create")
     s.add_argument("--count", type=int, required=True, help="number of images")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
+    _setting(s, "--seed", "data.synthetic.seed", "seed of the images", type=int)
+    _setting(s, "--size", "data.synthetic.size", "height and width of the photos", type=int,
+             nargs=2, metavar=("H", "W"))
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("rasterise", help="LabelMe folder -> HDF5 cache of images and masks")
     s.add_argument("--input", type=Path, required=True, help="LabelMe folder (JSON files)")
     s.add_argument("--output", type=Path, required=True, help="HDF5 file to write")
-    s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"))
-    s.add_argument("--foreground", nargs="*", default=None, metavar="LABEL",
-                   help="labels drawn as foreground (default: every label not in --background)")
-    s.add_argument("--background", nargs="*", default=[], metavar="LABEL",
-                   help="labels that erase (drawn as background, in file order)")
-    s.add_argument("--classes", type=_json_list, default=None, metavar="JSON",
-                   help='several classes, as data.classes: a JSON list of labels or {"name": '
-                        '[labels]}, e.g. \'["leaf", {"rock": ["stone", "pebble"]}]\'')
-    s.add_argument("--ignore", nargs="*", default=[], metavar="LABEL",
-                   help="labels whose pixels no loss or metric counts")
-    s.add_argument("--val-fraction", type=float, default=0.0,
-                   help="fraction of images marked as validation split")
-    s.add_argument("--folds", type=int, default=None, metavar="K",
-                   help="assign the images to K cross-validation folds (instead of a val split)")
-    s.add_argument("--group", default=None, metavar="REGEX",
-                   help="images whose names share the first capture group (or the match) of "
-                        "REGEX stay on one side of every split")
-    s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
+                   help="height and width of the cached images (config data.size)")
+    _setting(s, "--foreground", "data.foreground", "labels drawn as foreground (none given: "
+             "every label not in --background)", nargs="*", metavar="LABEL")
+    _setting(s, "--background", "data.background", "labels that erase (drawn as background, "
+             "in file order)", nargs="*", metavar="LABEL")
+    _setting(s, "--classes", "data.classes", 'several classes: a JSON list of labels or '
+             '{"name": [labels]}, e.g. \'["leaf", {"rock": ["stone", "pebble"]}]\'',
+             type=_json_list, metavar="JSON")
+    _setting(s, "--ignore", "data.ignore", "labels whose pixels no loss or metric counts",
+             nargs="*", metavar="LABEL")
+    s.add_argument("--val-fraction", type=float, default=None,
+                   help="share of a training folder's images drawn as validation (default "
+                        f"{default('data.val_fraction')}: config data.val_fraction); none with "
+                        "--folds or --train-cache")
+    _setting(s, "--folds", "data.folds", "assign the images to K cross-validation folds "
+             "(instead of a validation split)", type=int, metavar="K")
+    _setting(s, "--group", "data.group", "images whose names share the first capture group (or "
+             "the match) of REGEX stay on one side of every split", metavar="REGEX")
+    _setting(s, "--split-seed", "data.split_seed", "seed of the validation split or the folds",
+             type=int)
     s.add_argument("--train-cache", type=Path, default=None, metavar="H5",
                    help="for a test folder: the training cache; an image of it is an error")
     s.add_argument("--drop-duplicates", action="store_true",
-                   help="with --train-cache: leave those images out, with a warning")
+                   default=default("data.drop_test_duplicates"),
+                   help="with --train-cache: leave those images out, with a warning (config "
+                        "data.drop_test_duplicates)")
     s.set_defaults(func=_cmd_rasterise)
 
     s = sub.add_parser("models", help="list architectures x backbones with parameters and GFLOPs")
@@ -171,16 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run specification: JSON object or @file.json")
     s.add_argument("--output-dir", type=Path, required=True, help="the run directory")
     _add_device(s)
-    s.add_argument("--num-workers", type=int, default=0, metavar="N",
-                   help="DataLoader worker processes (0: load in this process)")
+    _setting(s, "--num-workers", "resources.num_workers", "DataLoader worker processes (0: load "
+             "in this process)", type=int, metavar="N")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("evaluate", help="score a trained run on its test images")
     s.add_argument("--run-dir", type=Path, required=True)
     s.add_argument("--cache", type=Path, required=True,
                    help="test HDF5 cache (the training cache for a run of a fold: its fold)")
-    s.add_argument("--threshold", type=float, default=0.5)
-    s.add_argument("--examples", type=int, default=4, help="test images in predictions.png")
+    _setting(s, "--threshold", "evaluate.threshold", "a binary model's pixels of probability "
+             ">= this are foreground", type=float)
+    _setting(s, "--examples", "evaluate.examples", "test images in predictions.png and "
+             "evolution.npz", type=int)
     _add_device(s)
     s.set_defaults(func=_cmd_evaluate)
 
@@ -239,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("SLURM_JOB_ID", "none"),
     )
     try:
+        _check_settings(args)
         args.func(args)
     except SegpipeError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)

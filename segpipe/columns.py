@@ -21,6 +21,9 @@ MEAN_COLUMNS = tuple("map" if metric == "ap" else metric for metric in METRICS)
 POOLED_COLUMNS = tuple(f"pooled_{metric}" for metric in METRICS)
 """The metrics over all test pixels together."""
 METRIC_COLUMNS = MEAN_COLUMNS + POOLED_COLUMNS
+CURVES = {"map": "test mAP", "dice": "test Dice"}
+"""The columns of metrics_by_epoch.csv that aggregation averages per epoch into curves.png,
+with their labels there."""
 RUN_COLUMNS = ("parameters", "train_seconds", "epochs", "best_epoch", "peak_memory_mb")
 """Facts about the training of a run, copied from its checkpoint."""
 
@@ -30,8 +33,6 @@ PER_IMAGE_CSV = ("name", *METRICS)
 """``per_image.csv``: one row per test image, the best model's metrics."""
 BY_EPOCH_CSV = ("epoch", *METRIC_COLUMNS)
 """``metrics_by_epoch.csv``: one row per snapshot epoch, its metrics on the test split."""
-CONFUSION_CSV = "confusion.csv"
-"""With several classes: the pooled confusion matrix of the best model on the test split."""
 REFERENCE_RUNS = "reference_runs.txt"
 """An experiment's reference group (chosen on validation), one run folder per line: the
 ensemble ``segpipe predict`` uses in the workflow (every seed, and below each its folds)."""

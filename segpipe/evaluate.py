@@ -29,29 +29,31 @@ from torch import nn
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import checkpoint_labels, load_checkpoint
-from segpipe.columns import (AXES, CONFUSION_CSV, MEAN_COLUMNS, METRICS, POOLED_COLUMNS,
+from segpipe.columns import (AXES, MEAN_COLUMNS, METRICS, POOLED_COLUMNS,
                              RUN_COLUMNS, by_epoch_csv, class_metric_columns, metrics_csv,
                              per_image_csv)
 from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
 from segpipe.metrics import image_metrics, pooled_metrics
+from segpipe.plots import plot_predictions
+from segpipe import rundir
 from segpipe.rundir import check_snapshots, run_lock, snapshots
 from segpipe.runtime import acquire_device, forward_logits, probabilities
+from segpipe.spec import default
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: Path, cache: Path, threshold: float = 0.5, n_examples: int = 4,
-                 device: str = "auto") -> None:
+def evaluate_run(run_dir: Path, cache: Path, threshold: float = default("evaluate.threshold"),
+                 n_examples: int = default("evaluate.examples"),
+                 device: str = default("resources.device")) -> None:
     """Score a run's best model and snapshots on its test images (see the module docstring) on
     ``device`` (:data:`segpipe.runtime.DEVICES`), holding the run directory's lock
     (:func:`segpipe.rundir.run_lock`). The snapshots must be those that ``model.pt`` records
-    (:func:`segpipe.rundir.check_snapshots`)."""
+    (:func:`segpipe.rundir.check_snapshots`). ``threshold`` and ``n_examples`` are the
+    config's ``evaluate`` settings, checked by the schema where they enter (the workflow at
+    start, ``segpipe evaluate``'s options)."""
     run_dir, cache = Path(run_dir), Path(cache)
-    if not 0 < threshold < 1:
-        raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
-    if n_examples < 1:
-        raise SegpipeError(f"examples {n_examples}: expected at least 1")
     if not run_dir.is_dir():
         raise SegpipeError(f"{run_dir}: run directory not found")
     with run_lock(run_dir, "evaluate"):
@@ -63,7 +65,7 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
     from segpipe.data.dataset import SegmentationH5Dataset, split_indices
 
     device = acquire_device(device)
-    model, checkpoint = load_checkpoint(run_dir / "model.pt", device)
+    model, checkpoint = load_checkpoint(run_dir / rundir.MODEL, device)
     spec, labels = checkpoint["spec"], checkpoint_labels(checkpoint)
     fold = spec.get("fold")
     rows = None if fold is None else split_indices(cache, fold)[2]
@@ -71,16 +73,17 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
     names = all_names[: len(images)]
     if list(images.shape[1:3]) != list(checkpoint["size"]):
         raise SegpipeError(f"{cache}: images are {images.shape[1]}x{images.shape[2]}, but "
-                           f"{run_dir / 'model.pt'} was trained at "
+                           f"{run_dir / rundir.MODEL} was trained at "
                            f"{checkpoint['size'][0]}x{checkpoint['size'][1]}")
     test_set = SegmentationH5Dataset(cache, indices=rows)
     if test_set.labels.class_names != labels.class_names:
         raise SegpipeError(f"{cache}: holds the classes {', '.join(test_set.labels.class_names)}"
-                           f", but {run_dir / 'model.pt'} predicts "
+                           f", but {run_dir / rundir.MODEL} predicts "
                            f"{', '.join(labels.class_names)}")
     loader = torch.utils.data.DataLoader(test_set, batch_size=8)
 
-    check_snapshots(run_dir / "snapshots", spec["train"]["snapshot_epochs"], checkpoint["epochs"])
+    check_snapshots(run_dir / rundir.SNAPSHOTS, spec["train"]["snapshot_epochs"],
+                    checkpoint["epochs"])
     per_image, pooled, probs, confusion = score(model, checkpoint, loader, device, threshold,
                                                 len(names), labels)
     row = {"run": spec["run"], **{axis: spec["names"][axis] for axis in AXES},
@@ -88,12 +91,12 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
            **{key: checkpoint[key] for key in RUN_COLUMNS}}
 
     epochs, by_epoch, evolution = [], [], []
-    for epoch, path in snapshots(run_dir / "snapshots").items():
+    for epoch, path in snapshots(run_dir / rundir.SNAPSHOTS).items():
         snapshot, snapshot_checkpoint = load_checkpoint(path, device)
         if snapshot_checkpoint["spec"] != spec or snapshot_checkpoint["epoch"] != epoch:
             raise SegpipeError(f"{path}: holds epoch {snapshot_checkpoint['epoch']} of run "
                                f"{snapshot_checkpoint['spec']['run']}, not epoch {epoch} of the "
-                               f"run of {run_dir / 'model.pt'}")
+                               f"run of {run_dir / rundir.MODEL}")
         snapshot_per_image, snapshot_pooled, snapshot_probs, _ = score(
             snapshot, snapshot_checkpoint, loader, device, threshold, len(names), labels)
         epochs.append(epoch)
@@ -101,22 +104,22 @@ def _evaluate(run_dir: Path, cache: Path, threshold: float, n_examples: int,
                                                            labels)})
         evolution.append(snapshot_probs)
     # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
-    write_csv(run_dir / "metrics.csv", metrics_csv(labels), [row])
-    write_csv(run_dir / "per_image.csv", per_image_csv(labels),
+    write_csv(run_dir / rundir.METRICS, metrics_csv(labels), [row])
+    write_csv(run_dir / rundir.PER_IMAGE, per_image_csv(labels),
               [{"name": name, **{m: values[k] for m, values in per_image.items()}}
                for k, name in enumerate(all_names)])
-    write_csv(run_dir / "metrics_by_epoch.csv", by_epoch_csv(labels), by_epoch)
+    write_csv(run_dir / rundir.BY_EPOCH, by_epoch_csv(labels), by_epoch)
     if confusion is not None:
-        write_csv(run_dir / CONFUSION_CSV, ("truth", *labels.class_names),
+        write_csv(run_dir / rundir.CONFUSION, ("truth", *labels.class_names),
                   [{"truth": name, **dict(zip(labels.class_names, map(int, counts)))}
                    for name, counts in zip(labels.class_names, confusion)])
-    with atomic_path(run_dir / "evolution.npz") as tmp:
+    with atomic_path(run_dir / rundir.EVOLUTION) as tmp:
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
             probs_best=probs.astype(np.float16), images=images, masks=masks,
             names=np.array(names, dtype=str), threshold=np.float64(threshold))
-    plot_predictions(names, images, masks, probs, threshold, labels, run_dir / "predictions.png",
+    plot_predictions(names, images, masks, probs, threshold, labels, run_dir / rundir.PREDICTIONS,
                      title=f"{spec['run']} (epoch {checkpoint['best_epoch']}) on {cache.name}")
     log.info("%s: test dice %.4f (pooled %.4f), %d snapshot(s)", spec["run"], row["dice"],
              row["pooled_dice"], len(epochs))
@@ -144,48 +147,6 @@ def score(model: nn.Module, checkpoint: dict, loader: torch.utils.data.DataLoade
     confusion = None if labels.binary else pooled.confusion().numpy()
     return ({m: torch.cat(v).numpy() for m, v in per_image.items()}, pooled.compute(),
             torch.cat(kept)[:keep].numpy(), confusion)
-
-
-def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
-                     probs: np.ndarray, threshold: float, labels: Labels, path: Path,
-                     title: str) -> None:
-    """A figure with one row per image: image, truth, prediction, probability. Binary: the
-    prediction is ``prob >= threshold``; with several classes truth and prediction (argmax)
-    are in the classes' palette colours, with a legend, and the probability panel shows the
-    predicted class's probability."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
-    from matplotlib.patches import Patch
-
-    rows = len(names)
-    fig = Figure(figsize=(10, 2.6 * rows + 0.5 + (not labels.binary) * 0.4),
-                 layout="constrained")
-    axes = fig.subplots(rows, 4, squeeze=False)
-    palette = np.array(labels.palette(), np.uint8)
-    for r in range(rows):
-        if labels.binary:
-            panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
-                      (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
-                      (probs[r], "viridis", "probability")]
-        else:
-            panels = [(images[r], None, "image"), (palette[masks[r]], None, "truth"),
-                      (palette[labels.predict(probs[r])], None, "prediction (argmax)"),
-                      (probs[r].max(axis=0), "viridis", "probability of the prediction")]
-        for ax, (data, cmap, label) in zip(axes[r], panels):
-            shown = ax.imshow(data, cmap=cmap, vmin=0, vmax=1 if cmap else None,
-                              interpolation="nearest")
-            if r == 0:
-                ax.set_title(label, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(names[r], fontsize=9)
-        fig.colorbar(shown, ax=axes[r][3], fraction=0.046)
-    if not labels.binary:
-        fig.legend([Patch(color=palette[i] / 255) for i in range(len(labels.class_names))],
-                   labels.class_names, loc="outside lower center", ncols=8, frameon=False,
-                   fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
 
 
 def _metric_columns(per_image: dict[str, np.ndarray], pooled: dict[str, float],

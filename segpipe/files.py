@@ -108,13 +108,20 @@ def image_digest(encoded: bytes) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
+FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
+"""The LabelMe shape types that enclose an area, so paint a mask (no ``shape_type``, LabelMe
+< 3: a polygon); the others (line, point, ...) paint nothing."""
+
+
 @dataclass(frozen=True)
 class LabelmeEntry:
-    """A LabelMe file, the image file it reads (None: embedded) and the image's digest."""
+    """A LabelMe file, the image file it reads (None: embedded), the image's digest and the
+    labels of its filled shapes (:data:`FILLED_TYPES`), in file order."""
 
     path: Path
     image_file: Path | None
     digest: str
+    labels: tuple[str, ...] = ()
 
 
 def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
@@ -122,9 +129,26 @@ def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
     :func:`labelme_image`): what a folder holds, before any image is decoded."""
     entries = []
     for path in files:
-        encoded, _, image_file = labelme_image(path, read_labelme(path))
-        entries.append(LabelmeEntry(path, image_file, image_digest(encoded)))
+        document = read_labelme(path)
+        encoded, _, image_file = labelme_image(path, document)
+        labels = tuple(shape["label"] for shape in document["shapes"]
+                       if isinstance(shape, dict) and isinstance(shape.get("label"), str)
+                       and _filled(shape.get("shape_type")))
+        entries.append(LabelmeEntry(path, image_file, image_digest(encoded), labels))
     return entries
+
+
+def _filled(shape_type: object) -> bool:
+    return shape_type is None or isinstance(shape_type, str) and shape_type in FILLED_TYPES
+
+
+def found_labels(entries: Iterable[LabelmeEntry]) -> dict[str, list[Path]]:
+    """``{label: [files]}`` of the filled shapes of LabelMe files (:func:`labelme_index`)."""
+    found: dict[str, list[Path]] = {}
+    for entry in entries:
+        for label in dict.fromkeys(entry.labels):
+            found.setdefault(label, []).append(entry.path)
+    return found
 
 
 DEMO_NAME = "synth_{:04d}"

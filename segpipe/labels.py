@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from segpipe import SegpipeError
@@ -212,6 +212,41 @@ class Labels:
             return [LABELME_BACKGROUND] if (LABELME_BACKGROUND in set(labels) and
                                             self.value(LABELME_BACKGROUND) != 0) else []
         return sorted(set(labels) - self.named_labels())
+
+    def folder_errors(self, found: Mapping[str, Sequence[object]], folder: str,
+                      training: bool = True) -> list[str]:
+        """The label rule of a LabelMe folder, as messages naming the config key: ``found`` is
+        ``{label: [files]}`` of its filled shapes (:func:`segpipe.files.found_labels`). A label
+        of a study with ``classes`` that no class, background or ignore names is an error (the
+        files named), as is a folder in which no shape paints a class; and in a ``training``
+        folder (the training images, or all of them with folds) a label that the config names
+        but no shape has, since no model can learn it (a test folder may lack a class). The
+        one rule of both entry points: the workflow's start checks, per data folder, and
+        ``segpipe rasterise`` before its first image."""
+        errors = []
+        if training:
+            for key, wanted in self._named_by_key().items():
+                unknown = " or ".join(repr(label) for label in wanted if label not in found)
+                if unknown:
+                    errors.append(f"data.{key}: no LabelMe file of {folder} has a shape "
+                                  f"labelled {unknown} (their labels: "
+                                  f"{', '.join(sorted(found)) or 'none'})")
+        for label in self.unnamed(found):
+            files = found[label]
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            errors.append(f"data.classes: label {label!r} of "
+                          f"{', '.join(map(str, files[:3]))}{more} is named by no class, "
+                          "data.background or data.ignore; add it to one of them")
+        if not errors and not any(self.value(label) not in (None, 0, IGNORE) for label in found):
+            errors.append(f"{folder}: no shape paints a class ({self.describe()}); labels of "
+                          f"filled shapes found: {', '.join(sorted(found)) or 'none'}")
+        return errors
+
+    def _named_by_key(self) -> dict[str, tuple[str, ...]]:
+        """The labels the config names, by the key of ``data`` that names them."""
+        sources = tuple(label for labels in self.sources or () for label in labels)
+        return {("classes" if self.configured else "foreground"): sources,
+                "background": self.background, "ignore": self.ignore}
 
     # ------------------------------------------------------------------ columns
 

@@ -21,20 +21,17 @@ are bf16/fp16 under autocast. The result is a scalar (mean over the batch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segpipe import SegpipeError
 from segpipe.labels import IGNORE, Labels
+from segpipe.spec import default
 
 EPS = 1e-5
 """Smoothing constant of the soft Dice and Tversky ratios."""
-TVERSKY_DEFAULTS = {"alpha": 0.7, "beta": 0.3, "gamma": 0.75}
-"""Focal Tversky's weight of false negatives, of false positives, and exponent (Abraham &
-Khan 2019), when the definition leaves them out."""
 
 
 class BinaryCrossEntropy(nn.Module):
@@ -177,42 +174,64 @@ class WeightedSumLoss(nn.Module):
         return "weights=" + repr(self.weights)
 
 
+TERMS: dict[str, Callable[[dict, Labels], nn.Module]] = {}
+"""The terms a loss definition weighs, by name: ``builder(definition, labels)`` → the term's
+module (:func:`term`)."""
+
+
+def term(name: str):
+    """Register ``builder(definition, labels) -> nn.Module`` as the loss term ``name``: what a
+    new term takes here, with its name and options under ``$defs.loss.terms`` of the config
+    schema (tests/test_losses.py checks the two agree)."""
+    def register(builder: Callable[[dict, Labels], nn.Module]):
+        TERMS[name] = builder
+        return builder
+    return register
+
+
+def _option(definition: dict, key: str) -> float:
+    """An option of the definition, or the schema's default (:func:`segpipe.spec.default`)."""
+    return float(definition.get(key, default(f"$defs.loss.{key}")))
+
+
+@term("bce")
+def _cross_entropy(definition: dict, labels: Labels) -> nn.Module:
+    if labels.binary:
+        return BinaryCrossEntropy(_option(definition, "pos_weight"), bool(labels.ignore))
+    return CrossEntropy(_class_weights(definition, labels))
+
+
+@term("dice")
+def _soft_dice(definition: dict, labels: Labels) -> nn.Module:
+    return SoftDiceLoss(ignore=bool(labels.ignore))
+
+
+@term("focal_tversky")
+def _focal_tversky(definition: dict, labels: Labels) -> nn.Module:
+    return FocalTverskyLoss(*(_option(definition, f"tversky_{key}")
+                              for key in ("alpha", "beta", "gamma")), ignore=bool(labels.ignore))
+
+
 def build_loss(definition: dict, labels: Labels = Labels()) -> nn.Module:
     """The loss of a schema-valid config definition (see the module docstring) for the classes
-    of ``labels`` (one output channel: binary terms, else softmax terms).
+    of ``labels`` (one output channel: binary terms, else softmax terms): the terms of
+    :data:`TERMS` with a weight > 0, weighted.
 
-    Term weights are ≥ 0, at least one positive; terms of weight 0 are not computed.
-    ``pos_weight`` (> 0, default 1) applies to ``bce``: the weight of positive pixels, with
-    several classes of every foreground class (background 1) unless ``class_weights`` (one per
-    class, background first) gives them; ``tversky_alpha``, ``tversky_beta``, ``tversky_gamma``
-    to ``focal_tversky`` (defaults in the schema). Raises :class:`~segpipe.SegpipeError` for
-    ``class_weights`` whose length is not the number of classes.
+    ``pos_weight`` (> 0) applies to ``bce``: the weight of positive pixels, with several
+    classes of every foreground class (background 1) unless ``class_weights`` (one per class,
+    background first) gives them; ``tversky_alpha``, ``tversky_beta``, ``tversky_gamma`` to
+    ``focal_tversky``. An option left out takes the schema's default
+    (:func:`segpipe.spec.default`). The definition is trusted: it was checked where it entered
+    (:func:`segpipe.spec.check_spec`, :func:`segpipe.spec.loss_errors`).
     """
-    ignore = bool(labels.ignore)
-    if labels.binary:
-        bce = lambda: BinaryCrossEntropy(float(definition.get("pos_weight", 1.0)), ignore)  # noqa: E731
-    else:
-        bce = lambda: CrossEntropy(_class_weights(definition, labels))  # noqa: E731
-    tversky = {key: float(definition.get(f"tversky_{key}", default))
-               for key, default in TVERSKY_DEFAULTS.items()}
-    terms = {
-        "bce": bce,
-        "dice": lambda: SoftDiceLoss(ignore=ignore),
-        "focal_tversky": lambda: FocalTverskyLoss(**tversky, ignore=ignore),
-    }
-    return WeightedSumLoss({name: (float(definition[name]), make())
-                            for name, make in terms.items() if definition.get(name, 0) > 0})
+    return WeightedSumLoss({name: (float(definition[name]), build(definition, labels))
+                            for name, build in TERMS.items() if definition.get(name, 0) > 0})
 
 
 def _class_weights(definition: dict, labels: Labels) -> list[float] | None:
     """The cross-entropy weights of a multi-class study (None: all 1)."""
     if "class_weights" in definition:
-        weights = list(map(float, definition["class_weights"]))
-        if len(weights) != labels.outputs:
-            raise SegpipeError(
-                f"loss: class_weights has {len(weights)} weights, but the study has "
-                f"{labels.outputs} classes ({', '.join(labels.class_names)})")
-        return weights
+        return list(map(float, definition["class_weights"]))
     if "pos_weight" in definition:
         return [1.0] + [float(definition["pos_weight"])] * (labels.outputs - 1)
     return None

@@ -78,16 +78,6 @@ class PooledMetrics:
         return {name: value.item() for name, value in metrics.items()}
 
 
-def average_precision(scores: Tensor, labels: Tensor) -> float:
-    """Average precision ``Σₙ (Rₙ − Rₙ₋₁)·Pₙ`` of 1-D ``scores`` against 1-D ``labels`` in
-    {0, 1}, as scikit-learn's ``average_precision_score`` (thresholds at the distinct score
-    values). NaN when ``labels`` has no positive (AP is undefined)."""
-    if scores.dim() != 1 or scores.shape != labels.shape:
-        raise ValueError(f"expected two 1-D tensors of one length, got {tuple(scores.shape)} "
-                         f"and {tuple(labels.shape)}")
-    return _average_precision(scores, labels.bool()).item()
-
-
 def _flatten(probs: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """(N, ...) probabilities and masks → (N, pixels) float and bool, and the pixels that are
     not ignored (None when none is)."""

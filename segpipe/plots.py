@@ -1,7 +1,9 @@
-"""Figures of an experiment: each function builds and returns a matplotlib ``Figure``.
+"""Every figure segpipe draws: each function builds and returns a matplotlib ``Figure``
+(:func:`plot_predictions`, a run's predictions.png, also writes it).
 
 The figures are pure functions of already aggregated tables and arrays (``segpipe.aggregate``
-computes the statistics and writes the files). They use the object-oriented API
+computes the statistics and writes the files; :mod:`segpipe.figures` says which figures an
+experiment has and calls these). They use the object-oriented API
 (``Figure()`` rather than ``pyplot``), so no GUI backend or global state is involved.
 
 Colour code of the mask panels (:func:`change_map`), comparing a thresholded prediction
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -36,6 +39,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from segpipe.columns import CURVES
+from segpipe.files import atomic_path
 from segpipe.labels import IGNORE, Labels
 
 DPI = 120
@@ -61,7 +66,6 @@ SIGNIFICANCE_COLOURS = {True: "#2b6cb0", False: "#e8edf3"}
 DIAGONAL_COLOUR = "white"
 BLOB_AREA = 700  # points² of a blob holding every resample
 
-CURVE_METRICS = {"map": "test mAP", "dice": "test Dice"}
 BAR_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP", "precision": "precision",
                "recall": "recall"}
 SWEEP_METRICS = {"dice": "Dice", "iou": "IoU", "map": "mAP"}
@@ -151,7 +155,7 @@ def plot_curves(by_epoch: pd.DataFrame, groups: Sequence[str], colours: Sequence
     """
     fig = Figure(figsize=(11, 4 + _legend_height(groups, 11)), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, (metric, label) in zip(axes, CURVE_METRICS.items()):
+    for ax, (metric, label) in zip(axes, CURVES.items()):
         for group, colour in zip(groups, colours):
             rows = by_epoch[by_epoch["group"] == group]
             ax.plot(rows["epoch"], rows[f"{metric}_mean"], marker="o", markersize=3,
@@ -506,3 +510,42 @@ def plot_confusion(matrices: Sequence[np.ndarray], groups: Sequence[str],
     fig.colorbar(shown, ax=axes, fraction=0.03, label="share of the true class's pixels")
     fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 9)), fontsize=10)
     return fig
+
+
+def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
+                     probs: np.ndarray, threshold: float, labels: Labels, path: Path,
+                     title: str) -> None:
+    """A figure with one row per image: image, truth, prediction, probability. Binary: the
+    prediction is ``prob >= threshold``; with several classes truth and prediction (argmax)
+    are in the classes' palette colours, with a legend, and the probability panel shows the
+    predicted class's probability."""
+    rows = len(names)
+    fig = Figure(figsize=(10, 2.6 * rows + 0.5 + (not labels.binary) * 0.4),
+                 layout="constrained")
+    axes = fig.subplots(rows, 4, squeeze=False)
+    palette = np.array(labels.palette(), np.uint8)
+    for r in range(rows):
+        if labels.binary:
+            panels = [(images[r], None, "image"), (masks[r], "gray", "truth"),
+                      (probs[r] >= threshold, "gray", f"prediction (p ≥ {threshold:g})"),
+                      (probs[r], "viridis", "probability")]
+        else:
+            panels = [(images[r], None, "image"), (palette[masks[r]], None, "truth"),
+                      (palette[labels.predict(probs[r])], None, "prediction (argmax)"),
+                      (probs[r].max(axis=0), "viridis", "probability of the prediction")]
+        for ax, (data, cmap, label) in zip(axes[r], panels):
+            shown = ax.imshow(data, cmap=cmap, vmin=0, vmax=1 if cmap else None,
+                              interpolation="nearest")
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(names[r], fontsize=9)
+        fig.colorbar(shown, ax=axes[r][3], fraction=0.046)
+    if not labels.binary:
+        fig.legend([Patch(color=palette[i] / 255) for i in range(len(labels.class_names))],
+                   labels.class_names, loc="outside lower center", ncols=8, frameon=False,
+                   fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)

@@ -29,6 +29,22 @@ from segpipe.files import HOST
 
 LOCK_FILE = ".segpipe.lock"
 
+# The files of a run directory (docs/formats.md), named here once: training writes the first
+# three (and keeps its resumable state and a log), evaluation the others, aggregation and the
+# workflow read them.
+MODEL, HISTORY, SNAPSHOTS = "model.pt", "history.csv", "snapshots"
+STATE, PENDING_SNAPSHOTS, TRAIN_LOG = "state.pt", "state_snapshots", "train.log"
+METRICS, PER_IMAGE, BY_EPOCH = "metrics.csv", "per_image.csv", "metrics_by_epoch.csv"
+EVOLUTION, PREDICTIONS, CONFUSION = "evolution.npz", "predictions.png", "confusion.csv"
+
+
+def evaluation_files(binary: bool) -> dict[str, str]:
+    """What ``segpipe evaluate`` writes into a run directory, by name (confusion.csv only
+    with several classes)."""
+    return {"metrics": METRICS, "per_image": PER_IMAGE, "by_epoch": BY_EPOCH,
+            "evolution": EVOLUTION, "predictions": PREDICTIONS,
+            **({} if binary else {"confusion": CONFUSION})}
+
 log = logging.getLogger(__name__)
 
 

@@ -1,16 +1,18 @@
 """The config contract: one schema, checked by the workflow at start and by ``segpipe train``.
 
 ``workflow/schemas/config.schema.yaml`` (linked beside this module, so that an installed package
-has it too) states what config.yaml may hold, every section, definition and option typed, unknown keys an error, and
-what a run specification holds (``$defs.run_spec``, docs/formats.md). The workflow checks
-config.yaml with :func:`validate_config` before it plans any job; ``segpipe train`` checks its
-run specification with :func:`check_spec`; the model, loss and augmentation builders check
-their definitions with :func:`check_definition`. Every message names the key path:
+has it too) states what config.yaml may hold, every section, definition and option typed,
+unknown keys an error, what a run specification holds (``$defs.run_spec``, docs/formats.md),
+and every default (:func:`default`: the CLI's options take theirs from it). Each rule is checked
+once, where a value enters: the workflow checks config.yaml with :func:`validate_config` before
+it plans any job; ``segpipe train`` its run specification with :func:`check_spec`; the other
+steps their options with :func:`check_setting`. The builders of models, losses and
+augmentations trust what they get. Every message names the key path:
 ``config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up)``.
 
 Beyond the schema, this module holds only the rules between options that a schema cannot
-state (:func:`model_errors`). It imports neither torch nor numpy: the Snakemake process, which
-may run without them (``--sdm conda``), imports it.
+state (:func:`model_errors`, :func:`loss_errors`). It imports neither torch nor numpy: the
+Snakemake process, which may run without them (``--sdm conda``), imports it.
 """
 
 from __future__ import annotations
@@ -37,16 +39,32 @@ one, and its default (:func:`resnet_depth`)."""
 
 @functools.cache
 def schema() -> dict:
-    """The parsed config.schema.yaml."""
-    return yaml.safe_load(SCHEMA_FILE.read_text())
-
-
-def default(setting: str) -> object:
-    """The schema's default of a setting named ``<section>.<key>``, e.g.
-    ``predict.tolerance``: what a CLI step uses when the option is not given, as the workflow
-    does when the key is not in config.yaml."""
-    section, key = setting.split(".")
-    return copy.deepcopy(schema()["properties"][section]["properties"][key]["default"])
+    """The parsed config.schema.yaml, with what it states once made into JSON Schema rules:
+    ``$defs.architecture.families`` (family → its options) into the enum of ``model`` and
+    each family's unknown-key check; ``$defs.loss.terms`` (term → the options that apply to it)
+    into "an option needs its term", "a term with a weight > 0" and the weights' types."""
+    schema_ = yaml.safe_load(SCHEMA_FILE.read_text())
+    loss = schema_["$defs"]["loss"]
+    terms = loss["terms"]
+    loss["properties"] = {**{term: {"type": "number", "minimum": 0,
+                                    "description": f"weight of the {term} term (0 = off)"}
+                             for term in terms if term not in loss["properties"]},
+                          **loss["properties"]}
+    loss["dependentRequired"] = {option: [term] for term, options in terms.items()
+                                 for option in options}
+    *others, last = terms
+    names = f"{', '.join(others)} or {last}" if others else last
+    loss["allOf"] = [{"description": f"needs a term ({names}) with a weight > 0",
+                      "anyOf": [{"required": [term], "properties": {term: {"exclusiveMinimum": 0}}}
+                                for term in terms]}]
+    architecture = schema_["$defs"]["architecture"]
+    families = architecture["families"]
+    architecture["properties"]["model"]["enum"] = list(families)
+    architecture["allOf"] = [
+        {"if": {"properties": {"model": {"const": family}}, "required": ["model"]},
+         "then": {"propertyNames": {"enum": ["model", *options]}}}
+        for family, options in families.items()]
+    return schema_
 
 
 # JSON Schema's "integer" admits 2.0 and "number" admits NaN and infinity; the code needs neither.
@@ -62,6 +80,43 @@ _Validator = validators.extend(Draft202012Validator, type_checker=_TYPES)
 def _validator(ref: str) -> Draft202012Validator:
     root = _Validator(schema())
     return root if ref == "#" else root.evolve(schema={"$ref": ref})
+
+
+def setting_ref(path: str) -> str:
+    """The JSON pointer of a setting's schema, by its dotted config path: ``evaluate.threshold``
+    → ``#/properties/evaluate/properties/threshold``; a path that starts with ``$defs`` names
+    an option of a definition: ``$defs.loss.tversky_alpha`` → ``#/$defs/loss/properties/
+    tversky_alpha``. Raises KeyError for a path the schema does not have."""
+    keys = path.split(".")
+    node, ref = schema(), "#"
+    if keys[0] == "$defs":
+        node, ref, keys = schema()["$defs"][keys[1]], f"#/$defs/{keys[1]}", keys[2:]
+    for key in keys:
+        node, ref = node["properties"][key], f"{ref}/properties/{key}"
+    return ref
+
+
+def setting(path: str) -> dict:
+    """The schema of the setting at the dotted ``path`` (:func:`setting_ref`)."""
+    node = schema()
+    for key in setting_ref(path).split("/")[1:]:
+        node = node[key]
+    return node
+
+
+def default(path: str) -> object:
+    """The default of the setting at the dotted ``path`` (:func:`setting_ref`), a copy: the one
+    place a default is written is the schema, and every CLI option, builder and the workflow
+    take it from here. Raises KeyError for a setting without a default."""
+    return copy.deepcopy(setting(path)["default"])
+
+
+def check_setting(path: str, value: object, where: str) -> None:
+    """Raise :class:`SegpipeError` ``<where>: <problem>`` when ``value`` is not what the schema
+    allows for the setting at ``path``, e.g. ``--threshold: 1.5 is greater than or equal to the
+    maximum of 1``: a step called by hand checks its options by the rule that the workflow
+    checks the config by."""
+    _raise(schema_errors(value, setting_ref(path), where))
 
 
 def schema_errors(instance: object, ref: str, where: str) -> list[str]:
@@ -129,36 +184,43 @@ def _fill_defaults(instance: dict, schema_: dict) -> None:
             _fill_defaults(instance[key], subschema)
 
 
-def check_definition(axis: str, definition: object) -> None:
-    """Raise :class:`SegpipeError` naming every key of an ``axis`` (architecture, backbone,
-    loss, augmentation) definition that the schema refuses."""
-    _raise(schema_errors(definition, f"#/$defs/{axis}", f"{axis} definition"))
-
-
-def check_model(architecture: object, backbone: object,
-                size: Sequence[int] | None = None) -> None:
-    """Raise :class:`SegpipeError` naming the key when an architecture and a backbone
-    definition do not make a model (for images of ``size``, when given):
-    :func:`check_definition` of both, then :func:`model_errors`."""
-    check_definition("architecture", architecture)
-    check_definition("backbone", backbone)
-    _raise(model_errors(architecture, backbone, size))
-
-
 def resnet_depth(backbone: dict) -> int:
     """The stride-2 stages of a ResNet backbone definition: :data:`RESNET_DEPTH`, one fewer
     with ``stem: small``, whose first convolution keeps the image's resolution."""
     return RESNET_DEPTH - (backbone.get("stem") == "small")
 
 
-def check_spec(spec: object) -> None:
-    """Raise :class:`SegpipeError` naming the key when a run specification is malformed: not
-    ``$defs.run_spec`` of the schema, a ``train`` setting missing, or definitions that
-    :func:`model_errors` refuses."""
+def check_spec(spec: object, size: Sequence[int] | None = None, labels: object = None) -> dict:
+    """The run specification with every ``train`` setting it leaves out taken from the schema
+    (as the workflow fills in config.train: a spec written by hand and the workflow's of the
+    same settings are equal), checked once for ``segpipe train``, where it enters: raises
+    :class:`SegpipeError` naming the key when it is not ``$defs.run_spec`` of the schema, or its
+    definitions do not make a model for images of ``size`` (:func:`model_errors`) or a loss
+    for the classes ``labels`` (a :class:`segpipe.labels.Labels`, :func:`loss_errors`)."""
     _raise(schema_errors(spec, "#/$defs/run_spec", "run spec"))
-    settings = schema()["properties"]["train"]["properties"]
-    _raise([f"run spec: train.{key}: missing" for key in settings if key not in spec["train"]])
-    _raise([f"run spec: {m}" for m in model_errors(spec["architecture"], spec["backbone"])])
+    spec = copy.deepcopy(spec)
+    _fill_defaults(spec["train"], schema()["properties"]["train"])
+    errors = model_errors(spec["architecture"], spec["backbone"], size)
+    if labels is not None:
+        errors += loss_errors(spec["loss"], labels)
+    _raise([f"run spec: {m}" for m in errors])
+    return spec
+
+
+def loss_errors(loss: dict, labels: object, where: str = "loss") -> list[str]:
+    """The rule between a schema-valid loss definition and the classes of the study (a
+    :class:`segpipe.labels.Labels`) that the schema cannot state, as messages: ``class_weights``
+    apply with several classes only, one weight per class, background first."""
+    weights = loss.get("class_weights")
+    if weights is None:
+        return []
+    if labels.binary:
+        return [f"{where}.class_weights: applies with several classes (data.classes); a "
+                "binary loss weighs positives with pos_weight"]
+    if len(weights) != labels.outputs:
+        return [f"{where}.class_weights: {len(weights)} weights, but the study has "
+                f"{labels.outputs} classes ({', '.join(labels.class_names)})"]
+    return []
 
 
 def model_errors(architecture: dict, backbone: dict, size: Sequence[int] | None = None,

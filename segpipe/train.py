@@ -60,9 +60,9 @@ from segpipe.files import atomic_path, write_csv
 from segpipe.labels import Labels
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
                              forward_logits, peak_memory_mb, place, probabilities)
-from segpipe.rundir import (check_snapshots, expected_snapshots, run_lock, snapshot_path,
-                            snapshots)
-from segpipe.spec import check_model, check_spec
+from segpipe import rundir
+from segpipe.rundir import check_snapshots, expected_snapshots, run_lock, snapshot_path, snapshots
+from segpipe.spec import check_spec, default
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ def fingerprint(spec: dict, cache: Path) -> str:
 def _finished(out_dir: Path, spec: dict, key: str) -> bool:
     """Whether ``out_dir`` holds a complete run of fingerprint ``key``: ``model.pt`` recording
     it, ``history.csv``, exactly the snapshots of its epochs, and no state of a run unfinished."""
-    model = out_dir / "model.pt"
-    if ((out_dir / "state.pt").exists() or (out_dir / "state_snapshots").exists()
-            or not model.is_file() or not (out_dir / "history.csv").is_file()):
+    model = out_dir / rundir.MODEL
+    if ((out_dir / rundir.STATE).exists() or (out_dir / rundir.PENDING_SNAPSHOTS).exists()
+            or not model.is_file() or not (out_dir / rundir.HISTORY).is_file()):
         return False
     try:
         checkpoint = torch.load(model, map_location="cpu", weights_only=True)
@@ -117,7 +117,7 @@ def _finished(out_dir: Path, spec: dict, key: str) -> bool:
     if not isinstance(checkpoint, dict) or checkpoint.get("fingerprint") != key:
         return False
     try:
-        check_snapshots(out_dir / "snapshots", spec["train"]["snapshot_epochs"],
+        check_snapshots(out_dir / rundir.SNAPSHOTS, spec["train"]["snapshot_epochs"],
                         checkpoint["epochs"])
     except SegpipeError:
         return False
@@ -171,18 +171,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> object | N
     return None
 
 
-def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
-              num_workers: int = 0) -> None:
+def train_run(spec: dict, cache: Path, out_dir: Path,
+              device: str = default("resources.device"), num_workers: int = 0) -> None:
     """Train one run (see the module docstring) on ``device`` (:data:`segpipe.runtime.DEVICES`)
-    with ``num_workers`` DataLoader workers; resumes from ``out_dir/state.pt``, and keeps a run
+    with ``num_workers`` DataLoader workers (0: loading in this process; ``segpipe train`` and
+    the workflow pass ``resources.num_workers``); resumes from ``out_dir/state.pt``, and keeps a run
     directory that holds the complete outputs of this spec and cache content. Holds the run
-    directory's lock (:func:`segpipe.rundir.run_lock`) throughout, waiting for its holder."""
-    check_spec(spec)
+    directory's lock (:func:`segpipe.rundir.run_lock`) throughout, waiting for its holder.
+    The spec is checked here, once (:func:`segpipe.spec.check_spec`, with the cache's image
+    size and classes); the train settings it leaves out are the schema's defaults."""
+    from segpipe.data.dataset import cache_facts
+
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
         raise SegpipeError(f"{cache}: training cache not found")
+    spec = check_spec(spec, *cache_facts(cache))
     with run_lock(out_dir, "train"):
-        handler = logging.FileHandler(out_dir / "train.log")
+        handler = logging.FileHandler(out_dir / rundir.TRAIN_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         level = log.level
         log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # train.log gets the epochs
@@ -201,126 +206,160 @@ def train_run(spec: dict, cache: Path, out_dir: Path, device: str = "auto",
 
 def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
            num_workers: int) -> None:
-    from segpipe.data.augment import build_augmentation
+    """Train the run: the pieces below, in the order that keeps a run deterministic (the
+    global generators are seeded before the model is built)."""
     from segpipe.data.dataset import SegmentationH5Dataset, split_indices
-    from segpipe.losses import build_loss
-    from segpipe.models import build_model
 
-    run, seed, settings = spec["run"], spec["seed"], spec["train"]
     train_idx, val_idx, _ = split_indices(cache, spec.get("fold"))
     _check_split(cache, train_idx, val_idx)
     val_set = SegmentationH5Dataset(cache, indices=val_idx)
-    size, labels = list(val_set[0][0].shape[1:]), val_set.labels
-    check_model(spec["architecture"], spec["backbone"], size)
     device = acquire_device(device_setting)
-    autocast = amp_dtype(device, settings["amp"])
+    _seed_everything(spec["seed"])
+    run = _Run(spec, out_dir, list(val_set[0][0].shape[1:]), val_set.labels, device,
+               fingerprint(spec, cache))
+    train_set, train_loader, val_loader = run.loaders(cache, train_idx, val_set, num_workers)
+    run.resume()
+    log.info("%s: %d train / %d val images %s, %s, %s parameters, device %s%s", spec["run"],
+             len(train_idx), len(val_idx), "x".join(map(str, run.size)), run.labels.describe(),
+             f"{run.parameters:,}", device, f", autocast {run.autocast}" if run.autocast else "")
+    while run.progress["epoch"] < spec["train"]["epochs"] and not run.stopped_early():
+        run.epoch(train_set, train_loader, val_loader)
+    run.finish()
 
-    _seed_everything(seed)
-    model = place(build_model(spec["architecture"], spec["backbone"], labels.outputs), device)
-    criterion = build_loss(spec["loss"], labels)
-    pretrained = spec["backbone"].get("weights", "none") != "none"
-    optimizer = build_optimizer(model, settings, pretrained)
-    scheduler = build_scheduler(optimizer, settings)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
-    augment = build_augmentation(spec["augmentation"], tuple(size))
-    train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
-    # Workers live for the whole run (a GPU would idle while new ones start every epoch); the
-    # sampler has its own generator, which the loader's per-iterator draws do not touch.
-    shuffle = torch.Generator()
-    loader_options = dict(batch_size=settings["batch_size"], num_workers=num_workers,
-                          worker_init_fn=_seed_worker, pin_memory=device.type == "cuda",
-                          persistent_workers=num_workers > 0,
-                          generator=torch.Generator().manual_seed(seed))
-    train_loader = torch.utils.data.DataLoader(
-        train_set, sampler=torch.utils.data.RandomSampler(train_set, generator=shuffle),
-        **loader_options)
-    val_loader = torch.utils.data.DataLoader(val_set, **loader_options)
+class _Run:
+    """One training run's objects and progress: the model of the spec on ``device`` with its
+    loss, optimizer, scheduler and gradient scaler; each method does one job of training."""
 
-    state_path, pending_snapshots = out_dir / "state.pt", out_dir / "state_snapshots"
-    state_key = fingerprint(spec, cache)
-    state = _load_state(state_path, state_key)
-    if state is not None and not set(expected_snapshots(
-            settings["snapshot_epochs"], state["progress"]["epoch"])
-    ) <= set(snapshots(pending_snapshots)):
-        log.warning("ignoring %s: %s lacks snapshots it records; starting over", state_path,
-                    pending_snapshots)
-        state = None
-    if state is None:
-        shutil.rmtree(pending_snapshots, ignore_errors=True)
-        progress = {"epoch": 0, "history": [], "best_dice": -math.inf, "best_epoch": 0,
-                    "best_state": None, "stale": 0, "peak_memory_mb": 0.0}
-    else:
-        progress = _restore(state, model, optimizer, scheduler, scaler, device)
-        log.info("%s: resuming after epoch %d from %s", run, progress["epoch"], state_path)
+    def __init__(self, spec: dict, out_dir: Path, size: list[int], labels: Labels,
+                 device: torch.device, key: str) -> None:
+        from segpipe.losses import build_loss
+        from segpipe.models import build_model
 
-    parameters = sum(p.numel() for p in model.parameters())
-    patience = settings["early_stop_patience"]
-    log.info("%s: %d train / %d val images %s, %s, %s parameters, device %s%s", run,
-             len(train_idx), len(val_idx), "x".join(map(str, size)), labels.describe(),
-             f"{parameters:,}", device,
-             f", autocast {autocast}" if autocast else "")
+        self.spec, self.settings, self.out_dir = spec, spec["train"], out_dir
+        self.size, self.labels, self.device, self.key = size, labels, device, key
+        self.autocast = amp_dtype(device, self.settings["amp"])
+        self.model = place(build_model(spec["architecture"], spec["backbone"], labels.outputs),
+                           device)
+        self.criterion = build_loss(spec["loss"], labels)
+        pretrained = spec["backbone"].get("weights", "none") != "none"
+        self.optimizer = build_optimizer(self.model, self.settings, pretrained)
+        self.scheduler = build_scheduler(self.optimizer, self.settings)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.state_path = out_dir / rundir.STATE
+        self.pending = out_dir / rundir.PENDING_SNAPSHOTS
+        self.shuffle = torch.Generator()  # the sampler's, re-seeded every epoch
+        self.progress: dict = {}
 
-    def stopped_early() -> bool:
-        return bool(patience) and progress["stale"] >= patience
+    def loaders(self, cache: Path, train_idx: np.ndarray, val_set, num_workers: int) -> tuple:
+        """The augmented training set and the training and validation loaders. Workers live for
+        the whole run (a GPU would idle while new ones start every epoch); the sampler has its
+        own generator, which the loader's per-iterator draws do not touch."""
+        from segpipe.data.augment import build_augmentation
+        from segpipe.data.dataset import SegmentationH5Dataset
 
-    while progress["epoch"] < settings["epochs"] and not stopped_early():
-        epoch = progress["epoch"] + 1
+        seed = self.spec["seed"]
+        augment = build_augmentation(self.spec["augmentation"], tuple(self.size))
+        train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
+        options = dict(batch_size=self.settings["batch_size"], num_workers=num_workers,
+                       worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
+                       persistent_workers=num_workers > 0,
+                       generator=torch.Generator().manual_seed(seed))
+        train_loader = torch.utils.data.DataLoader(
+            train_set, sampler=torch.utils.data.RandomSampler(train_set, generator=self.shuffle),
+            **options)
+        return train_set, train_loader, torch.utils.data.DataLoader(val_set, **options)
+
+    def resume(self) -> None:
+        """Progress from the resumable state of this run (fingerprint), else from the start."""
+        state = _load_state(self.state_path, self.key)
+        if state is not None and not set(expected_snapshots(
+                self.settings["snapshot_epochs"], state["progress"]["epoch"])
+        ) <= set(snapshots(self.pending)):
+            log.warning("ignoring %s: %s lacks snapshots it records; starting over",
+                        self.state_path, self.pending)
+            state = None
+        if state is None:
+            shutil.rmtree(self.pending, ignore_errors=True)
+            self.progress = {"epoch": 0, "history": [], "best_dice": -math.inf,
+                             "best_epoch": 0, "best_state": None, "stale": 0,
+                             "peak_memory_mb": 0.0}
+        else:
+            self.progress = _restore(state, self.model, self.optimizer, self.scheduler,
+                                     self.scaler, self.device)
+            log.info("%s: resuming after epoch %d from %s", self.spec["run"],
+                     self.progress["epoch"], self.state_path)
+
+    def stopped_early(self) -> bool:
+        patience = self.settings["early_stop_patience"]
+        return bool(patience) and self.progress["stale"] >= patience
+
+    def epoch(self, train_set, train_loader, val_loader) -> None:
+        """One epoch: train, validate, step the schedule, keep the best model, save the
+        snapshot of this epoch if configured and the resumable state."""
+        run, progress, epoch = self.spec["run"], self.progress, self.progress["epoch"] + 1
         start = time.perf_counter()
-        lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")
+        lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "decoder")
         train_set.set_epoch(epoch)
-        shuffle.manual_seed(_epoch_seed(seed, epoch))
-        train_loss = _train_epoch(model, train_loader, criterion, optimizer, scaler, device,
-                                  autocast, desc=f"{run} epoch {epoch}/{settings['epochs']}")
+        self.shuffle.manual_seed(_epoch_seed(self.spec["seed"], epoch))
+        train_loss = _train_epoch(self.model, train_loader, self.criterion, self.optimizer,
+                                  self.scaler, self.device, self.autocast,
+                                  desc=f"{run} epoch {epoch}/{self.settings['epochs']}")
         if not math.isfinite(train_loss):
             raise SegpipeError(f"run {run}: the training loss is {train_loss} in epoch {epoch}; "
                                "lower train.lr or check the loss definition")
-        val = validate(model, val_loader, criterion, device, autocast, labels)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["dice"])
-        elif scheduler is not None:
-            scheduler.step()
+        val = validate(self.model, val_loader, self.criterion, self.device, self.autocast,
+                       self.labels)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val["dice"])
+        elif self.scheduler is not None:
+            self.scheduler.step()
         progress["history"].append({
             "epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
             "val_dice": val["dice"], "val_iou": val["iou"], "val_accuracy": val["accuracy"],
             "val_ap": val["ap"], "lr": lr, "seconds": time.perf_counter() - start})
         progress["epoch"] = epoch
-        progress["peak_memory_mb"] = max(progress["peak_memory_mb"], peak_memory_mb(device))
+        progress["peak_memory_mb"] = max(progress["peak_memory_mb"], peak_memory_mb(self.device))
         if val["dice"] > progress["best_dice"]:
             progress.update(best_dice=val["dice"], best_epoch=epoch, stale=0,
-                            best_state=_cpu_state_dict(model))
+                            best_state=_cpu_state_dict(self.model))
         else:
             progress["stale"] += 1
-        meta = _meta(progress, parameters)
-        if epoch in settings["snapshot_epochs"]:
-            save_checkpoint(snapshot_path(pending_snapshots, epoch), spec,
-                            _cpu_state_dict(model), size, labels,
-                            epoch=epoch, val_dice=val["dice"], **meta)
-        save_atomic(_state(model, optimizer, scheduler, scaler, device, progress, state_key),
-                    state_path)
+        if epoch in self.settings["snapshot_epochs"]:
+            save_checkpoint(snapshot_path(self.pending, epoch), self.spec,
+                            _cpu_state_dict(self.model), self.size, self.labels, epoch=epoch,
+                            val_dice=val["dice"], **_meta(progress, self.parameters))
+        save_atomic(_state(self.model, self.optimizer, self.scheduler, self.scaler, self.device,
+                           progress, self.key), self.state_path)
         log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val dice %.4f, lr %.2e, %.1f s%s",
-                 run, epoch, settings["epochs"], train_loss, val["loss"], val["dice"], lr,
+                 run, epoch, self.settings["epochs"], train_loss, val["loss"], val["dice"], lr,
                  progress["history"][-1]["seconds"],
                  " *" if progress["best_epoch"] == epoch else "")
 
-    if stopped_early():
-        log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
-                 run, progress["epoch"], patience)
-    meta = _meta(progress, parameters)
-    save_checkpoint(out_dir / "model.pt", spec, progress["best_state"], size, labels,
-                    epoch=progress["best_epoch"], val_dice=progress["best_dice"],
-                    fingerprint=state_key, **meta)
-    write_csv(out_dir / "history.csv", HISTORY_COLUMNS, progress["history"])
-    # The state goes first: killed after this, a re-run starts over instead of finishing
-    # without the pending snapshots.
-    state_path.unlink()
-    shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
-    pending_snapshots.mkdir(exist_ok=True)
-    os.replace(pending_snapshots, out_dir / "snapshots")
-    check_snapshots(out_dir / "snapshots", settings["snapshot_epochs"], progress["epoch"])
-    log.info("%s: best val dice %.4f at epoch %d of %d; %.0f s training, peak memory %.0f MiB",
-             run, progress["best_dice"], progress["best_epoch"], progress["epoch"],
-             meta["train_seconds"], meta["peak_memory_mb"])
+    def finish(self) -> None:
+        """The run's outputs: model.pt (the best epoch), history.csv and the snapshots; then no
+        state is left."""
+        run, progress, out_dir = self.spec["run"], self.progress, self.out_dir
+        if self.stopped_early():
+            log.info("%s: early stop after epoch %d (no validation-Dice gain in %d epochs)",
+                     run, progress["epoch"], self.settings["early_stop_patience"])
+        meta = _meta(progress, self.parameters)
+        save_checkpoint(out_dir / rundir.MODEL, self.spec, progress["best_state"], self.size,
+                        self.labels, epoch=progress["best_epoch"],
+                        val_dice=progress["best_dice"], fingerprint=self.key, **meta)
+        write_csv(out_dir / rundir.HISTORY, HISTORY_COLUMNS, progress["history"])
+        # The state goes first: killed after this, a re-run starts over instead of finishing
+        # without the pending snapshots.
+        self.state_path.unlink()
+        shutil.rmtree(out_dir / rundir.SNAPSHOTS, ignore_errors=True)
+        self.pending.mkdir(exist_ok=True)
+        os.replace(self.pending, out_dir / rundir.SNAPSHOTS)
+        check_snapshots(out_dir / rundir.SNAPSHOTS, self.settings["snapshot_epochs"],
+                        progress["epoch"])
+        log.info("%s: best val dice %.4f at epoch %d of %d; %.0f s training, peak memory "
+                 "%.0f MiB", run, progress["best_dice"], progress["best_epoch"],
+                 progress["epoch"], meta["train_seconds"], meta["peak_memory_mb"])
 
 
 def _meta(progress: dict, parameters: int) -> dict:

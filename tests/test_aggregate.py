@@ -14,22 +14,21 @@ import pytest
 import scipy.stats
 
 from segpipe import SegpipeError
-from segpipe.aggregate import (
-    _load_run,
-    class_summary,
-    aggregate_experiment,
-    write_summary,
-)
+from segpipe.aggregate import aggregate_experiment, class_summary
+from segpipe.results import load_run
+from segpipe.summary import write_summary
 from segpipe.cli import main
 from segpipe.stats import Scores
 from segpipe.columns import METRIC_COLUMNS as METRICS
+from segpipe.columns import REFERENCE_RUNS
+from segpipe.figures import FIGURES, figures_for
 
 HEIGHT, WIDTH, EXAMPLES = 20, 28, 3
 SNAPSHOTS = (2, 4)
 
 
 def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b", "c"),
-              probs_best=False, dice=None, first_case=0):
+              probs_best=True, dice=None, first_case=0):
     """A run folder whose every test metric is ``score`` and whose best val_dice is ``val_dice``.
 
     per_image.csv holds the per-image ``dice`` (default: score − 0.1, score, score + 0.1 on
@@ -247,16 +246,17 @@ def _read_png(path):
 
 
 def test_figures_are_png_and_not_blank(experiment):
-    for figure in ("curves", "bars", "significance", "ranking", "evolution", "samples"):
+    """Every figure of a binary experiment without a sweep (the registry, segpipe.figures)."""
+    drawn = figures_for(sweep=False, binary=True)
+    for figure in drawn:
         path = experiment / f"{figure}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         image = _read_png(path)
         assert 300 <= min(image.shape[:2]) and max(image.shape[:2]) <= 4000, (figure, image.shape)
         assert image[..., :3].std() > 0.05, figure
     assert not (experiment / "sweep.png").exists()
-    assert sorted(p.name for p in experiment.iterdir()) == [
-        "bars.png", "curves.png", "evolution.png", "ranking.png", "samples.png",
-        "significance.png", "summary.csv"]
+    assert sorted(p.name for p in experiment.iterdir()) == sorted(
+        [*(f"{figure}.png" for figure in drawn), "summary.csv", REFERENCE_RUNS])
 
 
 def test_sweep_png_written_with_a_sweep(tmp_path):
@@ -352,7 +352,7 @@ def test_groups_without_a_shared_seed_are_an_error(tmp_path):
 
 def test_runs_that_reached_no_snapshot_epoch(tmp_path):
     """Early stopping before the first snapshot epoch: curves are empty, samples use the best
-    model's probabilities; without those there is nothing to show, which is a clear error."""
+    model's probabilities, which evaluate always stores; a file without them is an error."""
     runs = []
     for seed in (0, 1):
         folder = tmp_path / "runs" / f"s{seed}"
@@ -367,9 +367,9 @@ def test_runs_that_reached_no_snapshot_epoch(tmp_path):
     write_summary([tmp_path / "out"], tmp_path / "summary.md")
     assert "One group: nothing to compare." in (tmp_path / "summary.md").read_text()
 
-    write_run(tmp_path / "bare", 0, 0.5, 0.6, snapshots=())
+    write_run(tmp_path / "bare", 0, 0.5, 0.6, snapshots=(), probs_best=False)
     runs[0]["dir"] = str(tmp_path / "bare")
-    with pytest.raises(SegpipeError, match="holds neither a snapshot epoch nor probs_best"):
+    with pytest.raises(SegpipeError, match=r"evolution.npz: missing array\(s\) probs_best"):
         aggregate_experiment("early", {"axes": ["loss"], "runs": runs}, tmp_path / "out2")
 
 
@@ -424,7 +424,7 @@ def test_snapshot_metrics_of_folds_are_weighted_by_their_images(tmp_path):
     """Fold 0 (3 images, snapshots at epochs 2 and 4, Dice 0.3 and 0.6) and fold 1 (2 images,
     stopped early: a snapshot at epoch 2 only, Dice 0.85)."""
     spec = cv_spec(tmp_path)
-    _, curves, per_image = _load_run([Path(folder) for folder in spec["runs"][0]["folds"]])
+    _, curves, per_image = load_run([Path(folder) for folder in spec["runs"][0]["folds"]])
     assert list(curves["epoch"]) == [2, 4]
     assert curves["dice"].tolist() == pytest.approx([(3 * 0.3 + 2 * 0.85) / 5, 0.6])
     assert list(per_image["name"]) == [f"case{i}" for i in range(5)]
@@ -509,3 +509,13 @@ def test_class_summary_per_class_dice_and_paired_delta():
     assert (table["dice.leaf_lo"] <= table["dice.leaf_mean"]).all()
     assert (table["dice.leaf_mean"] <= table["dice.leaf_hi"]).all()
     assert table.loc[1, "delta_dice.leaf_lo"] <= -0.7 / 6 <= table.loc[1, "delta_dice.leaf_hi"]
+
+
+def test_every_figure_has_its_caption_and_every_caption_a_figure():
+    """The registry (segpipe.figures) is what the workflow declares and the report captions:
+    a figure is its draw function and its caption file, nothing else."""
+    report = Path(__file__).resolve().parents[1] / "workflow" / "report"
+    assert {path.stem for path in report.glob("*.rst")} - {"summary"} == set(FIGURES)
+    assert set(figures_for(sweep=True, binary=False)) == set(FIGURES)
+    assert set(FIGURES) - set(figures_for(sweep=False, binary=True)) == {
+        "sweep", "classes", "confusion"}

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from segpipe import SegpipeError
+from segpipe.columns import AXES
 from segpipe.data.augment import FILL, build_augmentation
+from segpipe.spec import check_spec
 
 SIZE = (64, 64)
 STANDARD = {"hflip": 0.5, "vflip": 0.3, "rotate": 15, "jitter": 0.2, "erase": 0.25}
@@ -212,8 +214,13 @@ def test_wrong_input_size_is_refused():
     ({"crop": {"min_scale": 0}}, "crop.min_scale: 0 is less than or equal to the minimum of 0"),
 ])
 def test_bad_definitions_name_the_key(definition, message):
-    with pytest.raises(SegpipeError, match=f"^augmentation definition: {message}"):
-        build_augmentation(definition, SIZE)
+    """Checked where a run enters (`segpipe train`'s spec; the workflow's start by the same
+    schema), not by build_augmentation."""
+    spec = {**{"run": "r", "seed": 0, "names": dict.fromkeys(AXES, "x"),
+            "architecture": {"model": "unet"}, "backbone": {}, "loss": {"bce": 1.0},
+            "augmentation": {}, "train": {}}, "augmentation": definition}
+    with pytest.raises(SegpipeError, match=f"^run spec: augmentation[.:] ?{message}"):
+        check_spec(spec)
 
 
 def rng(seed: int) -> np.random.Generator:

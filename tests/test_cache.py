@@ -91,7 +91,7 @@ def test_square_images_at_their_masks(folder, tmp_path):
     np.testing.assert_array_equal(data["masks"][0], square)
     # The triangle lies below the line y = 1.08 x - 0.05 through its corners at 4x4.
     np.testing.assert_array_equal(data["masks"][1], np.triu(square))
-    assert not data["is_val"].any()
+    assert data["is_val"].sum() == 1  # the config's default val_fraction: 0.2 of 2, at least 1
 
 
 def test_same_input_same_cache(labelme_folder, tmp_path):
@@ -222,16 +222,21 @@ def test_next_rasterise_removes_the_temporary_file_of_a_killed_one(folder, tmp_p
 
 
 def test_unknown_foreground_label_is_an_error(folder, tmp_path):
-    with pytest.raises(SegpipeError, match=r"no shape paints a class .*found: hole, obj"):
+    with pytest.raises(SegpipeError, match=r"^data.foreground: no LabelMe file of \S+ has a "
+                       r"shape labelled 'ob' \(their labels: hole, obj\)$"):
         build_cache(folder[0], tmp_path / "out.h5", size=(4, 4),
                     labels=Labels.from_config(foreground=["ob"]))
     assert list(tmp_path.glob("*out.h5*")) == []
 
 
-def test_labels_that_never_occur_are_logged(folder, tmp_path, caplog):
-    build_cache(folder[0], tmp_path / "out.h5", (4, 4),
-                Labels.from_config(foreground=["obj", "ob"], background=["grass"]))
-    assert "labels ['grass', 'ob'] occur in no filled shape" in caplog.text
+def test_labels_that_never_occur_in_a_training_folder_are_an_error(folder, tmp_path):
+    """The workflow's rule (a label the config names must be learnable), by hand too."""
+    with pytest.raises(SegpipeError) as error:
+        build_cache(folder[0], tmp_path / "out.h5", (4, 4),
+                    Labels.from_config(foreground=["obj", "ob"], background=["grass"]))
+    assert [line.split(":")[0] for line in str(error.value).splitlines()] == \
+        ["data.foreground", "data.background"]
+    assert "'ob'" in str(error.value) and "'grass'" in str(error.value)
 
 
 def test_only_background_labels_is_an_error(make_labelme, tmp_path):

@@ -31,7 +31,8 @@ def test_the_schema_lists_the_axes_of_segpipe_columns():
 
 
 def test_aggregation_does_not_import_torch():
-    code = "import sys, segpipe.aggregate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, segpipe.aggregate, segpipe.summary; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -39,7 +40,8 @@ def test_aggregation_does_not_import_torch():
 
 def test_the_start_checks_import_neither_numpy_nor_torch():
     """The Snakemake process may run without them (--sdm conda): what common.smk imports."""
-    code = ("import sys, segpipe.files, segpipe.data.groups, segpipe.spec, segpipe.columns; "
+    code = ("import sys, segpipe.files, segpipe.data.groups, segpipe.spec, segpipe.columns, "
+            "segpipe.labels, segpipe.figures, segpipe.rundir; "
             "assert not {'numpy', 'torch'} & set(sys.modules), 'numpy or torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO)

@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout first, then what the environment adds: on a machine without network the GPU
+# check (benchmarks/gpu_check.py) installs jsonschema and the others into a folder of its own.
+PYTHONPATH = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 FAMILIES = {  # every family, small, and one under a ResNet encoder
     "unet": ({"model": "unet", "width": 8, "depth": 3}, {}),
     "unetpp": ({"model": "unetpp", "width": 8, "depth": 3, "deep_supervision": True}, {}),
@@ -117,7 +120,7 @@ print("released", time.time(), flush=True)
 def test_two_jobs_take_different_gpus_or_wait_for_each_other(tmp_path):
     """Two `acquire_device("cuda")` processes: with two GPUs or more each takes its own; with
     one, the second waits until the first exits (it polls its lock every 5 s)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}  # private locks
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "TMPDIR": str(tmp_path)}  # private locks
     first = subprocess.Popen([sys.executable, "-c", HOLD_A_GPU, "20"], env=env,
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -148,7 +151,7 @@ def test_kill_and_resume_on_cuda(cache, tmp_path, killed_after_first_epoch):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "segpipe", "train", "--cache", str(cache), "--spec",
                f"@{spec}", "--output-dir", str(out), "--device", "cuda"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}  # private GPU locks
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "TMPDIR": str(tmp_path)}  # private GPU locks
     killed_after_first_epoch(command, env, out, timeout_s=300)
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from segpipe import SegpipeError
+from segpipe.columns import AXES
 from segpipe.labels import IGNORE, Labels
-from segpipe.losses import EPS, build_loss
-from segpipe.spec import check_definition
+from segpipe.losses import EPS, TERMS, build_loss
+from segpipe.spec import check_spec, loss_errors, schema
 
 torch.set_num_threads(1)
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
@@ -113,8 +114,13 @@ def test_shape_mismatch_is_refused():
     ({"focal_tversky": 1.0, "tversky_gamma": 0}, "tversky_gamma: 0 is less than or equal"),
 ])
 def test_bad_definitions_name_the_key(definition, message):
-    with pytest.raises(SegpipeError, match=f"^loss definition: {message}"):
-        check_definition("loss", definition)
+    """Checked where a run enters (`segpipe train`'s spec; the workflow's start by the same
+    schema), not by build_loss."""
+    spec = {**{"run": "r", "seed": 0, "names": dict.fromkeys(AXES, "x"),
+            "architecture": {"model": "unet"}, "backbone": {}, "loss": {"bce": 1.0},
+            "augmentation": {}, "train": {}}, "loss": definition}
+    with pytest.raises(SegpipeError, match=f"^run spec: loss[.:] ?{message}"):
+        check_spec(spec)
 
 
 # --------------------------------------------------------------------------- several classes
@@ -162,8 +168,12 @@ def test_class_weights_and_pos_weight_weigh_the_cross_entropy():
                                                  weight=torch.tensor([1.0, 4.0, 4.0, 4.0]))
     loss = build_loss({"bce": 1.0, "pos_weight": 4.0}, CLASSES)(logits, target)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    with pytest.raises(SegpipeError, match="class_weights has 2 weights, but the study has 4"):
-        build_loss({"bce": 1.0, "class_weights": [1, 2]}, CLASSES)
+    # the rule between a loss and the classes, checked where a spec enters, not by build_loss
+    assert loss_errors({"bce": 1.0, "class_weights": [1, 2]}, CLASSES) == [
+        "loss.class_weights: 2 weights, but the study has 4 classes (background, a, b, c)"]
+    assert loss_errors({"bce": 1.0, "class_weights": [1, 2]}, Labels())[0].startswith(
+        "loss.class_weights: applies with several classes")
+    assert loss_errors({"bce": 1.0, "class_weights": [1, 2, 3, 4]}, CLASSES) == []
 
 
 def test_ignored_pixels_count_in_no_multiclass_term():
@@ -206,3 +216,13 @@ def test_binary_ignore_leaves_ignored_pixels_out():
     plain = build_loss({"bce": 1.0, "dice": 1.0})(logits[..., :1, :], target[..., :1, :])
     assert build_loss({"bce": 1.0, "dice": 1.0}, labels)(logits, target).item() == pytest.approx(
         plain.item(), rel=1e-6)
+
+
+def test_the_schema_lists_every_registered_term_and_its_options():
+    """The one check between losses.TERMS and $defs.loss.terms of the config contract (from
+    which the schema's term rules are made): every option of a term is typed there."""
+    terms = schema()["$defs"]["loss"]["terms"]
+    assert list(terms) == list(TERMS)
+    properties = schema()["$defs"]["loss"]["properties"]
+    options = {option for options in terms.values() for option in options}
+    assert set(properties) == {*terms, *options}

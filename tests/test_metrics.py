@@ -6,7 +6,7 @@ import torch
 import numpy as np
 
 from segpipe.labels import IGNORE, Labels
-from segpipe.metrics import (METRICS, PooledClassMetrics, PooledMetrics, average_precision,
+from segpipe.metrics import (METRICS, PooledClassMetrics, PooledMetrics,
                              per_image_class_metrics, per_image_metrics)
 
 torch.set_num_threads(1)
@@ -97,11 +97,8 @@ def test_average_precision_with_ties_hand_computed():
     for order in ([0, 1, 2, 3], [2, 1, 0, 3], [3, 1, 2, 0]):
         scores = torch.tensor([0.5, 0.5, 0.5, 0.2])[order]
         labels = torch.tensor([1, 0, 0, 1])[order]
-        assert average_precision(scores, labels) == pytest.approx(expected, abs=1e-12)
-
-
-def test_average_precision_without_positives_is_undefined():
-    assert math.isnan(average_precision(torch.tensor([0.9, 0.1]), torch.tensor([0, 0])))
+        ap = per_image_metrics(scores.view(1, 1, 4), labels.view(1, 1, 4))["ap"][0].item()
+        assert ap == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -115,7 +112,6 @@ def test_average_precision_matches_brute_force_with_ties(seed):
     pooled.update(scores.view(3, 6, 10), labels.view(3, 6, 10))
     for row in range(3):
         reference = brute_force_ap(scores[row].tolist(), labels[row].tolist())
-        assert average_precision(scores[row], labels[row]) == pytest.approx(reference, abs=1e-12)
         assert metrics["ap"][row].item() == pytest.approx(reference, abs=1e-12)
     reference = brute_force_ap(scores.flatten().tolist(), labels.flatten().tolist())
     assert pooled.compute()["ap"] == pytest.approx(reference, abs=1e-12)

@@ -2,6 +2,7 @@
 canonical parameter counts follow from the papers' architectures, the blocks compute their
 stated formulas, and bad definitions fail with a message naming the key or the file."""
 
+import inspect
 import math
 import re
 from pathlib import Path
@@ -12,10 +13,12 @@ import torchvision
 
 from segpipe import SegpipeError
 from segpipe.cli import main
+from segpipe.columns import AXES
 from segpipe.labels import Labels
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
 from segpipe.models.unetpp import mean_probability_logit
+from segpipe.spec import check_spec, schema
 
 torch.set_num_threads(1)
 
@@ -173,11 +176,6 @@ def test_canonical_parameter_counts(architecture, expected):
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
-def test_canonical_unet_count_is_pinned():
-    # Ronneberger's U-Net (64…1024 channels) with BatchNorm instead of conv biases.
-    assert unet_count() == 31_037_633
-
-
 def test_model_cost_counts_every_convolution():
     """U-Net FLOPs by hand: 2·k²·c_in·c_out per output pixel of each convolution; the 2×2
     stride-2 transposed convolution costs 2·c_in·c_out per output pixel."""
@@ -256,22 +254,6 @@ def test_attention_gate_hand_computed():
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     out = gate_(x, torch.tensor([[[[-7.0]]]]))
     torch.testing.assert_close(out, x * (1 / (1 + math.exp(-3))))
-
-
-@pytest.mark.parametrize("architecture", ["attention_unet", "attention_r2unet"])
-def test_attention_maps_are_coefficients_in_0_1(architecture):
-    torch.manual_seed(0)
-    model = build_model({"model": architecture, "width": 4, "depth": 3}, {})
-    maps = model.attention_maps(torch.randn(2, 3, 37, 29))
-    assert len(maps) == 3
-    for alpha in maps:
-        assert alpha.shape == (2, 1, 37, 29)
-        assert alpha.min() >= 0 and alpha.max() <= 1 and alpha.std() > 0
-    resnet = build_model({"model": architecture, "width": 4},
-                         {"encoder": "resnet18", "weights": "none"})
-    assert len(resnet.attention_maps(torch.randn(1, 3, 40, 40))) == 5
-    assert build_model({"model": "unet", "width": 4, "depth": 2}, {}).attention_maps(
-        torch.randn(1, 3, 8, 8)) == []
 
 
 def test_recurrent_conv_shares_one_convolution_over_t_steps():
@@ -377,7 +359,7 @@ def test_bad_state_dict_files(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("architecture, backbone, message", [
-    ({"width": 8}, {}, "architecture definition: model: missing"),
+    ({"width": 8}, {}, "architecture.model: missing"),
     ({"model": "transunet"}, {}, "model: 'transunet' is not one of unet, unetpp"),
     ({"model": "unet", "dropout": 0.1}, {},
      r"dropout: unknown key \(allowed: model, width, depth, down, up\)"),
@@ -391,8 +373,8 @@ def test_bad_state_dict_files(tmp_path, content, message):
      "deep_supervision: 'yes' is not of type 'boolean'"),
     ({"model": "atrous_unet", "rates": []}, {}, r"rates: \[\] should be non-empty"),
     ({"model": "unet"}, {"encoder": "vgg16", "weights": "none"},
-     "backbone definition: encoder: 'vgg16' is not one of scratch, resnet18"),
-    ({"model": "unet"}, {"encoder": "resnet34"}, "backbone definition: weights: missing"),
+     "backbone.encoder: 'vgg16' is not one of scratch, resnet18"),
+    ({"model": "unet"}, {"encoder": "resnet34"}, "backbone.weights: missing"),
     ({"model": "unet"}, {"encoder": "resnet34", "weights": "none", "frozen": True},
      r"frozen: unknown key \(allowed: encoder, weights, stem\)"),
     ({"model": "unet"}, {"stem": "small"}, "the scratch encoder takes no weights or stem"),
@@ -408,8 +390,25 @@ def test_bad_state_dict_files(tmp_path, content, message):
      r"architecture.depth: 6 exceeds the 5 stages of the resnet18 encoder \(backbone\)"),
 ])
 def test_bad_definitions_name_the_key(architecture, backbone, message):
-    with pytest.raises(SegpipeError, match=message):
-        build_model(architecture, backbone)
+    """Checked where a run enters (`segpipe train`'s spec; the workflow's start checks the
+    config by the same schema), not again by build_model."""
+    spec = {"run": "r", "seed": 0, "names": dict.fromkeys(AXES, "x"), "architecture": architecture,
+            "backbone": backbone, "loss": {"bce": 1.0}, "augmentation": {}, "train": {}}
+    with pytest.raises(SegpipeError, match=f"^run spec: .*{message}"):
+        check_spec(spec)
+
+
+def test_the_schema_lists_every_registered_family_with_the_options_of_its_class():
+    """The one check between the registry (segpipe/models/, each family registered by its
+    module) and the config contract ($defs.architecture.families, from which the enum of
+    `model` and each family's unknown-key rule are made), so neither can drift."""
+    families = schema()["$defs"]["architecture"]["families"]
+    assert list(families) == list(ARCHITECTURES)
+    for name, cls in ARCHITECTURES.items():
+        options = [p for p in inspect.signature(cls).parameters if p not in ("encoder", "outputs")]
+        assert families[name] == options, name
+        for option in options:  # each is typed in the schema
+            assert option in schema()["$defs"]["architecture"]["properties"], (name, option)
 
 
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():

@@ -52,7 +52,6 @@ def test_change_map_hand_computed():
 
 
 def test_group_colours():
-    assert group_colours(3) == [matplotlib.colormaps["tab10"](i) for i in range(3)]
     assert len(set(group_colours(11))) == 11
     viridis = matplotlib.colormaps["viridis"]
     assert group_colours(3, [0.5, 1.0, 0.0]) == [viridis(0.45), viridis(0.9), viridis(0.0)]

@@ -3,6 +3,7 @@ after being killed, it selects on validation only, and it rejects bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset
 from segpipe.models import build_model
 from segpipe.runtime import lock_free_gpu
+from segpipe.spec import default
 from segpipe.train import (HISTORY_COLUMNS, _restore, _state, build_optimizer, fingerprint,
                            train_run)
 
@@ -207,11 +209,15 @@ def test_bad_train_settings(cache, tmp_path, change, message):
     assert not any(tmp_path.iterdir())
 
 
-def test_missing_setting_and_cache_without_validation(cache, tmp_path):
-    spec = make_spec()
-    del spec["train"]["scheduler"]
-    with pytest.raises(SegpipeError, match="^run spec: train.scheduler: missing$"):
-        train_run(spec, cache, tmp_path / "a")
+def test_a_setting_left_out_is_the_schemas_and_a_cache_without_validation(cache, tmp_path):
+    """A spec written by hand without a train setting trains the run of the schema's default,
+    the same run (spec and fingerprint) as the workflow's spec, which holds every setting."""
+    spec = make_spec(scheduler=default("train.scheduler"))
+    partial = copy.deepcopy(spec)
+    del partial["train"]["scheduler"]
+    train_run(partial, cache, tmp_path / "a")
+    checkpoint = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    assert checkpoint["spec"] == spec and checkpoint["fingerprint"] == fingerprint(spec, cache)
     no_val = tmp_path / "no_val.h5"
     shutil.copy(cache, no_val)
     with h5py.File(no_val, "r+") as f:

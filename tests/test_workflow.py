@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from segpipe.aggregate import FIGURES
+from segpipe.figures import FIGURES
 from segpipe.labels import IGNORE
 
 CLASS_FIGURES = ("classes", "confusion")
@@ -217,6 +217,9 @@ def user_data(config: dict, workdir: Path) -> None:
                           test_dir=str(workdir / "results" / "demo_data" / "test"))
 
 
+# The label rule's message, by Snakemake at start (prefixed "config: ") and by hand.
+LABEL_IN_NO_FILE = ("config: data.foreground: no LabelMe file of {w}/results/demo_data/train has "
+                    "a shape labelled 'stnoe' (their labels: grass, leaf, stone)")
 # Bad edits of the finished tiny study: each must stop `snakemake` at start with the key path
 # named, before any job and so before Snakemake deletes the outputs of the runs it would redo.
 BAD_EDITS = {
@@ -253,9 +256,7 @@ BAD_EDITS = {
                         "the deepest feature map would be 1x1 pixel, and BatchNorm cannot train "
                         "on one value per channel; use depth <= 4 or larger images"),
     "foreground label in no file": (lambda c, w: (user_data(c, w), c["data"].update(
-        foreground=["stnoe"])), "config: data.foreground: no LabelMe file of {w}/results/"
-        "demo_data/train or {w}/results/demo_data/test has a shape labelled 'stnoe' (their "
-        "labels: grass, leaf, stone)"),
+        foreground=["stnoe"])), LABEL_IN_NO_FILE),
     "label in foreground and background": (lambda c, w: c["data"].update(
         foreground=["stone"], background=["leaf", "stone"]),
         "config: data: label 'stone' is given two roles (foreground and background)"),
@@ -268,6 +269,9 @@ BAD_EDITS = {
         set={"architecture": "unet"}), "config: experiments.architecture.set.architecture: the "
         "experiment also varies architecture (vary.architecture); an axis is either varied or "
         "set: remove one"),
+    "group that is no regular expression": (lambda c, w: c["data"].update(group="(IMG"),
+                                            "config: data.group = '(IMG': not a regular "
+                                            "expression (missing ), unterminated subpattern"),
     "group matching no file": (lambda c, w: c["data"].update(group=r"^zzz(\d)"),
                                "config: data.group = '^zzz(\\\\d)': matches none of the 12 names "
                                "(e.g. 'synth_0000') in results/demo_data/train"),
@@ -542,7 +546,8 @@ def test_editing_an_architecture_reruns_its_runs_in_every_fold(cv_study: Path):
     (TINY_CV, lambda d: d.update(test_dir="results/demo_data/test"),
      "config: data.test_dir: must be absent (or null) with data.folds"),
     (TINY, lambda d: d.pop("test_dir"), "config: data.test_dir: required unless data.folds"),
-    (TINY_CV, lambda d: d.update(group="(synth"), "config: data.group: '(synth' is not a regular"),
+    (TINY_CV, lambda d: d.update(group="(synth"),
+     "config: data.group = '(synth': not a regular expression"),  # groups.group_keys' message
     (TINY_CV, lambda d: d.update(folds=2), "config: data.folds: 2 is less than the minimum of 3"),
     (TINY_CV, lambda d: d.update(drop_test_duplicates=True),
      "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation has "
@@ -671,25 +676,31 @@ def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
     assert not (tmp_path / "results").exists()
 
 
-def _comparable(path: Path) -> object:
+def result_files(root: Path) -> list[Path]:
+    """The result files below ``root``/results, but logs, benchmarks, locks and timestamps."""
+    return sorted(p.relative_to(root) for p in (root / "results").rglob("*")
+                  if p.is_file() and p.relative_to(root).parts[1] not in ("logs", "benchmarks")
+                  and p.name not in (".segpipe.lock", "train.log", ".snakemake_timestamp"))
+
+
+def _comparable(path: Path, added: set[str] = ADDED_SINCE) -> object:
     """What must not change in a result file: its bytes, or for files that record timings
     (TIMING) everything else (CSV cells, checkpoint entries and tensors, npz arrays, summary.md
-    without its train-seconds column)."""
+    without its train-seconds column); ``added``: entries left out of the comparison."""
     if path.suffix == ".csv":
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
         return table.drop(columns=[c for c in table if c in TIMING]).to_dict("list")
     if path.suffix == ".pt":
         checkpoint = torch.load(path, weights_only=True)
         weights = {k: v.numpy().tobytes() for k, v in checkpoint.pop("state_dict").items()}
-        return weights, {k: v for k, v in checkpoint.items() if k not in TIMING | ADDED_SINCE}
+        return weights, {k: v for k, v in checkpoint.items() if k not in TIMING | added}
     if path.suffix == ".npz":  # a zip: its members carry the time they were written
         with np.load(path) as npz:
             return {key: npz[key].tobytes() for key in npz.files}
     if path.suffix == ".h5":  # attribute source: the absolute data folder, in another workdir
         with h5py.File(path) as f:
-            return ({key: f[key][()].tolist() for key in f if key not in ADDED_SINCE},
-                    {k: str(v) for k, v in f.attrs.items()
-                     if k not in {"source", *ADDED_SINCE}},
+            return ({key: f[key][()].tolist() for key in f if key not in added},
+                    {k: str(v) for k, v in f.attrs.items() if k not in {"source", *added}},
                     Path(f.attrs["source"]).relative_to(path.parents[2]))
     if path.suffix == ".md":
         return re.sub(r"\| [\d.]+ \|$", "|", path.read_text(), flags=re.M)
@@ -716,13 +727,84 @@ def test_binary_study_writes_what_it_wrote_before_classes(finished: Path, tmp_pa
                     str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"],
                    check=True, capture_output=True, env=env, timeout=900)
 
-    def files(root: Path) -> list[Path]:
-        return sorted(p.relative_to(root) for p in (root / "results").rglob("*")
-                      if p.is_file() and p.relative_to(root).parts[1] not in ("logs", "benchmarks")
-                      and p.name not in (".segpipe.lock", "train.log", ".snakemake_timestamp",
-                                         "reference_runs.txt"))  # added since, for predict
+    def files(root: Path) -> list[Path]:  # reference_runs.txt: added since, for predict
+        return [p for p in result_files(root) if p.name != "reference_runs.txt"]
 
     assert files(finished) == files(workdir)
     changed = [str(p) for p in files(finished)
                if _comparable(finished / p) != _comparable(workdir / p)]
     assert not changed
+
+
+def segpipe_by_hand(workdir: Path, *args: object) -> subprocess.CompletedProcess:
+    """``segpipe <step> <args>`` in ``workdir``, as a user types it, with the tiny study's one
+    thread per job (resources.train_threads: the float sums of training depend on it)."""
+    return subprocess.run([sys.executable, "-m", "segpipe", *map(str, args)], cwd=workdir,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_each_step_by_hand_makes_what_snakemake_makes(tmp_path: Path):
+    """Every step typed by hand, each option that the config leaves out left out too, writes
+    the files Snakemake writes: the defaults of the CLI and of the workflow are the schema's.
+    Compared file by file, everything but timings (cache digests and fingerprints too)."""
+    config = yaml.safe_load(TINY.read_text())
+    del config["data"]["val_fraction"], config["evaluate"], config["experiments"]["dice_weight"]
+    config["data"]["synthetic"] = {"train_count": 12, "test_count": 4}  # seed, size: defaults
+    workflow, hand = tmp_path / "workflow", tmp_path / "hand"
+    workflow.mkdir()
+    hand.mkdir()
+    (workflow / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workflow)
+
+    data, r = "results/demo_data", "results"
+    steps = [("synth", "--output", f"{data}/train", "--count", 12),
+             # the workflow's demo test seed is 2 * data.synthetic.seed + 1: unseen images
+             ("synth", "--output", f"{data}/test", "--count", 4, "--seed", 1),
+             ("rasterise", "--input", f"{data}/train", "--output", f"{r}/data/train.h5",
+              "--size", 32, 32),
+             ("rasterise", "--input", f"{data}/test", "--output", f"{r}/data/test.h5", "--size",
+              32, 32, "--train-cache", f"{r}/data/train.h5")]
+    runs = []
+    for architecture in ("unet", "attention_unet"):
+        names = {"architecture": architecture, "backbone": "scratch", "loss": "bcedice_0.5",
+                 "augmentation": "plain"}
+        run = "__".join([*names.values(), "s0"])
+        spec = {"run": run, "seed": 0, "names": names,
+                **{axis: config[f"{axis}s" if axis != "loss" else "losses"][name]
+                   for axis, name in names.items()},
+                "train": config["train"]}  # the settings config.yaml gives, no more
+        (hand / f"{run}.json").write_text(json.dumps(spec))
+        steps += [("train", "--cache", f"{r}/data/train.h5", "--spec", f"@{run}.json",
+                   "--output-dir", f"{r}/runs/{run}", "--device", "cpu", "--num-workers", 0),
+                  ("evaluate", "--run-dir", f"{r}/runs/{run}", "--cache", f"{r}/data/test.h5",
+                   "--device", "cpu")]
+        runs.append({"run": run, "dir": f"{r}/runs/{run}", "seed": 0, **names})
+    experiment = {"name": "architecture", "axes": ["architecture"], "sweep": None,
+                  "baseline": {"architecture": "unet"}, "runs": runs}
+    (hand / "architecture.json").write_text(json.dumps(experiment))
+    steps += [("aggregate", "--experiment", "architecture", "--spec", "@architecture.json",
+               "--output-dir", f"{r}/experiments/architecture"),
+              ("summary", "--experiments", f"{r}/experiments/architecture", "--output",
+               f"{r}/summary.md")]
+    for step in steps:
+        done = segpipe_by_hand(hand, *step)
+        assert done.returncode == 0, (step, done.stderr[-3000:])
+
+    assert result_files(hand) == result_files(workflow)
+    changed = [str(p) for p in result_files(workflow)
+               if _comparable(workflow / p, added=set()) != _comparable(hand / p, added=set())]
+    assert not changed, changed
+
+
+def test_the_label_rule_is_one_by_hand_and_by_snakemake(finished: Path, tmp_path: Path):
+    """A label the config names that no training file has: Snakemake stops at start (the bad
+    edit above), and `segpipe rasterise` by hand stops with the same message."""
+    done = segpipe_by_hand(finished, "rasterise", "--input",
+                           finished / "results" / "demo_data" / "train", "--output",
+                           tmp_path / "train.h5", "--size", 32, 32, "--foreground", "stnoe",
+                           "--background", "grass")
+    assert done.returncode == 1
+    assert f"segpipe: error: {LABEL_IN_NO_FILE.removeprefix('config: ').format(w=finished)}" \
+        in done.stderr
+    assert not (tmp_path / "train.h5").exists()

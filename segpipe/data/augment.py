@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from segpipe.runtime import IMAGENET_MEAN
-from segpipe.spec import check_definition
+from segpipe.spec import default
 
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 """RGB of the pixels rotation uncovers and erasing covers: the ImageNet mean colour."""
@@ -128,12 +128,12 @@ def _crop_start(foreground: np.ndarray, length: int, crop: int, rng: np.random.G
 def build_augmentation(definition: dict, size: tuple[int, int]) -> Augmentation | None:
     """The transform of a config definition (keys in the module docstring) for images of
     ``size`` (H, W), or ``None`` when it enables nothing (``{}``, "plain"). The definition is
-    checked against the config schema's ``$defs.augmentation`` (:mod:`segpipe.spec`): an
-    unknown key or a value out of range raises :class:`~segpipe.SegpipeError` naming it."""
-    check_definition("augmentation", definition)
+    trusted: the schema's ``$defs.augmentation`` checked it where it entered (:mod:`segpipe.spec`);
+    an option it leaves out takes the schema's default."""
     crop = definition.get("crop")
     params = {key: float(value) for key, value in definition.items() if key != "crop"}
     if crop is None and not any(params.values()):
         return None
     return Augmentation(size=size, **params,
-                        crop_min_scale=None if crop is None else float(crop.get("min_scale", 0.5)))
+                        crop_min_scale=None if crop is None else float(
+                            crop.get("min_scale", default("$defs.augmentation.crop.min_scale"))))

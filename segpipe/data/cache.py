@@ -33,8 +33,10 @@ from segpipe import SegpipeError, __version__
 from segpipe.data.groups import group_keys, identical, merge_identical
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
-from segpipe.files import atomic_path, check_outputs, labelme_files, labelme_index
+from segpipe.files import (atomic_path, check_outputs, found_labels, labelme_files,
+                           labelme_index)
 from segpipe.labels import IGNORE, Labels
+from segpipe.spec import default
 
 CONTENT_KEY = "content_sha256"
 
@@ -46,12 +48,12 @@ def build_cache(
     output: str | Path,
     size: tuple[int, int],
     labels: Labels | None = None,
-    val_fraction: float = 0.0,
-    split_seed: int = 0,
-    folds: int | None = None,
-    group: str | None = None,
+    val_fraction: float | None = None,
+    split_seed: int = default("data.split_seed"),
+    folds: int | None = default("data.folds"),
+    group: str | None = default("data.group"),
     train_cache: str | Path | None = None,
-    drop_duplicates: bool = False,
+    drop_duplicates: bool = default("data.drop_test_duplicates"),
 ) -> None:
     """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
     the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
@@ -59,22 +61,28 @@ def build_cache(
     expression ``group``; identical images (the same image bytes) are one group, logged as a
     warning, with a second one where their masks differ.
 
-    A test folder is built against the ``train_cache`` of its study: an image of it is an error,
-    or with ``drop_duplicates`` left out of this cache with a warning.
+    ``val_fraction`` ``None`` is the config's default (``data.val_fraction``) for a training
+    folder, and no validation split with ``folds`` or for a test folder, which is built against
+    the ``train_cache`` of its study: an image of it is an error, or with ``drop_duplicates``
+    left out of this cache with a warning. The other defaults are the config's too
+    (:func:`segpipe.spec.default`).
 
     Every file is read as far as its image bytes before any is decoded. The file is written
     under a temporary name, with its disk space reserved before the first image, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
-    input (a LabelMe file, an image, the training cache), a label that a study with classes does
-    not name, a label rule under which no shape paints a class in the whole folder, a split the
-    groups cannot make, an output that cannot be written and a disk without room for it; labels
-    the config names that never occur are logged. ``labels``: the classes
-    (:class:`segpipe.labels.Labels`; default binary).
+    input (a LabelMe file, an image, the training cache), a folder that breaks the label rule
+    (:meth:`segpipe.labels.Labels.folder_errors`, the workflow's: a training folder is one
+    without ``train_cache``), a split the groups cannot make, an output that cannot be written
+    and a disk without room for it. ``labels``: the classes (:class:`segpipe.labels.Labels`;
+    default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
     labels = Labels() if labels is None else labels
+    if val_fraction is None:
+        val_fraction = 0.0 if folds is not None or train_cache is not None else \
+            default("data.val_fraction")
     if height < 1 or width < 1:
         raise SegpipeError(f"size must be positive, got {height}x{width}")
     if not 0.0 <= val_fraction < 1.0:
@@ -82,25 +90,13 @@ def build_cache(
     if folds is not None and val_fraction > 0:
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
-    files = labelme_files(input_dir)
-    inputs = {path: f"a LabelMe file of {input_dir}" for path in files}
-    if train_cache is not None:
-        inputs[Path(train_cache)] = "the training cache (--train-cache)"
-    check_outputs([output], inputs)
-    index = labelme_index(files)
-    check_outputs([output], {entry.image_file: f"the image of {entry.path}"
-                             for entry in index if entry.image_file is not None})
-    if train_cache is not None:
-        index = _unseen(index, Path(train_cache), drop_duplicates)
-        files = [entry.path for entry in index]
-
-    n = len(files)
-    names = [p.stem for p in files]
-    digests = [entry.digest for entry in index]
+    index = _read_folder(input_dir, output, labels, train_cache, drop_duplicates)
+    names, digests = [entry.path.stem for entry in index], [entry.digest for entry in index]
     keys = merge_identical(group_keys(names, group), digests)
     for same in identical(digests):
         log.warning("%s: the same image (identical image bytes): one group, %r, on one side "
-                    "of every split", " and ".join(str(files[i]) for i in same), keys[same[0]])
+                    "of every split", " and ".join(str(index[i].path) for i in same),
+                    keys[same[0]])
     groups = group_ids(keys)
     try:
         if folds is None:
@@ -115,21 +111,55 @@ def build_cache(
         **labels.attrs(),
         "group": json.dumps(group),
         "size": np.array(size),
-        "count": n,
+        "count": len(index),
         "split_seed": split_seed,
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
-    layout = _layout(names, keys, digests, size, split, attrs)
+    found, skipped, pixels = _write(output, [entry.path for entry in index], size, labels,
+                                    _layout(names, keys, digests, size, split, attrs))
+    log.info(
+        "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
+        output, len(index), _describe_split(split, groups), height, width, labels.describe(),
+        _shares(pixels, labels, len(index) * height * width), _counts(found), _counts(skipped),
+    )
+
+
+def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str | Path | None,
+                 drop_duplicates: bool) -> list:
+    """The LabelMe files of ``input_dir`` read as far as their images
+    (:func:`segpipe.files.labelme_index`), checked before any image is decoded: the output
+    replaces no input, the folder keeps the label rule, and (a test folder) no image is one of
+    the training cache, or with ``drop_duplicates`` those are left out."""
+    files = labelme_files(input_dir)
+    inputs = {path: f"a LabelMe file of {input_dir}" for path in files}
+    if train_cache is not None:
+        inputs[Path(train_cache)] = "the training cache (--train-cache)"
+    check_outputs([output], inputs)
+    index = labelme_index(files)
+    check_outputs([output], {entry.image_file: f"the image of {entry.path}"
+                             for entry in index if entry.image_file is not None})
+    errors = labels.folder_errors(found_labels(index), str(input_dir),
+                                  training=train_cache is None)
+    if errors:
+        raise SegpipeError("\n".join(errors))
+    return index if train_cache is None else _unseen(index, Path(train_cache), drop_duplicates)
+
+
+def _write(output: Path, files: list[Path], size: tuple[int, int], labels: Labels,
+           layout: bytes) -> tuple[Counter, Counter, Counter]:
+    """Rasterise ``files`` into the cache ``output`` of ``layout`` (:func:`_layout`), written
+    under a temporary name with its space reserved and renamed when complete; the labels of
+    the filled shapes, the shapes skipped and the pixels of each mask value, counted."""
+    height, width = size
     found, skipped, pixels, first_row = Counter(), Counter(), Counter(), {}
     with atomic_path(output) as partial:
-        _create_reserved(partial, layout, n, size, output)
+        _create_reserved(partial, layout, len(files), size, output)
         with h5py.File(partial, "r+") as h5:
             images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
             for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
                 annotation = load_annotation(path)
-                image = cv2.resize(annotation.image, (width, height), interpolation=cv2.INTER_AREA)
-                images[i] = image
-                _check_named(path, annotation, labels)
+                images[i] = cv2.resize(annotation.image, (width, height),
+                                       interpolation=cv2.INTER_AREA)
                 masks[i] = mask = rasterise(annotation, size, labels)
                 first = first_row.setdefault(annotation.image_digest, i)
                 if first != i and (masks[first] != mask).any():
@@ -140,13 +170,8 @@ def build_cache(
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
                 found.update(s.label for s in annotation.shapes)
                 skipped.update(annotation.skipped)
-            _check_labels(input_dir, found, labels)
             h5.attrs[CONTENT_KEY] = content_digest(h5)
-    log.info(
-        "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
-        output, n, _describe_split(split, groups), height, width, labels.describe(),
-        _shares(pixels, labels, n * height * width), _counts(found), _counts(skipped),
-    )
+    return found, skipped, pixels
 
 
 def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
@@ -243,29 +268,6 @@ def _create_reserved(path: Path, layout: bytes, count: int, size: tuple[int, int
             raise SegpipeError(
                 f"{output}: cannot reserve the {reserve / 2**20:.1f} MiB it needs ({exc.strerror})"
             ) from None
-
-
-def _check_named(path: Path, annotation, labels: Labels) -> None:
-    """A study with ``classes`` names every label of its files (LabelMe's VOC export refuses
-    an unknown label too)."""
-    unnamed = labels.unnamed(s.label for s in annotation.shapes)
-    if unnamed:
-        raise SegpipeError(
-            f"{path}: label(s) {', '.join(map(repr, unnamed))} named by no entry of "
-            "data.classes, data.background or data.ignore; add each to one of them")
-
-
-def _check_labels(input_dir: Path, found: Counter, labels: Labels) -> None:
-    """Some shape paints a class; labels the config names but no file has are logged."""
-    names = ", ".join(sorted(found)) or "none"
-    if not any(labels.value(label) not in (None, 0, IGNORE) for label in found):
-        raise SegpipeError(
-            f"{input_dir}: no shape paints a class ({labels.describe()}); labels of filled "
-            f"shapes found: {names}")
-    missing = labels.named_labels() - set(found)
-    if missing:
-        log.warning("%s: labels %s occur in no filled shape (found: %s)", input_dir,
-                    sorted(missing), names)
 
 
 def _shares(pixels: Counter, labels: Labels, total: int) -> str:

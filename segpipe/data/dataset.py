@@ -71,6 +71,12 @@ class SegmentationH5Dataset(Dataset):
         return {**self.__dict__, "_file": None, "_pid": None}
 
 
+def cache_facts(path: str | Path) -> tuple[list[int], Labels]:
+    """The image size [H, W] of a cache and its classes: what a run spec is checked against."""
+    with _open_cache(Path(path)) as h5:
+        return list(h5["images"].shape[1:3]), Labels.from_attrs(h5.attrs)
+
+
 def split_indices(path: str | Path, fold: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cache rows of the training, validation and test split: without ``fold`` from

@@ -49,10 +49,9 @@ import PIL.Image
 import PIL.ImageDraw
 
 from segpipe import SegpipeError
-from segpipe.files import image_digest, labelme_image, read_labelme
+from segpipe.files import FILLED_TYPES, image_digest, labelme_image, read_labelme
 from segpipe.labels import IGNORE, Labels
 
-FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
 POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
 MIN_POLYGON_POINTS = 3
 # A point of a filled shape may lie outside the image, [0, W] x [0, H] in LabelMe's continuous

@@ -28,6 +28,7 @@ import numpy as np
 
 from segpipe import SegpipeError
 from segpipe.files import DEMO_NAME
+from segpipe.spec import default
 
 LABELME_VERSION = "5.5.0"
 PALETTE = np.array(
@@ -47,7 +48,8 @@ JPEG_QUALITY = 90
 
 
 def write_dataset(
-    output_dir: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (256, 320)
+    output_dir: str | Path, count: int, seed: int = default("data.synthetic.seed"),
+    size: tuple[int, int] = tuple(default("data.synthetic.size")),
 ) -> None:
     """Write ``count`` images ``synth_0000.jpg``, ... with their LabelMe JSON files
     (:func:`segpipe.files.demo_files`).

@@ -9,29 +9,28 @@ See docs/models.md for the families, their options and their papers.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import torch
 from torch import nn
 
-from segpipe.models.atrous_unet import AtrousUNet
-from segpipe.models.attention_unet import AttentionUNet
-from segpipe.models.base import SegmentationModel
+from segpipe.models.base import FAMILIES, SegmentationModel
 from segpipe.models.encoders import RESNETS, resnet_encoder
-from segpipe.models.r2unet import AttentionR2UNet, R2UNet
-from segpipe.models.unet import UNet
-from segpipe.models.unetpp import UNetPlusPlus
-from segpipe.spec import check_model, resnet_depth
+from segpipe.spec import resnet_depth, schema
+
+for _module in pkgutil.iter_modules(__path__):  # each registers its families (models.base.family)
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost",
            "model_table", "print_model_table"]
 
-ARCHITECTURES: dict[str, type[SegmentationModel]] = {
-    "unet": UNet,
-    "unetpp": UNetPlusPlus,
-    "attention_unet": AttentionUNet,
-    "r2unet": R2UNet,
-    "attention_r2unet": AttentionR2UNet,
-    "atrous_unet": AtrousUNet,
-}
+_ORDER = list(schema()["$defs"]["architecture"]["families"])
+ARCHITECTURES: dict[str, type[SegmentationModel]] = dict(
+    sorted(FAMILIES.items(), key=lambda item: _ORDER.index(item[0]) if item[0] in _ORDER
+           else len(_ORDER)))
+"""Every registered model family in the schema's order (tests/test_models.py checks that the
+schema lists exactly these, with their options)."""
 #: ``scratch`` is each architecture's own encoder; the others are torchvision ResNets.
 BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
 #: Decoder width under a ResNet encoder unless the architecture sets ``width``: level ``i`` has
@@ -48,12 +47,11 @@ def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> Segment
     "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>, optional "stem":
     "imagenet" | "small"}``; under a ResNet, ``depth`` (default: all its stride-2 stages, 5,
     or 4 with the small stem) selects how many ResNet stages are used, ``width`` defaults to
-    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. Both definitions are checked
-    against the config schema (:mod:`segpipe.spec`); bad input raises :class:`SegpipeError`
-    naming the key. ``outputs``: channels of the logits, :attr:`segpipe.labels.Labels.outputs`
-    (1 binary, else background + classes).
+    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. The definitions are trusted:
+    they were checked where they entered (:mod:`segpipe.spec`: the workflow's start, ``segpipe
+    train``'s spec; a checkpoint holds checked ones). ``outputs``: channels of the logits,
+    :attr:`segpipe.labels.Labels.outputs` (1 binary, else background + classes).
     """
-    check_model(architecture, backbone)
     options = dict(architecture)
     cls = ARCHITECTURES[options.pop("model")]
     name = backbone.get("encoder", "scratch")

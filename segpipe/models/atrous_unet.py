@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from segpipe.models.base import SegmentationModel
+from segpipe.models.base import SegmentationModel, family
 from segpipe.models.blocks import AtrousBlock, DoubleConv
 from segpipe.models.encoders import Encoder, conv_encoder
 from segpipe.models.unet import UNetDecoder
 
 
+@family("atrous_unet")
 class AtrousUNet(SegmentationModel):
     """U-Net skip structure with atrous decoder blocks: each decoder level applies parallel
     dilated 3×3 convolutions (``rates``, 1 meaning a 1×1 convolution) fused by a 1×1

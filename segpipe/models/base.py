@@ -5,8 +5,23 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segpipe.models.blocks import AttentionGate
 from segpipe.models.encoders import Encoder
+
+
+FAMILIES: dict[str, type[SegmentationModel]] = {}
+"""The model families by name, as their modules register them (:func:`family`)."""
+
+
+def family(name: str):
+    """Class decorator: register a :class:`SegmentationModel` subclass as the model family
+    ``name`` (the ``model`` of an architecture definition). A module of segpipe/models/ that
+    defines one is all a new family takes in Python: the package imports every module; its
+    options (the keyword arguments of the class but ``encoder`` and ``outputs``) are listed
+    under ``$defs.architecture.families`` of the config schema (tests/test_models.py checks)."""
+    def register(cls: type[SegmentationModel]) -> type[SegmentationModel]:
+        FAMILIES[name] = cls
+        return cls
+    return register
 
 
 class SegmentationModel(nn.Module):
@@ -40,23 +55,3 @@ class SegmentationModel(nn.Module):
         may give a lower learning rate) and ``decoder`` (decoder and logit head)."""
         return {"encoder": list(self.encoder.parameters()),
                 "decoder": list(self.decoder.parameters())}
-
-    def attention_maps(self, x: Tensor) -> list[Tensor]:
-        """Runs ``x`` through the model and returns the coefficients α ∈ [0, 1] of every
-        attention gate, finest skip first, each resampled bilinearly to (N, 1, H, W) of ``x``;
-        ``[]`` for a model without gates."""
-        gates = [m for m in self.modules() if isinstance(m, AttentionGate)]
-        maps: list[Tensor | None] = [None] * len(gates)
-
-        def keep(index: int):
-            return lambda module, inputs, alpha: maps.__setitem__(index, alpha)
-
-        handles = [gate.psi.register_forward_hook(keep(i)) for i, gate in enumerate(gates)]
-        try:
-            self(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        padded, (height, width) = self._pad(x).shape[-2:], x.shape[-2:]
-        return [F.interpolate(alpha, size=padded, mode="bilinear", align_corners=False)
-                [..., :height, :width] for alpha in maps]

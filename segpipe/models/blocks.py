@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DOWNSAMPLING = ("maxpool", "strided")
-UPSAMPLING = ("transpose", "bilinear")
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -39,9 +37,7 @@ def downsample(channels: int, mode: str) -> nn.Module:
     pooling of Springenberg et al. 2015)."""
     if mode == "maxpool":
         return nn.MaxPool2d(2)
-    if mode == "strided":
-        return conv_bn_relu(channels, channels, stride=2)
-    raise ValueError(f"down must be one of {DOWNSAMPLING}, not {mode!r}")
+    return conv_bn_relu(channels, channels, stride=2)
 
 
 def upsample(in_channels: int, out_channels: int, mode: str) -> nn.Module:
@@ -49,10 +45,8 @@ def upsample(in_channels: int, out_channels: int, mode: str) -> nn.Module:
     "up-convolution") or ``bilinear`` (bilinear ×2, then a 1×1 convolution)."""
     if mode == "transpose":
         return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
-    if mode == "bilinear":
-        return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                             nn.Conv2d(in_channels, out_channels, 1))
-    raise ValueError(f"up must be one of {UPSAMPLING}, not {mode!r}")
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                         nn.Conv2d(in_channels, out_channels, 1))
 
 
 class AttentionGate(nn.Module):
@@ -65,7 +59,7 @@ class AttentionGate(nn.Module):
 
     computed on g's grid (W_x is a 2×2 convolution with stride 2, as in the authors' code;
     W_g and ψ are 1×1 convolutions) and resampled bilinearly to x's grid. ``self.psi`` outputs
-    the coefficients α ∈ [0, 1] (hook it to read them, see ``SegmentationModel.attention_maps``).
+    the coefficients α ∈ [0, 1].
     """
 
     def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from segpipe.models.base import SegmentationModel
+from segpipe.models.base import SegmentationModel, family
 from segpipe.models.blocks import RRCNNBlock
 from segpipe.models.encoders import Encoder, conv_encoder
 from segpipe.models.unet import UNetDecoder
 
 
+@family("r2unet")
 class R2UNet(SegmentationModel):
     """R2U-Net (Alom et al. 2018, "Recurrent residual convolutional neural network based on
     U-Net (R2U-Net) for medical image segmentation", arXiv:1802.06955): U-Net with every
@@ -30,6 +31,7 @@ class R2UNet(SegmentationModel):
                                               attention=self.attention, outputs=outputs))
 
 
+@family("attention_r2unet")
 class AttentionR2UNet(R2UNet):
     """Attention R2U-Net: the :class:`R2UNet` with the additive attention gates of Attention
     U-Net (Oktay et al. 2018, arXiv:1804.03999) on every skip connection. With a ResNet-34

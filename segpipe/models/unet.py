@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from segpipe.models.base import SegmentationModel
+from segpipe.models.base import SegmentationModel, family
 from segpipe.models.blocks import AttentionGate, DoubleConv, upsample
 from segpipe.models.encoders import Encoder, conv_encoder
 
@@ -44,6 +44,7 @@ class UNetDecoder(nn.Module):
         return self.head(x)
 
 
+@family("unet")
 class UNet(SegmentationModel):
     """U-Net (Ronneberger, Fischer & Brox 2015, "U-Net: convolutional networks for biomedical
     image segmentation", MICCAI, arXiv:1505.04597), with BatchNorm and same padding.

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segpipe.models.base import SegmentationModel
+from segpipe.models.base import SegmentationModel, family
 from segpipe.models.blocks import DoubleConv, upsample
 from segpipe.models.encoders import Encoder, conv_encoder
 
@@ -70,6 +70,7 @@ def mean_probability_logit(logits: Sequence[Tensor]) -> Tensor:
     return torch.logsumexp(F.logsigmoid(stacked), 0) - torch.logsumexp(F.logsigmoid(-stacked), 0)
 
 
+@family("unetpp")
 class UNetPlusPlus(SegmentationModel):
     """U-Net++ (Zhou et al. 2018, "UNet++: a nested U-Net architecture for medical image
     segmentation", DLMIA, arXiv:1807.10165): U-Net's encoder (``width``, ``depth``, ``down``)

@@ -11,12 +11,14 @@ from snakemake.exceptions import WorkflowError
 
 from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
-from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, image_files, labelme_files,
-                           labelme_index, prediction_paths)
+from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, found_labels, image_files,
+                           labelme_files, labelme_index, prediction_paths)
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
-from segpipe.columns import AXES, CONFUSION_CSV, DEFINITIONS, REFERENCE_RUNS
+from segpipe import rundir
+from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
+from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
-from segpipe.spec import model_errors, schema
+from segpipe.spec import loss_errors, model_errors, schema
 
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
 NAME = schema()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")
@@ -118,7 +120,7 @@ RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.
 # Start checks beyond the schema's types, on every invocation (a dry run too): an error here
 # stops Snakemake before it plans a job, so before it deletes the outputs of a run to redo.
 def _check_split():
-    """data.test_dir is given exactly without data.folds; data.group is a regular expression."""
+    """data.test_dir is given exactly without data.folds (data.group: _check_images)."""
     data = config["data"]
     if FOLDS and data["test_dir"] is not None:
         raise WorkflowError(
@@ -132,13 +134,6 @@ def _check_split():
             "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation "
             "has none of (identical images are one group, so in one fold)"
         )
-    if data["group"] is not None:
-        try:
-            re.compile(data["group"])
-        except re.error as error:
-            raise WorkflowError(
-                f"config: data.group: {data['group']!r} is not a regular expression ({error})"
-            )
 
 
 def _check_models():
@@ -156,21 +151,6 @@ def _check_models():
             raise WorkflowError(f"config: backbones.{name}.weights: {weights}: no such file")
 
 
-def _labels(files):
-    """{label: [files]} of the shapes in LabelMe files (a file rasterise would refuse is left
-    to it)."""
-    labels = {}
-    for path in files:
-        try:
-            shapes = json.loads(path.read_bytes())["shapes"]
-            found = {shape["label"] for shape in shapes if isinstance(shape["label"], str)}
-        except (OSError, ValueError, RecursionError, LookupError, TypeError):
-            continue
-        for label in found:
-            labels.setdefault(label, []).append(path)
-    return labels
-
-
 def _study_labels():
     """The classes of the study (segpipe.labels.Labels), checked."""
     data = config["data"]
@@ -182,63 +162,34 @@ def _study_labels():
 
 
 def _check_losses():
-    """A loss's class_weights give one weight per class; several classes need them or none."""
+    """A loss's class_weights give one weight per class (segpipe.spec.loss_errors)."""
     for name in dict.fromkeys(r["loss"] for r in RUNS):
-        weights = config["losses"][name].get("class_weights")
-        if weights is None:
-            continue
-        if LABELS.binary:
-            raise WorkflowError(f"config: losses.{name}.class_weights: applies with several "
-                                "classes (data.classes); a binary loss weighs positives with "
-                                "pos_weight")
-        if len(weights) != LABELS.outputs:
-            raise WorkflowError(
-                f"config: losses.{name}.class_weights: {len(weights)} weights, but the study "
-                f"has {LABELS.outputs} classes ({', '.join(LABELS.class_names)})")
+        errors = loss_errors(config["losses"][name], LABELS, f"losses.{name}")
+        if errors:
+            raise WorkflowError("\n".join(f"config: {e}" for e in errors))
 
 
 def _check_data():
-    """The LabelMe files of each user data folder ({split: [paths]}), checked: the folders exist
-    and hold LabelMe files, and every label of data.foreground and data.background is one of
-    theirs (the demo data, written by a rule, is not read)."""
+    """The LabelMe files of each user data folder ({split: [paths]}): the folders exist and hold
+    LabelMe files (the demo data, written by a rule, is not read)."""
     data = config["data"]
     splits = ("train",) if FOLDS else ("train", "test")  # with folds, no test folder
-    folders = {split: Path(data[f"{split}_dir"]) for split in splits}
-    users = {split: f for split, f in folders.items() if f != Path(DEMO_DATA, split)}
     files = {}
-    for split, folder in users.items():
-        try:
-            files[split] = labelme_files(folder)
-        except SegpipeError as exc:
-            raise WorkflowError(f"config: data.{split}_dir: {exc}")
-    if len(users) < len(folders):
-        return files
-    labels = _labels(dict.fromkeys(path for split_files in files.values() for path in split_files))
-    named = {"foreground": data["foreground"] or (), "background": data["background"],
-             "ignore": data["ignore"],
-             "classes": [label for labels_ in LABELS.sources or () for label in labels_]
-             if LABELS.configured else ()}
-    for key, wanted in named.items():
-        unknown = " or ".join(repr(label) for label in wanted if label not in labels)
-        if unknown:
-            raise WorkflowError(
-                f"config: data.{key}: no LabelMe file of {' or '.join(map(str, folders.values()))}"
-                f" has a shape labelled {unknown} (their labels: {', '.join(sorted(labels))})"
-            )
-    for label in LABELS.unnamed(labels):
-        where = ", ".join(str(path) for path in labels[label][:3])
-        more = f" and {len(labels[label]) - 3} more" if len(labels[label]) > 3 else ""
-        raise WorkflowError(
-            f"config: data.classes: label {label!r} of {where}{more} is named by no class, "
-            "data.background or data.ignore; add it to one of them")
+    for split in splits:
+        if Path(data[f"{split}_dir"]) != Path(DEMO_DATA, split):
+            try:
+                files[split] = labelme_files(data[f"{split}_dir"])
+            except SegpipeError as exc:
+                raise WorkflowError(f"config: data.{split}_dir: {exc}")
     return files
 
 
 def _check_images(files):
     """The user's LabelMe files ({split: [paths]}) read as far as their images, checked as
-    rasterise would check them before its first image, and {split: [segpipe.files.LabelmeEntry]}:
-    every file is valid JSON with a 'shapes' list and its image exists; data.group matches a
-    training image; the training images' groups (identical images are one) suffice for
+    rasterise checks them before its first image, and {split: [segpipe.files.LabelmeEntry]}:
+    every file is valid JSON with a 'shapes' list and its image exists; each folder keeps the
+    label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image;
+    the training images' groups (identical images are one) suffice for
     data.folds or the validation split; no test image is a training image, unless
     data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
     data = config["data"]
@@ -248,6 +199,10 @@ def _check_images(files):
             index[split] = labelme_index(paths)
         except SegpipeError as exc:
             raise WorkflowError(f"config: data.{split}_dir: {exc}")
+        errors = LABELS.folder_errors(found_labels(index[split]), data[f"{split}_dir"],
+                                      training=split == "train")
+        if errors:
+            raise WorkflowError("\n".join(f"config: {e}" for e in errors))
     if "train" in index:
         names = [entry.path.stem for entry in index["train"]]
         digests = [entry.digest for entry in index["train"]]
@@ -382,8 +337,8 @@ def prediction_files():
 
 
 def experiment_inputs(wildcards):
-    files = ("metrics.csv", "per_image.csv", "metrics_by_epoch.csv", "history.csv",
-             "evolution.npz", *([] if LABELS.binary else [CONFUSION_CSV]))
+    files = [rundir.HISTORY, *(name for key, name in rundir.evaluation_files(LABELS.binary).items()
+                               if key != "predictions")]
     runs = EXPERIMENTS[wildcards.experiment]
     return [f"{folder}/{f}" for r in runs for folder in job_dirs(r) for f in files]
 
@@ -440,28 +395,14 @@ def figure(name, title):
     )
 
 
-# The figures `segpipe aggregate` writes (segpipe.aggregate.FIGURES), with their titles in the
-# report; sweep.png only for an experiment with `sweep:`.
-FIGURES = {
-    "curves": "test metrics vs epoch",
-    "bars": "test metrics",
-    "significance": "pairwise significance",
-    "ranking": "rank stability",
-    "evolution": "mask evolution",
-    "samples": "sample predictions",
-}
-SWEEP_FIGURES = {"sweep": "test metrics vs swept parameter"}
-CLASS_FIGURES = {"classes": "test Dice per class", "confusion": "confusion matrices"}
-
-
 def experiment_outputs(sweep=False):
-    """The outputs of an experiment's aggregation, by name: summary.csv and the figures."""
-    figures = {**FIGURES, **(SWEEP_FIGURES if sweep else {}),
-               **({} if LABELS.binary else CLASS_FIGURES)}
+    """The outputs of an experiment's aggregation, by name: summary.csv and the figures
+    (segpipe.figures.FIGURES, with their titles in the report)."""
     return {
         "summary": f"{EXPERIMENT_DIR}/summary.csv",
         "reference_runs": f"{EXPERIMENT_DIR}/{REFERENCE_RUNS}",
-        **{name: figure(name, title) for name, title in figures.items()},
+        **{name: figure(name, FIGURES[name].title)
+           for name in figures_for(sweep, LABELS.binary)},
     }
 
 

@@ -2,16 +2,12 @@ rule evaluate:
     """Score the best model and every snapshot of a run on the test cache (in cross-validation,
     of a fold on that fold's images)."""
     input:
-        model=f"{JOB_DIR}/model.pt",
-        snapshots=f"{JOB_DIR}/snapshots",
+        model=f"{JOB_DIR}/{rundir.MODEL}",
+        snapshots=f"{JOB_DIR}/{rundir.SNAPSHOTS}",
         cache=TEST_CACHE,
     output:
-        metrics=f"{JOB_DIR}/metrics.csv",
-        per_image=f"{JOB_DIR}/per_image.csv",
-        by_epoch=f"{JOB_DIR}/metrics_by_epoch.csv",
-        evolution=f"{JOB_DIR}/evolution.npz",
-        predictions=f"{JOB_DIR}/predictions.png",
-        **({} if LABELS.binary else {"confusion": f"{JOB_DIR}/{CONFUSION_CSV}"}),
+        **{key: f"{JOB_DIR}/{name}"
+           for key, name in rundir.evaluation_files(LABELS.binary).items()},
     params:
         dir=lambda wc, input: os.path.dirname(input.model),
         threshold=config["evaluate"]["threshold"],

@@ -7,9 +7,9 @@ rule train:
     # restores them), so a job re-run only because the cache was rebuilt with the same content
     # finds its run complete and keeps it (segpipe.train.train_run).
     output:
-        model=update(f"{JOB_DIR}/model.pt"),
-        history=update(f"{JOB_DIR}/history.csv"),
-        snapshots=update(directory(f"{JOB_DIR}/snapshots")),
+        model=update(f"{JOB_DIR}/{rundir.MODEL}"),
+        history=update(f"{JOB_DIR}/{rundir.HISTORY}"),
+        snapshots=update(directory(f"{JOB_DIR}/{rundir.SNAPSHOTS}")),
     params:
         # The whole run definition: editing it re-runs exactly the runs that use it.
         spec=run_spec,
