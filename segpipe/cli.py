@@ -224,17 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the predictions and uncertainty.csv")
     s.add_argument("--format", nargs="+", choices=["png", "labelme"], default=["png"],
                    help="png masks and/or LabelMe JSON (both: in masks/ and labelme/)")
-    s.add_argument("--threshold", type=float, default=default("evaluate.threshold"))
-    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=default("predict.tta"),
-                   help="average each model over the image mirrored three ways (4 passes)")
-    s.add_argument("--tolerance", type=float, default=default("predict.tolerance"),
-                   metavar="PIXELS",
-                   help="LabelMe polygons: Douglas-Peucker simplification tolerance")
-    s.add_argument("--min-area", type=int, default=default("predict.min_area"), metavar="PIXELS",
-                   help="LabelMe polygons: regions and holes smaller are dropped")
-    s.add_argument("--embed-image", action=argparse.BooleanOptionalAction,
-                   default=default("predict.embed_image"),
-                   help="LabelMe files carry the image (imageData), not only its path")
+    _setting(s, "--threshold", "evaluate.threshold", "a binary model's pixels of probability "
+             ">= this are foreground", type=float)
+    _setting(s, "--tta", "predict.tta", "average each model over the image mirrored three ways "
+             "(4 passes)", action=argparse.BooleanOptionalAction)
+    _setting(s, "--tolerance", "predict.tolerance", "LabelMe polygons: the most they deviate "
+             "from the outline, in pixels (less where IoU with the region < 0.99)", type=float,
+             metavar="PIXELS")
+    _setting(s, "--min-area", "predict.min_area", "LabelMe polygons: regions and holes of fewer "
+             "pixels are left out", type=int, metavar="PIXELS")
+    _setting(s, "--embed-image", "predict.embed_image", "LabelMe files carry the image "
+             "(imageData), not only its path", action=argparse.BooleanOptionalAction)
     _add_device(s)
     s.set_defaults(func=_cmd_predict)
 

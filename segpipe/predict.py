@@ -217,8 +217,6 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     checkpoints = checkpoint_paths([checkpoints] if isinstance(checkpoints, (str, Path))
                                    else checkpoints)
-    if not 0 < threshold < 1:
-        raise SegpipeError(f"threshold {threshold}: expected a number in (0, 1)")
     unknown = [f for f in formats if f not in PREDICTION_FORMATS]
     if unknown or not formats:
         raise SegpipeError(f"format {', '.join(unknown) or 'none'}: expected some of "

@@ -407,3 +407,18 @@ def test_predict_bad_checkpoint(checkpoint, tmp_path, capsys, case):
                  "--output", str(tmp_path / "masks")]) == 1
     assert capsys.readouterr().err == f"segpipe: error: {checkpoint}: {problem}\n"
     assert not (tmp_path / "masks").exists()  # not even the folder
+
+
+@pytest.mark.parametrize(("option", "problem"), [
+    (["--tolerance", "-1"], "--tolerance: -1.0 is less than the minimum of 0"),
+    (["--tolerance", "inf"], "--tolerance: inf is not of type 'number'"),
+    (["--min-area", "-3"], "--min-area: -3 is less than the minimum of 0"),
+    (["--threshold", "1"], "--threshold: 1.0 is greater than or equal to the maximum of 1")],
+    ids=["negative tolerance", "infinite tolerance", "negative min-area", "threshold 1"])
+def test_predict_settings_out_of_range(checkpoint, tmp_path, capsys, option, problem):
+    """Checked by the schema's rule for the config key, before anything is read or written."""
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos"),
+                 "--output", str(tmp_path / "out"), *option]) == 1
+    assert capsys.readouterr().err == f"segpipe: error: {problem}\n"
+    assert not (tmp_path / "out").exists()

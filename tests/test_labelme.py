@@ -451,14 +451,3 @@ def test_an_edited_prediction_is_told_from_an_unedited_one(tmp_path):
     for edited in (moved, relabelled, added, reviewed, described, flagged, human, None,
                    {"segpipe": 1, "shapes": []}):
         assert not is_unedited_prediction(edited)
-
-
-@pytest.mark.parametrize("tolerance, min_area, problem", [
-    (-1, 10, "tolerance -1: expected a finite number of pixels >= 0"),
-    (float("inf"), 10, "tolerance inf: expected a finite number"),
-    (float("nan"), 10, "tolerance nan: expected a finite number"),
-    (1.0, -3, "min_area -3: expected a whole number of pixels >= 0"),
-    (1.0, 2.5, "min_area 2.5: expected a whole number")])
-def test_bad_simplification_settings(tolerance, min_area, problem):
-    with pytest.raises(SegpipeError, match=re.escape(problem)):
-        Simplification(tolerance, min_area)

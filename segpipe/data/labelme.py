@@ -318,14 +318,6 @@ class Simplification:
     tolerance: float
     min_area: int
 
-    def __post_init__(self) -> None:
-        if not (_is_coordinate(self.tolerance) and self.tolerance >= 0):
-            raise SegpipeError(f"tolerance {self.tolerance}: expected a finite number of pixels "
-                               ">= 0")
-        if isinstance(self.min_area, bool) or not isinstance(self.min_area, int) \
-                or self.min_area < 0:
-            raise SegpipeError(f"min_area {self.min_area}: expected a whole number of pixels >= 0")
-
     @classmethod
     def default(cls) -> Simplification:
         """The settings' defaults (``predict.tolerance``, ``predict.min_area``)."""
