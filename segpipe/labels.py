@@ -234,9 +234,12 @@ class Labels:
         for label in self.unnamed(found):
             files = found[label]
             more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-            errors.append(f"data.classes: label {label!r} of "
-                          f"{', '.join(map(str, files[:3]))}{more} is named by no class, "
-                          "data.background or data.ignore; add it to one of them")
+            where = f"label {label!r} of {', '.join(map(str, files[:3]))}{more}"
+            errors.append(
+                f"data.classes: {where} is named by no class, data.background or data.ignore; "
+                "add it to one of them" if self.configured else
+                f"data.background: {where} is LabelMe's class 0, the holes of segpipe's "
+                "predicted files: list it in data.background")
         if not errors and not any(self.value(label) not in (None, 0, IGNORE) for label in found):
             errors.append(f"{folder}: no shape paints a class ({self.describe()}); labels of "
                           f"filled shapes found: {', '.join(sorted(found)) or 'none'}")

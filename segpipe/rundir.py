@@ -27,6 +27,8 @@ from pathlib import Path
 from segpipe import SegpipeError
 from segpipe.files import HOST
 
+log = logging.getLogger(__name__)
+
 LOCK_FILE = ".segpipe.lock"
 
 # The files of a run directory (docs/formats.md), named here once: training writes the first
@@ -44,8 +46,6 @@ def evaluation_files(binary: bool) -> dict[str, str]:
     return {"metrics": METRICS, "per_image": PER_IMAGE, "by_epoch": BY_EPOCH,
             "evolution": EVOLUTION, "predictions": PREDICTIONS,
             **({} if binary else {"confusion": CONFUSION})}
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

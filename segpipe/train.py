@@ -185,7 +185,8 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
         raise SegpipeError(f"{cache}: training cache not found")
-    spec = check_spec(spec, *cache_facts(cache))
+    size, labels = cache_facts(cache)
+    spec = check_spec(spec, size, labels)
     with run_lock(out_dir, "train"):
         handler = logging.FileHandler(out_dir / rundir.TRAIN_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -197,15 +198,15 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
                 log.info("%s: model.pt, history.csv and snapshots are complete for this spec and "
                          "cache: kept, nothing to train", spec["run"])
             else:
-                _train(spec, cache, out_dir, device, num_workers)
+                _train(spec, cache, out_dir, device, num_workers, size, labels)
         finally:
             log.removeHandler(handler)
             log.setLevel(level)
             handler.close()
 
 
-def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
-           num_workers: int) -> None:
+def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str, num_workers: int,
+           size: list[int], labels: Labels) -> None:
     """Train the run: the pieces below, in the order that keeps a run deterministic (the
     global generators are seeded before the model is built)."""
     from segpipe.data.dataset import SegmentationH5Dataset, split_indices
@@ -215,8 +216,7 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str,
     val_set = SegmentationH5Dataset(cache, indices=val_idx)
     device = acquire_device(device_setting)
     _seed_everything(spec["seed"])
-    run = _Run(spec, out_dir, list(val_set[0][0].shape[1:]), val_set.labels, device,
-               fingerprint(spec, cache))
+    run = _Run(spec, out_dir, size, labels, device, fingerprint(spec, cache))
     train_set, train_loader, val_loader = run.loaders(cache, train_idx, val_set, num_workers)
     run.resume()
     log.info("%s: %d train / %d val images %s, %s, %s parameters, device %s%s", spec["run"],
