@@ -16,22 +16,29 @@ import torch
 from torch import nn
 
 from segpipe import SegpipeError, __version__
+from segpipe.data.geometry import Geometry
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, place
 
 REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean", "std")
 """What a reader needs: weights, the architecture and backbone definitions, the run spec, the
-input size [H, W] and the normalisation mean/std."""
+model's input size [H, W] (the training size, or at a native scale the patch) and the
+normalisation mean/std. ``geometry`` (:meth:`segpipe.data.geometry.Geometry.attrs`: ``size``
+or ``scale``) is the working resolution; a checkpoint without it squashed to ``size``."""
 
 
 def make_checkpoint(spec: dict, state_dict: dict, size: Sequence[int],
-                    labels: Labels = Labels(), **meta: object) -> dict:
+                    labels: Labels = Labels(), geometry: Geometry | None = None,
+                    **meta: object) -> dict:
     """The checkpoint of a model trained from run ``spec`` at input ``size`` [H, W] on the
-    classes ``labels`` (key ``labels``, absent for the binary study without classes)."""
+    classes ``labels`` (key ``labels``, absent for the binary study without classes) at the
+    working resolution ``geometry`` (default: squashed to ``size``)."""
     classes = labels.to_dict()
+    geometry = Geometry(size=tuple(size)) if geometry is None else geometry
     return {"state_dict": state_dict, "architecture": spec["architecture"],
             "backbone": spec["backbone"], "spec": spec, "size": list(size),
+            "geometry": geometry.attrs(),
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             **({} if classes is None else {"labels": classes}),
             "segpipe_version": __version__, **meta}
@@ -42,11 +49,17 @@ def checkpoint_labels(checkpoint: dict) -> Labels:
     return Labels.from_dict(checkpoint.get("labels"))
 
 
+def checkpoint_geometry(checkpoint: dict) -> Geometry:
+    """The working resolution of a checkpoint's model (:mod:`segpipe.data.geometry`)."""
+    return Geometry.from_attrs(checkpoint.get("geometry") or {"size": checkpoint["size"]})
+
+
 def save_checkpoint(path: Path, spec: dict, state_dict: dict, size: Sequence[int],
-                    labels: Labels = Labels(), **meta: object) -> None:
+                    labels: Labels = Labels(), geometry: Geometry | None = None,
+                    **meta: object) -> None:
     """Write :func:`make_checkpoint` to ``path`` atomically."""
     with atomic_path(Path(path)) as tmp:
-        torch.save(make_checkpoint(spec, state_dict, size, labels, **meta), tmp)
+        torch.save(make_checkpoint(spec, state_dict, size, labels, geometry, **meta), tmp)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

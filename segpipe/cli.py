@@ -60,10 +60,12 @@ def _cmd_rasterise(args: argparse.Namespace) -> None:
     from segpipe.data.cache import build_cache
     from segpipe.labels import Labels
 
+    from segpipe.data.geometry import Geometry
+
     build_cache(
         args.input,
         args.output,
-        size=tuple(args.size),
+        Geometry(size=tuple(args.size)) if args.size else Geometry(scale=args.scale),
         labels=Labels.from_config(args.classes, args.foreground, args.background, args.ignore),
         val_fraction=args.val_fraction,
         split_seed=args.split_seed,
@@ -158,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rasterise", help="LabelMe folder -> HDF5 cache of images and masks")
     s.add_argument("--input", type=Path, required=True, help="LabelMe folder (JSON files)")
     s.add_argument("--output", type=Path, required=True, help="HDF5 file to write")
-    s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
-                   help="height and width of the cached images (config data.size)")
+    at = s.add_mutually_exclusive_group(required=True)
+    at.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                    help="height and width every image is squashed to (config data.size)")
+    at.add_argument("--scale", type=float, metavar="S",
+                    help="each image at S times its own size, aspect kept (config data.scale)")
     _setting(s, "--foreground", "data.foreground", "labels drawn as foreground (none given: "
              "every label not in --background)", nargs="*", metavar="LABEL")
     _setting(s, "--background", "data.background", "labels that erase (drawn as background, "

@@ -9,13 +9,20 @@ accumulated tile batch by tile batch so that memory stays bounded on large photo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from segpipe import SegpipeError
+from segpipe.checkpoint import checkpoint_geometry, checkpoint_labels, load_checkpoint
+from segpipe.data.geometry import Geometry, to_working
+from segpipe.labels import Labels
+from segpipe.runtime import forward_logits, probabilities
 
 MIN_IMPORTANCE = 1e-3
 """Floor of the Gaussian importance map (MONAI's), so that no pixel's weight is ~0."""
@@ -134,3 +141,118 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tup
         (h, w), top, left = size, pads[0] // 2, pads[1] // 2
         total = total[:, top:top + h, left:left + w].contiguous()
     return total
+
+
+# ----------------------------------------------------------------------------- models
+
+
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+"""Mirrors (test-time augmentation): none, horizontal, vertical and both (dims of N, C, H, W)."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """Models that predict together (an ensemble of one or more: nnU-Net predicts with its
+    five folds, Isensee et al. 2021), each optionally on mirrored images, at the working
+    resolution of ``geometry`` (:mod:`segpipe.data.geometry`): a squashed study's models see the
+    whole image at ``size``; a native study's see tiles of ``size`` by :func:`sliding_window`.
+    Every member (model × mirror) gives probabilities, and their mean is the prediction;
+    :func:`segpipe.data.geometry.to_original` brings it to the image's own size."""
+
+    models: tuple[nn.Module, ...]
+    labels: Labels
+    geometry: Geometry
+    size: tuple[int, int]
+    """The model's input: the training size, or the tile (the training patch)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    mirrors: bool = False
+    overlap: float = 0.5
+    sigma_scale: float = 0.125
+    batch_size: int = 4
+    autocast: torch.dtype | None = None
+
+    @classmethod
+    def load(cls, paths: Sequence[Path], device: torch.device, mirrors: bool = False
+             ) -> Predictor:
+        """The ensemble of the checkpoints ``paths`` (:mod:`segpipe.checkpoint`) on ``device``
+        (:meth:`of`)."""
+        if not paths:
+            raise SegpipeError("no checkpoint given")
+        loaded = [load_checkpoint(path, device) for path in paths]
+        return cls.of([m for m, _ in loaded], [c for _, c in loaded], device, mirrors, paths)
+
+    @classmethod
+    def of(cls, models: Sequence[nn.Module], checkpoints: Sequence[dict], device: torch.device,
+           mirrors: bool = False, paths: Sequence[Path] | None = None) -> Predictor:
+        """The ensemble of ``models`` loaded from ``checkpoints`` (read from ``paths``), which
+        must agree on what they predict from what (:func:`checkpoint_facts`); raises
+        :class:`SegpipeError` naming two that differ."""
+        facts = [checkpoint_facts(checkpoint) for checkpoint in checkpoints]
+        names = paths or [f"checkpoint {i}" for i in range(len(facts))]
+        for name, fact in zip(names, facts):
+            for key, value in fact.items():
+                if value != facts[0][key]:
+                    show = (lambda v: v.describe()) if key in ("classes", "geometry") else str
+                    raise SegpipeError(
+                        f"{name} and {names[0]} differ in their {key}: {show(value)} and "
+                        f"{show(facts[0][key])}; an ensemble averages its models' "
+                        "probabilities, so they must predict the same classes from the same input")
+        first = facts[0]
+        return cls(tuple(models), first["classes"], first["geometry"], first["input size"],
+                   first["normalisation mean"], first["normalisation std"], device, mirrors,
+                   *first["sliding windows"])
+
+    def working(self, image: np.ndarray) -> np.ndarray:
+        """An image (H, W, 3) uint8 at the working resolution."""
+        return to_working(image, self.geometry.working_size(image.shape[:2]))
+
+    def logits(self, model: nn.Module, batch: Tensor) -> Tensor:
+        """A model's logits for a uint8 batch (N, 3, h, w) (:func:`segpipe.runtime.forward_logits`)."""
+        return forward_logits(model, batch, self.device, self.mean, self.std, self.autocast)
+
+    def members(self, images: Tensor) -> Iterator[Tensor]:
+        """The probabilities (N, C, h, w) float32 on the CPU of each member (model × mirror) for
+        a uint8 batch (N, 3, h, w) of images at the working resolution: of one model pass each
+        when squashed, by :func:`sliding_window` image by image at a native scale."""
+        for model in self.models:
+            for dims in FLIPS if self.mirrors else FLIPS[:1]:
+                def predict(batch: Tensor, model=model, dims=dims) -> Tensor:
+                    batch = batch.flip(dims) if dims else batch
+                    probs = probabilities(self.logits(model, batch)).float()
+                    return probs.flip(dims) if dims else probs
+                if not self.geometry.native:
+                    yield predict(images).cpu()
+                    continue
+                yield torch.stack([sliding_window(predict, image, self.size, self.overlap,
+                                                  self.sigma_scale, self.batch_size)
+                                   for image in images])
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """The ensemble's probabilities (N, C, h, w) float32 on the CPU: the mean of its
+        members' (:meth:`members`)."""
+        total, count = None, 0
+        for probs in self.members(images):
+            total = probs if total is None else total + probs
+            count += 1
+        return total if count == 1 else total / count
+
+
+def checkpoint_facts(checkpoint: dict) -> dict:
+    """What a checkpoint's model predicts from what: its classes, working resolution, input
+    size, normalisation and sliding-window settings (overlap, σ scale, tiles per batch)."""
+    train = checkpoint["spec"]["train"]
+    return {"classes": checkpoint_labels(checkpoint),
+            "geometry": checkpoint_geometry(checkpoint),
+            "input size": tuple(checkpoint["size"]),
+            "normalisation mean": tuple(checkpoint["mean"]),
+            "normalisation std": tuple(checkpoint["std"]),
+            "sliding windows": (train.get("tile_overlap", 0.5), train.get("tile_sigma", 0.125),
+                                train.get("batch_size", 4))}
+
+
+def image_batch(images: Sequence[np.ndarray]) -> Tensor:
+    """uint8 images (h, w, 3) of one size as a batch (N, 3, h, w)."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)

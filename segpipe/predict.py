@@ -5,10 +5,12 @@ architecture and backbone definitions, the input size and the normalisation, so 
 needed. Several checkpoints (the seeds and folds of a run) predict as an **ensemble**: their
 probabilities are averaged, as nnU-Net predicts with its five folds (Isensee et al. 2021,
 Nat. Methods 18:203); with ``tta`` each also sees the image mirrored horizontally, vertically
-and both ways, the mirrored predictions flipped back and averaged the same way. Each image is
-resized to the model size with area interpolation and the averaged probabilities are resized
-back to the original size bilinearly. A binary model's pixels with ``probability >=
-threshold`` are foreground, else the class of the largest probability (argmax; 0 background).
+and both ways, the mirrored predictions flipped back and averaged the same way. Each image
+goes through the models as the checkpoints say (:class:`segpipe.inference.Predictor`):
+squashed to the training size, or at the study's scale by Gaussian-weighted sliding windows;
+the averaged probabilities are resized back to the original size bilinearly, as evaluation
+scores them. A binary model's pixels with ``probability >= threshold`` are foreground, else
+the class of the largest probability (argmax; 0 background).
 
 Formats (docs/formats.md): ``png``, a binary 0/255 mask or for several classes a palette PNG of
 class indices with the VOC colours (as LabelMe's VOC export writes it); ``labelme``, a LabelMe
@@ -24,27 +26,24 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from segpipe import SegpipeError
-from segpipe.checkpoint import checkpoint_labels, load_checkpoint
 from segpipe.columns import REFERENCE_RUNS
+from segpipe.data.geometry import to_original
 from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction,
                                   labelme_document, mask_shapes)
 from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, check_outputs,
                            image_files, prediction_paths, write_csv)
+from segpipe.inference import Predictor, image_batch
 from segpipe.labels import Labels
-from segpipe.runtime import acquire_device, forward_logits, probabilities
+from segpipe.runtime import acquire_device
 from segpipe.spec import default
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,6 @@ PNG_SOFTWARE = "segpipe predict"
 """The ``Software`` text of the masks segpipe writes, which tells them from a user's."""
 UNCERTAINTY_COLUMNS = ("rank", "name", "image", "disagreement", "entropy", "members",
                        "foreground")
-FLIPS = ((), (-1,), (-2,), (-2, -1))
-"""Test-time augmentation: none, horizontal, vertical and both mirrors (dims of N, C, H, W)."""
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -101,62 +98,11 @@ def checkpoint_paths(sources: Sequence[str | Path], listed_in: str | None = None
     return list(found)
 
 
-@dataclass(frozen=True)
-class Ensemble:
-    """Models that predict together: they agree on their classes, input size and
-    normalisation (their checkpoints' ``labels``, ``size``, ``mean`` and ``std``)."""
-
-    paths: tuple[Path, ...]
-    models: tuple[nn.Module, ...]
-    labels: Labels
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def load(cls, paths: Sequence[Path], device: torch.device) -> Ensemble:
-        """Load every checkpoint; raises :class:`SegpipeError` naming the two that disagree."""
-        if not paths:
-            raise SegpipeError("no checkpoint given")
-        models, facts = [], []
-        for path in paths:
-            model, ckpt = load_checkpoint(path, device)
-            fact = {"classes": checkpoint_labels(ckpt), "input size": tuple(ckpt["size"]),
-                    "normalisation mean": tuple(ckpt["mean"]),
-                    "normalisation std": tuple(ckpt["std"])}
-            for key, value in fact.items():
-                if facts and value != facts[0][key]:
-                    show = (lambda v: v.describe()) if key == "classes" else str
-                    raise SegpipeError(
-                        f"{path} and {paths[0]} differ in their {key}: {show(value)} and "
-                        f"{show(facts[0][key])}; an ensemble averages its models' "
-                        "probabilities, so they must predict the same classes from the same input")
-            models.append(model)
-            facts.append(fact)
-        first = facts[0]
-        return cls(tuple(paths), tuple(models), first["classes"], first["input size"],
-                   first["normalisation mean"], first["normalisation std"])
-
-    @torch.no_grad()
-    def member_probabilities(self, image: np.ndarray, device: torch.device,
-                             tta: bool = False) -> np.ndarray:
-        """Probabilities float32 (M, C, h, w) at the model size of the RGB uint8 ``image``: one
-        row per model (times four mirrors with ``tta``, each flipped back); C = 1 (the
-        foreground's) for a binary model, background + K classes otherwise."""
-        height, width = self.size
-        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-        batch = torch.from_numpy(resized).permute(2, 0, 1)[None]
-        flips = FLIPS if tta else FLIPS[:1]
-        batch = torch.cat([batch.flip(dims) if dims else batch for dims in flips])
-        members = []
-        for model in self.models:
-            probs = probabilities(forward_logits(model, batch, device, self.mean, self.std))
-            members += [p.flip(dims) if dims else p for p, dims in zip(probs, flips)]
-        return torch.stack(members).cpu().numpy()
-
-
-def uncertainty(members: np.ndarray, labels: Labels, threshold: float = 0.5) -> dict:
-    """How unsure an ensemble is of an image, from its members' probabilities (M, C, h, w):
+def uncertainty(members: Iterable[np.ndarray], labels: Labels, threshold: float = 0.5
+                ) -> tuple[dict, np.ndarray]:
+    """How unsure an ensemble is of an image, from its members' probabilities (C, h, w) (an
+    iterable, consumed once: one member's probabilities in memory at a time, beside every
+    member's class map), and the members' mean probabilities (C, h, w):
 
     - ``entropy``: the mean over the pixels of the entropy of the averaged probabilities,
       divided by its maximum (ln 2 for a binary model, ln C otherwise), so in [0, 1];
@@ -164,18 +110,22 @@ def uncertainty(members: np.ndarray, labels: Labels, threshold: float = 0.5) -> 
       committee's disagreement, Seung et al. 1992, COLT), NaN with one member. Two masks'
       Dice is the mean over the foreground classes either holds; both empty is agreement (1).
     """
-    mean = members.mean(axis=0)
+    total, masks = None, []
+    for member in members:
+        member = np.asarray(member, dtype=np.float32)
+        total = member.copy() if total is None else total + member
+        masks.append(labels.predict(member[0] if labels.binary else member, threshold))
+    mean = total / len(masks)
     p = np.clip(mean, 1e-12, 1.0)
     if labels.binary:
         q = np.clip(1.0 - mean[0], 1e-12, 1.0)
         entropy = -(p[0] * np.log(p[0]) + q * np.log(q)) / math.log(2)
     else:
         entropy = -(p * np.log(p)).sum(axis=0) / math.log(len(p))
-    masks = [labels.predict(m[0] if labels.binary else m, threshold) for m in members]
     pairs = [_dice(a, b, labels.binary) for a, b in itertools.combinations(masks, 2)]
-    return {"entropy": float(entropy.mean()),
-            "disagreement": 1.0 - float(np.mean(pairs)) if pairs else float("nan"),
-            "members": len(members)}
+    return ({"entropy": float(entropy.mean()),
+             "disagreement": 1.0 - float(np.mean(pairs)) if pairs else float("nan"),
+             "members": len(masks)}, mean)
 
 
 def _dice(a: np.ndarray, b: np.ndarray, binary: bool) -> float:
@@ -237,19 +187,19 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     check_outputs([csv_path, *targets], inputs)
     for target in targets:
         _check_replaceable(target)
-    device = acquire_device(device)
-    ensemble = Ensemble.load(checkpoints, device)
-    labels = ensemble.labels
+    predictor = Predictor.load(checkpoints, acquire_device(device), tta)
+    labels = predictor.labels
     rows = []
     with _removed_if_empty_on_error({csv_path.parent, *(p.parent for p in targets)}), \
             contextlib.ExitStack() as written:  # renamed together when the block succeeds
         for path in tqdm(images, desc="predict", unit="image", disable=None):
             image = read_image(path)
-            members = ensemble.member_probabilities(image, device, tta)
-            probs = _resize(members.mean(axis=0), image.shape[:2])
+            members = predictor.members(image_batch([predictor.working(image)]))
+            scores, mean = uncertainty((member[0].numpy() for member in members), labels,
+                                       threshold)
+            probs = to_original(mean, image.shape[:2])
             classes = labels.predict(probs[0] if labels.binary else probs, threshold)
-            rows.append({"name": path.stem, "image": str(path),
-                         **uncertainty(members, labels, threshold),
+            rows.append({"name": path.stem, "image": str(path), **scores,
                          "foreground": float((classes > 0).mean())})
             for fmt, target in outputs[path].items():
                 tmp = written.enter_context(atomic_path(target))
@@ -281,12 +231,6 @@ def _removed_if_empty_on_error(folders: set[Path]):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-
-
-def _resize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Probabilities (C, h, w) resized bilinearly to (C, H, W)."""
-    return np.stack([cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-                     for p in probs])
 
 
 def _check_replaceable(path: Path) -> None:

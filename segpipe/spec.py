@@ -190,21 +190,39 @@ def resnet_depth(backbone: dict) -> int:
     return RESNET_DEPTH - (backbone.get("stem") == "small")
 
 
-def check_spec(spec: object, size: Sequence[int] | None = None, labels: object = None) -> dict:
+def check_spec(spec: object, size: Sequence[int] | None = None, labels: object = None,
+               native: bool = False) -> dict:
     """The run specification with every ``train`` setting it leaves out taken from the schema
     (as the workflow fills in config.train: a spec written by hand and the workflow's of the
     same settings are equal), checked once for ``segpipe train``, where it enters: raises
     :class:`SegpipeError` naming the key when it is not ``$defs.run_spec`` of the schema, or its
     definitions do not make a model for images of ``size`` (:func:`model_errors`) or a loss
-    for the classes ``labels`` (a :class:`segpipe.labels.Labels`, :func:`loss_errors`)."""
+    for the classes ``labels`` (a :class:`segpipe.labels.Labels`, :func:`loss_errors`);
+    ``native``: the cache is at a scale (``data.scale``), so the spec trains on patches
+    (:func:`patch_errors`), and the patch is the model's input size."""
     _raise(schema_errors(spec, "#/$defs/run_spec", "run spec"))
     spec = copy.deepcopy(spec)
     _fill_defaults(spec["train"], schema()["properties"]["train"])
-    errors = model_errors(spec["architecture"], spec["backbone"], size)
+    errors = patch_errors(spec["train"].get("patch"), native, "train.patch")
+    if native:
+        size = spec["train"]["patch"]
+    errors += model_errors(spec["architecture"], spec["backbone"], size)
     if labels is not None:
         errors += loss_errors(spec["loss"], labels)
     _raise([f"run spec: {m}" for m in errors])
     return spec
+
+
+def patch_errors(patch: Sequence[int] | None, native: bool, where: str) -> list[str]:
+    """A study at ``data.scale`` (``native``) trains on patches: ``train.patch`` is required
+    there and applies nowhere else."""
+    if native and patch is None:
+        return [f"{where}: missing: a study at data.scale trains on patches of [height, width] "
+                "pixels (e.g. [256, 256])"]
+    if not native and patch is not None:
+        return [f"{where}: applies with data.scale (a study at data.size trains on its whole "
+                "squashed images)"]
+    return []
 
 
 def loss_errors(loss: dict, labels: object, where: str = "loss") -> list[str]:

@@ -56,7 +56,9 @@ from tqdm import tqdm
 from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
 from segpipe.data.cache import CONTENT_KEY
+from segpipe.data.geometry import Geometry
 from segpipe.files import atomic_path, write_csv
+from segpipe.inference import Predictor
 from segpipe.labels import Labels
 from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
                              forward_logits, peak_memory_mb, place, probabilities)
@@ -185,8 +187,9 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
     cache, out_dir = Path(cache), Path(out_dir)
     if not cache.is_file():
         raise SegpipeError(f"{cache}: training cache not found")
-    size, labels = cache_facts(cache)
-    spec = check_spec(spec, size, labels)
+    geometry, labels = cache_facts(cache)
+    spec = check_spec(spec, geometry.size, labels, native=geometry.native)
+    size = list(spec["train"]["patch"] if geometry.native else geometry.size)
     with run_lock(out_dir, "train"):
         handler = logging.FileHandler(out_dir / rundir.TRAIN_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -198,7 +201,7 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
                 log.info("%s: model.pt, history.csv and snapshots are complete for this spec and "
                          "cache: kept, nothing to train", spec["run"])
             else:
-                _train(spec, cache, out_dir, device, num_workers, size, labels)
+                _train(spec, cache, out_dir, device, num_workers, size, geometry, labels)
         finally:
             log.removeHandler(handler)
             log.setLevel(level)
@@ -206,7 +209,7 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
 
 
 def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str, num_workers: int,
-           size: list[int], labels: Labels) -> None:
+           size: list[int], geometry: Geometry, labels: Labels) -> None:
     """Train the run: the pieces below, in the order that keeps a run deterministic (the
     global generators are seeded before the model is built)."""
     from segpipe.data.dataset import SegmentationH5Dataset, split_indices
@@ -216,11 +219,13 @@ def _train(spec: dict, cache: Path, out_dir: Path, device_setting: str, num_work
     val_set = SegmentationH5Dataset(cache, indices=val_idx)
     device = acquire_device(device_setting)
     _seed_everything(spec["seed"])
-    run = _Run(spec, out_dir, size, labels, device, fingerprint(spec, cache))
+    run = _Run(spec, out_dir, size, geometry, labels, device, fingerprint(spec, cache))
     train_set, train_loader, val_loader = run.loaders(cache, train_idx, val_set, num_workers)
     run.resume()
+    at = (f"at {geometry.describe()}, patches of {'x'.join(map(str, run.size))}"
+          if geometry.native else "x".join(map(str, run.size)))
     log.info("%s: %d train / %d val images %s, %s, %s parameters, device %s%s", spec["run"],
-             len(train_idx), len(val_idx), "x".join(map(str, run.size)), run.labels.describe(),
+             len(train_idx), len(val_idx), at, run.labels.describe(),
              f"{run.parameters:,}", device, f", autocast {run.autocast}" if run.autocast else "")
     while run.progress["epoch"] < spec["train"]["epochs"] and not run.stopped_early():
         run.epoch(train_set, train_loader, val_loader)
@@ -231,16 +236,22 @@ class _Run:
     """One training run's objects and progress: the model of the spec on ``device`` with its
     loss, optimizer, scheduler and gradient scaler; each method does one job of training."""
 
-    def __init__(self, spec: dict, out_dir: Path, size: list[int], labels: Labels,
-                 device: torch.device, key: str) -> None:
+    def __init__(self, spec: dict, out_dir: Path, size: list[int], geometry: Geometry,
+                 labels: Labels, device: torch.device, key: str) -> None:
         from segpipe.losses import build_loss
         from segpipe.models import build_model
 
         self.spec, self.settings, self.out_dir = spec, spec["train"], out_dir
         self.size, self.labels, self.device, self.key = size, labels, device, key
+        self.geometry = geometry
         self.autocast = amp_dtype(device, self.settings["amp"])
         self.model = place(build_model(spec["architecture"], spec["backbone"], labels.outputs),
                            device)
+        self.predictor = Predictor((self.model,), labels, geometry, tuple(size), IMAGENET_MEAN,
+                                   IMAGENET_STD, device, overlap=self.settings["tile_overlap"],
+                                   sigma_scale=self.settings["tile_sigma"],
+                                   batch_size=self.settings["batch_size"],
+                                   autocast=self.autocast)
         self.criterion = build_loss(spec["loss"], labels)
         pretrained = spec["backbone"].get("weights", "none") != "none"
         self.optimizer = build_optimizer(self.model, self.settings, pretrained)
@@ -257,18 +268,25 @@ class _Run:
         the whole run (a GPU would idle while new ones start every epoch); the sampler has its
         own generator, which the loader's per-iterator draws do not touch."""
         from segpipe.data.augment import build_augmentation
-        from segpipe.data.dataset import SegmentationH5Dataset
+        from segpipe.data.dataset import PatchDataset, SegmentationH5Dataset
 
-        seed = self.spec["seed"]
+        seed, settings = self.spec["seed"], self.settings
         augment = build_augmentation(self.spec["augmentation"], tuple(self.size))
-        train_set = SegmentationH5Dataset(cache, indices=train_idx, transform=augment, seed=seed)
-        options = dict(batch_size=self.settings["batch_size"], num_workers=num_workers,
+        options = dict(batch_size=settings["batch_size"], num_workers=num_workers,
                        worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
                        persistent_workers=num_workers > 0,
                        generator=torch.Generator().manual_seed(seed))
-        train_loader = torch.utils.data.DataLoader(
-            train_set, sampler=torch.utils.data.RandomSampler(train_set, generator=self.shuffle),
-            **options)
+        if self.geometry.native:  # the patches are random already, in batch order
+            train_set = PatchDataset(cache, train_idx, self.size,
+                                     settings["patches_per_epoch"] or len(train_idx),
+                                     settings["batch_size"], settings["oversample"], augment, seed)
+            sampler = torch.utils.data.SequentialSampler(train_set)
+        else:
+            train_set = SegmentationH5Dataset(cache, train_idx, augment, seed)
+            sampler = torch.utils.data.RandomSampler(train_set, generator=self.shuffle)
+        train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, **options)
+        if self.geometry.native:  # images of their own sizes: one at a time
+            options["batch_size"] = 1
         return train_set, train_loader, torch.utils.data.DataLoader(val_set, **options)
 
     def resume(self) -> None:
@@ -309,8 +327,7 @@ class _Run:
         if not math.isfinite(train_loss):
             raise SegpipeError(f"run {run}: the training loss is {train_loss} in epoch {epoch}; "
                                "lower train.lr or check the loss definition")
-        val = validate(self.model, val_loader, self.criterion, self.device, self.autocast,
-                       self.labels)
+        val = validate(self.predictor, val_loader, self.criterion)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(val["dice"])
         elif self.scheduler is not None:
@@ -328,7 +345,8 @@ class _Run:
             progress["stale"] += 1
         if epoch in self.settings["snapshot_epochs"]:
             save_checkpoint(snapshot_path(self.pending, epoch), self.spec,
-                            _cpu_state_dict(self.model), self.size, self.labels, epoch=epoch,
+                            _cpu_state_dict(self.model), self.size, self.labels,
+                            self.geometry, epoch=epoch,
                             val_dice=val["dice"], **_meta(progress, self.parameters))
         save_atomic(_state(self.model, self.optimizer, self.scheduler, self.scaler, self.device,
                            progress, self.key), self.state_path)
@@ -346,7 +364,7 @@ class _Run:
                      run, progress["epoch"], self.settings["early_stop_patience"])
         meta = _meta(progress, self.parameters)
         save_checkpoint(out_dir / rundir.MODEL, self.spec, progress["best_state"], self.size,
-                        self.labels, epoch=progress["best_epoch"],
+                        self.labels, self.geometry, epoch=progress["best_epoch"],
                         val_dice=progress["best_dice"], fingerprint=self.key, **meta)
         write_csv(out_dir / rundir.HISTORY, HISTORY_COLUMNS, progress["history"])
         # The state goes first: killed after this, a re-run starts over instead of finishing
@@ -389,24 +407,33 @@ def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterio
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
-             device: torch.device, autocast: torch.dtype | None,
-             labels: Labels = Labels()) -> dict[str, float]:
+def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, criterion: nn.Module
+             ) -> dict[str, float]:
     """Mean loss over images and per-image means of Dice, IoU, accuracy and AP
-    (:mod:`segpipe.metrics`) on the validation data, at :data:`VALIDATION_THRESHOLD` 0.5; with
+    (:mod:`segpipe.metrics`) on the validation images at the working resolution, at
+    :data:`VALIDATION_THRESHOLD` 0.5, of the predictor's one model (:mod:`segpipe.inference`):
+    squashed images a batch at a time; at a native scale each image by sliding windows, the
+    loss then of the blended probabilities (as logits: their logit, or log for softmax). With
     several classes, the image scores of the mean over the foreground classes its truth holds
     (:func:`segpipe.metrics.per_image_class_metrics`), so the model is selected on the mean
-    foreground Dice."""
+    foreground Dice. Model selection is done at the working resolution (nnU-Net's online
+    validation does the same); test scores are at the original size (:mod:`segpipe.evaluate`)."""
     from segpipe.metrics import image_metrics
 
+    (model,), labels = predictor.models, predictor.labels
     model.eval()
     losses, metrics = [], []
     for images, masks in loader:
-        target = masks.to(device, non_blocking=True).float()
-        logits = forward_logits(model, images, device, IMAGENET_MEAN, IMAGENET_STD, autocast)
+        target = masks.to(predictor.device, non_blocking=True).float()
+        if predictor.geometry.native:
+            probs = predictor(images).to(predictor.device)
+            logits = (torch.logit(probs, eps=1e-6) if labels.binary
+                      else torch.log(probs.clamp_min(1e-12)))
+        else:
+            logits = predictor.logits(model, images)
+            probs = probabilities(logits)
         losses.append(criterion(logits, target).double() * len(images))
-        metrics.append(image_metrics(probabilities(logits), target, labels,
-                                     VALIDATION_THRESHOLD))
+        metrics.append(image_metrics(probs, target, labels, VALIDATION_THRESHOLD))
     count = sum(len(m["dice"]) for m in metrics)
     means = {k: torch.cat([m[k] for m in metrics]).mean().item()
              for k in ("dice", "iou", "accuracy", "ap")}

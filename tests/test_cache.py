@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import h5py
+
+from cachefile import open_stacked
 import numpy as np
 import pytest
 
 from segpipe import SegpipeError, __version__
+from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import split_indices
 from segpipe.files import HOST
@@ -48,14 +51,15 @@ def folder(make_labelme, tmp_path):
 
 
 def read(path):
-    with h5py.File(path, "r") as h5:
-        return {key: h5[key][()] for key in h5}, dict(h5.attrs)
+    with open_stacked(path) as h5:
+        return {key: h5[key] if isinstance(h5[key], list) else h5[key][()] for key in h5}, \
+            dict(h5.attrs)
 
 
 def test_round_trip_of_hand_made_files(folder, tmp_path, caplog):
     (folder, small), output = folder, tmp_path / "out" / "cache.h5"
     with caplog.at_level(logging.INFO):
-        build_cache(folder, output, size=(4, 6), labels=Labels.from_config(background=["hole"]),
+        build_cache(folder, output, geometry=(4, 6), labels=Labels.from_config(background=["hole"]),
                     val_fraction=0.34)
     data, attrs = read(output)
     assert data["images"].dtype == np.uint8 and data["images"].shape == (3, 4, 6, 3)
@@ -74,15 +78,24 @@ def test_round_trip_of_hand_made_files(folder, tmp_path, caplog):
     assert json.loads(attrs["foreground"]) is None and json.loads(attrs["background"]) == ["hole"]
     assert attrs["size"].tolist() == [4, 6] and attrs["val_fraction"] == 0.34
     assert attrs["split_seed"] == 0
-    with h5py.File(output, "r") as h5:
-        assert h5["images"].chunks == (1, 4, 6, 3) and h5["masks"].chunks == (1, 4, 6)
+    with h5py.File(output, "r") as h5:  # squashed: one chunk per image, masks compressed
+        assert h5["images/0000002"].chunks == (4, 6, 3) and h5["masks/0000002"].chunks == (4, 6)
+        assert h5["masks/0000002"].compression == "gzip"
+        assert h5.attrs["layout"] == 2 and "scale" not in h5.attrs
+    np.testing.assert_array_equal(data["shape"], [[4, 6]] * 3)
+    # the truth at the original size, LabelMe's own rule (test_labelme pins it to LabelMe's)
+    labels = Labels.from_config(background=["hole"])
+    for k, name in enumerate("abc"):
+        truth = rasterise(load_annotation(folder / f"{name}.json"), None, labels)
+        np.testing.assert_array_equal(data["truth"][k], truth)
+    assert data["truth"][2].shape == (8, 12) and data["truth"][2].any()
     assert "3 images (2 train, 1 val)" in caplog.text
     assert "shapes: hole 1, obj 3" in caplog.text and "skipped (no area): line 1" in caplog.text
 
 
 def test_square_images_at_their_masks(folder, tmp_path):
     (folder, small), output = folder, tmp_path / "cache.h5"
-    build_cache(folder, output, size=(4, 4), labels=Labels.from_config(foreground=["obj"]))
+    build_cache(folder, output, geometry=(4, 4), labels=Labels.from_config(foreground=["obj"]))
     data, _ = read(output)
     np.testing.assert_array_equal(data["images"][0], small[0])
     np.testing.assert_array_equal(data["images"][1], small[1])  # from embedded imageData
@@ -100,26 +113,31 @@ def test_same_input_same_cache(labelme_folder, tmp_path):
                     Labels.from_config(background=["grass"]), 0.5, 3)
     one, two = read(tmp_path / "one.h5")[0], read(tmp_path / "two.h5")[0]
     for key in one:
-        np.testing.assert_array_equal(one[key], two[key])
+        if isinstance(one[key], list):  # images of several sizes
+            assert len(one[key]) == len(two[key])
+            for a, b in zip(one[key], two[key]):
+                np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_array_equal(one[key], two[key])
     assert one["masks"].any() and one["is_val"].sum() == 3
 
 
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegpipeError, match="empty: no LabelMe .json files"):
-        build_cache(tmp_path / "empty", tmp_path / "out.h5", size=(4, 4))
+        build_cache(tmp_path / "empty", tmp_path / "out.h5", geometry=(4, 4))
     with pytest.raises(SegpipeError, match="missing: not a folder"):
-        build_cache(tmp_path / "missing", tmp_path / "out.h5", size=(4, 4))
+        build_cache(tmp_path / "missing", tmp_path / "out.h5", geometry=(4, 4))
     assert not (tmp_path / "out.h5").exists()
 
 
 def test_a_bad_file_leaves_no_output_and_keeps_the_old_one(folder, tmp_path):
     (folder, _), output = folder, tmp_path / "cache" / "out.h5"
-    build_cache(folder, output, size=(4, 4))
+    build_cache(folder, output, geometry=(4, 4))
     before = output.read_bytes()
     (folder / "d.json").write_text("{not json")
     with pytest.raises(SegpipeError, match=r"d\.json: not valid JSON"):
-        build_cache(folder, output, size=(2, 2))
+        build_cache(folder, output, geometry=(2, 2))
     assert output.read_bytes() == before
     assert [p.name for p in output.parent.iterdir()] == ["out.h5"]  # no partial file left
 
@@ -127,7 +145,7 @@ def test_a_bad_file_leaves_no_output_and_keeps_the_old_one(folder, tmp_path):
 def test_upper_case_suffix_is_read(folder, tmp_path):
     folder = folder[0]
     (folder / "b.json").rename(folder / "b.JSON")
-    build_cache(folder, tmp_path / "out.h5", size=(4, 4))
+    build_cache(folder, tmp_path / "out.h5", geometry=(4, 4))
     data, _ = read(tmp_path / "out.h5")
     assert [n.decode() for n in data["names"]] == ["a", "b", "c"]
 
@@ -136,7 +154,7 @@ def test_names_that_differ_only_in_the_suffix_case_are_an_error(folder, tmp_path
     folder = folder[0]
     (folder / "b.JSON").write_bytes((folder / "a.json").read_bytes())
     with pytest.raises(SegpipeError, match=r"b\.JSON and b\.json: two files for one image name"):
-        build_cache(folder, tmp_path / "out.h5", size=(4, 4))
+        build_cache(folder, tmp_path / "out.h5", geometry=(4, 4))
 
 
 @pytest.fixture
@@ -155,7 +173,7 @@ def with_copies(make_labelme, tmp_path):
 def test_identical_images_are_one_group_on_one_side_of_the_split(with_copies, tmp_path, caplog,
                                                                   split):
     for seed in range(4):
-        build_cache(with_copies, tmp_path / "out.h5", size=(4, 4), split_seed=seed, **split)
+        build_cache(with_copies, tmp_path / "out.h5", geometry=(4, 4), split_seed=seed, **split)
         data, _ = read(tmp_path / "out.h5")
         assert [g.decode() for g in data["groups"]] == ["a", "a", "c", "c", "e", "f", "g"]
         side = data["fold"] if "folds" in split else data["is_val"]
@@ -168,13 +186,13 @@ def test_identical_images_are_one_group_on_one_side_of_the_split(with_copies, tm
         f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same image (identical image "
         "bytes): one group, 'c', on one side of every split",
         f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same image annotated "
-        "differently (the masks differ in 5 of 4x4 pixels)"]
+        "differently (the masks differ in 24 of 8x8 pixels)"]
 
 
 def test_a_rebuilt_cache_has_the_same_content_digest(with_copies, tmp_path):
-    build_cache(with_copies, tmp_path / "one.h5", size=(4, 4), val_fraction=0.4)
-    build_cache(with_copies, tmp_path / "two.h5", size=(4, 4), val_fraction=0.4)
-    build_cache(with_copies, tmp_path / "other.h5", size=(4, 4), val_fraction=0.4, split_seed=1)
+    build_cache(with_copies, tmp_path / "one.h5", geometry=(4, 4), val_fraction=0.4)
+    build_cache(with_copies, tmp_path / "two.h5", geometry=(4, 4), val_fraction=0.4)
+    build_cache(with_copies, tmp_path / "other.h5", geometry=(4, 4), val_fraction=0.4, split_seed=1)
     digests = [read(tmp_path / f"{name}.h5")[1]["content_sha256"]
                for name in ("one", "two", "other")]
     assert digests[0] == digests[1] != digests[2]
@@ -184,7 +202,7 @@ def test_file_name_that_is_not_utf8_is_an_error_before_any_work(folder, tmp_path
     folder = folder[0]
     os.rename(folder / "b.json", os.fsencode(folder / "b") + b"\xff.json")
     with pytest.raises(SegpipeError, match=r"/b\\xff\.json: the name is not valid UTF-8"):
-        build_cache(folder, tmp_path / "cache" / "out.h5", size=(4, 4))
+        build_cache(folder, tmp_path / "cache" / "out.h5", geometry=(4, 4))
     assert not (tmp_path / "cache").exists()  # stopped before the output was touched
 
 
@@ -192,7 +210,7 @@ def test_disk_space_is_reserved_and_the_rest_given_back(folder, tmp_path):
     # 3 images of 64x64 hold 3 * 4 * 64 * 64 = 49152 bytes of pixels; 1 MiB + 1 KiB per image
     # more is reserved while the file is written, and given back when HDF5 closes it.
     output = tmp_path / "out.h5"
-    build_cache(folder[0], output, size=(64, 64))
+    build_cache(folder[0], output, geometry=(64, 64))
     assert 3 * 4 * 64 * 64 < output.stat().st_size < 3 * 4 * 64 * 64 + 64 * 1024
     data, _ = read(output)
     assert data["masks"][0].sum() > 0
@@ -217,14 +235,14 @@ def test_next_rasterise_removes_the_temporary_file_of_a_killed_one(folder, tmp_p
     assert left.exists()
     (folder / "z.png").unlink()
     (folder / "z.json").unlink()
-    build_cache(folder, output, size=(4, 4))
+    build_cache(folder, output, geometry=(4, 4))
     assert list(output.parent.iterdir()) == [output]
 
 
 def test_unknown_foreground_label_is_an_error(folder, tmp_path):
     with pytest.raises(SegpipeError, match=r"^data.foreground: no LabelMe file of \S+ has a "
                        r"shape labelled 'ob' \(their labels: hole, obj\)$"):
-        build_cache(folder[0], tmp_path / "out.h5", size=(4, 4),
+        build_cache(folder[0], tmp_path / "out.h5", geometry=(4, 4),
                     labels=Labels.from_config(foreground=["ob"]))
     assert list(tmp_path.glob("*out.h5*")) == []
 
@@ -242,15 +260,15 @@ def test_labels_that_never_occur_in_a_training_folder_are_an_error(folder, tmp_p
 def test_only_background_labels_is_an_error(make_labelme, tmp_path):
     make_labelme([("hole", "rectangle", [[1, 1], [2, 2]])], folder=tmp_path / "in")
     with pytest.raises(SegpipeError, match="no shape paints a class"):
-        build_cache(tmp_path / "in", tmp_path / "out.h5", size=(4, 4),
+        build_cache(tmp_path / "in", tmp_path / "out.h5", geometry=(4, 4),
                     labels=Labels.from_config(background=["hole"]))
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"size": (0, 4)}, "size must be positive"),
-        ({"size": (4, 4), "val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"geometry": (0, 4)}, "size must be positive"),
+        ({"geometry": (4, 4), "val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
     ],
 )
 def test_bad_arguments(folder, tmp_path, arguments, message):
@@ -261,7 +279,7 @@ def test_bad_arguments(folder, tmp_path, arguments, message):
 def test_validation_split_needs_two_images(make_labelme, tmp_path):
     make_labelme([("obj", "rectangle", [[1, 1], [2, 2]])], folder=tmp_path / "one")
     with pytest.raises(SegpipeError, match="one: a validation split needs at least 2 groups"):
-        build_cache(tmp_path / "one", tmp_path / "out.h5", size=(4, 4), val_fraction=0.5)
+        build_cache(tmp_path / "one", tmp_path / "out.h5", geometry=(4, 4), val_fraction=0.5)
 
 
 # Augmented copies of 6 photos (Roboflow's naming), and one photo without copies.

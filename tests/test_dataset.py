@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 
 import h5py
+
+from cachefile import open_stacked
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ def stamp(image, mask, rng):
 
 def test_items_are_the_cache_rows_as_uint8_tensors(cache):
     dataset = SegmentationH5Dataset(cache)
-    with h5py.File(cache, "r") as h5:
+    with open_stacked(cache) as h5:
         images, masks = h5["images"][()], h5["masks"][()]
     assert len(dataset) == 6
     image, mask = dataset[4]
@@ -46,7 +48,7 @@ def test_items_are_the_cache_rows_as_uint8_tensors(cache):
 def test_split_indices_select_train_and_val_rows(cache):
     train, val, test = split_indices(cache)
     assert len(test) == 0  # the test images of a fixed split are another cache
-    with h5py.File(cache, "r") as h5:
+    with open_stacked(cache) as h5:
         is_val = h5["is_val"][()]
     assert sorted([*train, *val]) == list(range(6)) and len(val) == 2  # round(0.34 * 6)
     assert is_val[val].all() and not is_val[train].any()

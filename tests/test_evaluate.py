@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import h5py
+
+from cachefile import open_stacked
 import matplotlib.image
 import numpy as np
 import pandas as pd
@@ -45,8 +47,8 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_dataset(root / "train", count=48, seed=0, size=(64, 64))
     write_dataset(root / "test", count=5, seed=1, size=(64, 64))
-    build_cache(root / "train", root / "train.h5", size=(32, 32), val_fraction=0.25)
-    build_cache(root / "test", root / "test.h5", size=(32, 32))
+    build_cache(root / "train", root / "train.h5", geometry=(32, 32), val_fraction=0.25)
+    build_cache(root / "test", root / "test.h5", geometry=(32, 32))
     train_run(SPEC, root / "train.h5", root / "run")
     spread_head(root / "run", root / "test.h5")
     return root
@@ -56,7 +58,7 @@ def logits_on_test(checkpoint: dict, cache: Path) -> torch.Tensor:
     """The logits (N, H, W) of a checkpoint on the test cache, computed here with torch."""
     model = build_model(checkpoint["architecture"], checkpoint["backbone"]).eval()
     model.load_state_dict(checkpoint["state_dict"])
-    with h5py.File(cache) as f:
+    with open_stacked(cache) as f:
         images = f["images"][:]
     mean, std = (torch.tensor(checkpoint[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     x = (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - mean) / std
@@ -103,7 +105,7 @@ def scratch_metrics(run_dir: Path, cache: Path, threshold: float) -> tuple[pd.Da
     """Per-image and pooled metrics of model.pt on the test cache, computed here from the
     definitions (docs/formats.md) with numpy."""
     checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
-    with h5py.File(cache) as f:
+    with open_stacked(cache) as f:
         masks = f["masks"][:].astype(bool)
     pred = (torch.sigmoid(logits_on_test(checkpoint, cache)) >= threshold).numpy()
 
@@ -148,7 +150,7 @@ def test_metrics_agree_with_a_computation_from_scratch(data, run, tmp_path, thre
     assert 0 < expected_pooled["dice"] < 1 and 0 < expected_pooled["accuracy"] < 1
     per_image = pd.read_csv(run / "per_image.csv")
     assert list(per_image.columns) == ["name", *METRICS, "ap"]
-    with h5py.File(data / "test.h5") as f:
+    with open_stacked(data / "test.h5") as f:
         assert list(per_image["name"]) == list(f["names"].asstr()[:])
     # Zero denominators (nothing predicted or nothing true) follow metrics.py's rule; compare
     # where the ratio is defined.
@@ -186,7 +188,7 @@ def test_evolution_holds_the_snapshots_probabilities(data, run):
     assert list(evolution["epochs"]) == EPOCHS
     assert evolution["probs"].shape == (6, 3, 32, 32) and evolution["probs"].dtype == np.float16
     assert ((0 <= evolution["probs"]) & (evolution["probs"] <= 1)).all()
-    with h5py.File(data / "test.h5") as f:
+    with open_stacked(data / "test.h5") as f:
         np.testing.assert_array_equal(evolution["images"], f["images"][:3])
         np.testing.assert_array_equal(evolution["masks"], f["masks"][:3])
         assert list(evolution["names"]) == list(f["names"].asstr()[:3])
@@ -238,7 +240,7 @@ def test_missing_model_and_size_mismatch(data, run, tmp_path):
     with pytest.raises(SegpipeError, match=r"empty/model.pt: checkpoint not found"):
         (tmp_path / "empty").mkdir()
         evaluate_run(tmp_path / "empty", data / "test.h5")
-    build_cache(data / "test", tmp_path / "test48.h5", size=(48, 48))
+    build_cache(data / "test", tmp_path / "test48.h5", geometry=(48, 48))
     shutil.copytree(run, tmp_path / "run")
     with pytest.raises(SegpipeError, match=r"test48.h5: images are 48x48, but .* trained at 32x32"):
         evaluate_run(tmp_path / "run", tmp_path / "test48.h5")
@@ -247,12 +249,12 @@ def test_missing_model_and_size_mismatch(data, run, tmp_path):
 def test_a_fold_is_trained_without_and_scored_on_its_own_images(data, tmp_path, caplog):
     """Fold 1 of 3: trained on fold 0, selected on fold 2, scored on fold 1's images only."""
     cache = tmp_path / "cv.h5"
-    build_cache(data / "test", cache, size=(32, 32), folds=3, split_seed=4)
+    build_cache(data / "test", cache, geometry=(32, 32), folds=3, split_seed=4)
     spec = {**SPEC, "run": f"{SPEC['run']}/fold1", "fold": 1,
             "train": {**SPEC["train"], "epochs": 1, "snapshot_epochs": [1]}}
     with caplog.at_level("INFO"):
         train_run(spec, cache, tmp_path / "run")
-    with h5py.File(cache) as f:
+    with open_stacked(cache) as f:
         names, fold = f["names"].asstr()[:], f["fold"][:]
     assert list(np.bincount(fold)) == [2, 2, 1]
     assert "2 train / 1 val images" in caplog.text  # fold 0 trains, fold 2 validates

@@ -48,8 +48,8 @@ def caches(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("data")
     write_dataset(root / "train", count=12, seed=0, size=(32, 32))
     write_dataset(root / "test", count=4, seed=1, size=(32, 32))
-    build_cache(root / "train", root / "train.h5", size=(16, 16), val_fraction=0.25)
-    build_cache(root / "test", root / "test.h5", size=(16, 16))
+    build_cache(root / "train", root / "train.h5", geometry=(16, 16), val_fraction=0.25)
+    build_cache(root / "test", root / "test.h5", geometry=(16, 16))
     return root / "train.h5", root / "test.h5"
 
 

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import h5py
+
+from cachefile import open_stacked
 import numpy as np
 import pandas as pd
 import pytest
@@ -64,7 +66,7 @@ def cache(tmp_path_factory) -> Path:
     """48 synthetic images at 32×32, 12 of them in the validation split."""
     root = tmp_path_factory.mktemp("data")
     write_dataset(root / "labelme", count=48, seed=0, size=(64, 64))
-    build_cache(root / "labelme", root / "train.h5", size=(SIZE, SIZE), val_fraction=0.25)
+    build_cache(root / "labelme", root / "train.h5", geometry=(SIZE, SIZE), val_fraction=0.25)
     return root / "train.h5"
 
 
@@ -95,7 +97,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_training_learns_beyond_all_foreground(cache, trained):
-    with h5py.File(cache) as f:
+    with open_stacked(cache) as f:
         masks = f["masks"][:][f["is_val"][:]].reshape(-1, SIZE * SIZE).astype(float)
     all_foreground = np.mean(2 * masks.sum(1) / (masks.sum(1) + SIZE * SIZE))
     history = pd.read_csv(trained / "history.csv")

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import h5py
+
+from cachefile import open_stacked
 import numpy as np
 import pandas as pd
 import PIL.Image
@@ -115,12 +117,12 @@ def test_study_runs_end_to_end(finished: Path):
     results = finished / "results"
     assert {p.name for p in (results / "runs").iterdir()} == RUNS
 
-    with h5py.File(results / "data" / "train.h5") as f:
+    with open_stacked(results / "data" / "train.h5") as f:
         assert f["images"].shape == (12, 32, 32, 3) and f["images"].dtype == "uint8"
         assert f["masks"].shape == (12, 32, 32)
         assert set(f["masks"][:].ravel()) <= {0, 1} and f["masks"][:].any()
         assert int(f["is_val"][:].sum()) == 3  # val_fraction 0.25 of 12
-    with h5py.File(results / "data" / "test.h5") as f:
+    with open_stacked(results / "data" / "test.h5") as f:
         assert f["images"].shape == (4, 32, 32, 3) and not f["is_val"][:].any()
 
     for run in RUNS:
@@ -397,7 +399,7 @@ def test_test_images_that_are_training_images(study: Path, tmp_path: Path):
 
     edit_config(study, lambda c: c["data"].update(drop_test_duplicates=True))
     snakemake(study, "results/data/test.h5")
-    with h5py.File(study / "results" / "data" / "test.h5") as f:
+    with open_stacked(study / "results" / "data" / "test.h5") as f:
         assert list(f["names"].asstr()[:]) == [f"synth_{i:04d}" for i in range(4)]
     log = (study / "results" / "logs" / "rasterise" / "test.log").read_text()
     assert (f"{test / 'field_1.json'}: the same image as 'synth_0002' of the training cache "
@@ -494,7 +496,7 @@ def cv_study(finished_cv: Path, tmp_path: Path) -> Path:
 def test_cross_validation_tests_every_image_once(finished_cv: Path):
     results = finished_cv / "results"
     assert not (results / "data" / "test.h5").exists()
-    with h5py.File(results / "data" / "train.h5") as f:
+    with open_stacked(results / "data" / "train.h5") as f:
         names, groups, fold = f["names"].asstr()[:], f["groups"].asstr()[:], f["fold"][:]
         assert "is_val" not in f and f.attrs["folds"] == 3
     assert len(names) == 15 and sorted(np.bincount(fold)) == [5, 5, 5]
@@ -570,7 +572,7 @@ def finished_classes(tmp_path_factory) -> Path:
 
 def test_study_with_classes_runs_end_to_end(finished_classes: Path):
     results = finished_classes / "results"
-    with h5py.File(results / "data" / "train.h5") as f:
+    with open_stacked(results / "data" / "train.h5") as f:
         assert set(np.unique(f["masks"][:])) == {0, 1, 2}  # background, leaf, stone
         assert json.loads(f.attrs["labels"])["names"] == ["leaf", "stone"]
     run = results / "runs" / "unet__scratch__bcedice_0.5__plain__s0"
@@ -584,7 +586,7 @@ def test_study_with_classes_runs_end_to_end(finished_classes: Path):
         assert (per_image[f"tp.{name}"] + per_image[f"fn.{name}"] == per_image[f"ref.{name}"]).all()
     confusion = pd.read_csv(run / "confusion.csv", index_col="truth")
     assert list(confusion.index) == list(confusion.columns) == ["background", "leaf", "stone"]
-    with h5py.File(results / "data" / "test.h5") as f:
+    with open_stacked(results / "data" / "test.h5") as f:
         assert confusion.to_numpy().sum() == (f["masks"][:] != IGNORE).sum()
     summary = pd.read_csv(results / "experiments" / "architecture" / "summary.csv")
     for column in ("dice.leaf_mean", "dice.stone_lo", "delta_dice.leaf_hi", "n_images.stone"):
@@ -698,7 +700,7 @@ def _comparable(path: Path, added: set[str] = ADDED_SINCE) -> object:
         with np.load(path) as npz:
             return {key: npz[key].tobytes() for key in npz.files}
     if path.suffix == ".h5":  # attribute source: the absolute data folder, in another workdir
-        with h5py.File(path) as f:
+        with open_stacked(path) as f:
             return ({key: f[key][()].tolist() for key in f if key not in added},
                     {k: str(v) for k, v in f.attrs.items() if k not in {"source", *added}},
                     Path(f.attrs["source"]).relative_to(path.parents[2]))

@@ -1,17 +1,27 @@
-"""HDF5 cache of a LabelMe folder: images and masks at the training size, and the split.
+"""The HDF5 cache of a LabelMe folder: its writer (:func:`build_cache`, ``segpipe rasterise``)
+and its one reader (:class:`Cache`); no other module opens a cache.
 
-Layout (docs/formats.md): ``images`` uint8 (N, H, W, 3) RGB resized with area
-interpolation, ``masks`` uint8 (N, H, W) class indices (:mod:`segpipe.labels`: 0 background, 1…K, 255
-ignore; {0, 1} in a binary study) rasterised at (H, W) from scaled
-coordinates, ``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) utf-8 their groups,
-``orig_size`` int32 (N, 2) original (height, width), ``digests`` (N,) the SHA-256 of each
-encoded image (:func:`segpipe.files.image_digest`), and the split (:mod:`segpipe.data.split`):
-``is_val`` bool (N,), or with ``folds`` the cross-validation fold ``fold`` int64 (N,); one image
-per chunk; attributes ``segpipe_version``, ``source``, ``foreground``, ``background``, ``labels``
-(with classes or ignore labels: :meth:`segpipe.labels.Labels.attrs`), ``group`` (JSON),
-``size``, ``count``, ``split_seed``, ``val_fraction`` or ``folds``, and ``content_sha256``
-(:func:`content_digest`). Images are sorted by file name, so the same folder gives the same
-file.
+Layout 2 (docs/formats.md). Per image ``i`` (its datasets named ``f"{i:07d}"``):
+``images/<i>`` uint8 (h, w, 3) RGB at the working resolution (:mod:`segpipe.data.geometry`:
+``data.size`` squashes, ``data.scale`` keeps the aspect), resized with area interpolation;
+``masks/<i>`` uint8 (h, w) class indices (:mod:`segpipe.labels`: 0 background, 1…K, 255
+ignore; {0, 1} in a binary study) rasterised there from scaled coordinates; ``truth/<i>``
+uint8 (H, W) the same classes at the original size by LabelMe's own rule (the mask itself,
+linked, when the sizes agree), what every reported score is computed against;
+``locations/<i>`` int32 (n, 3) up to :data:`LOCATIONS_PER_CLASS` pixels (class, y, x) of each
+foreground class, where oversampled patches are centred. Squashed images are one chunk each;
+at a scale, images and masks are chunked in tiles of :data:`TILE` pixels, so a training patch
+reads a few tiles and never decodes the whole photo; masks and truth are gzip-compressed
+(photos barely compress losslessly and are read most, so they are not). Per cache:
+``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) their groups, ``digests`` (N,) the
+SHA-256 of each encoded image (:func:`segpipe.files.image_digest`), ``orig_size`` and
+``shape`` int32 (N, 2) the original and working (height, width), and the split
+(:mod:`segpipe.data.split`): ``is_val`` bool (N,), or with ``folds`` the fold ``fold`` int64
+(N,). Attributes: ``layout`` (2), ``segpipe_version``, ``source``, ``foreground``,
+``background``, ``labels`` (:meth:`segpipe.labels.Labels.attrs`), ``group`` (JSON), ``size``
+or ``scale`` (:meth:`segpipe.data.geometry.Geometry.attrs`), ``count``, ``split_seed``,
+``val_fraction`` or ``folds``, and ``content_sha256`` (:func:`content_digest`). Images are
+sorted by file name, so the same folder gives the same file.
 """
 
 from __future__ import annotations
@@ -20,16 +30,17 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
+from segpipe.data.geometry import Geometry, to_working
 from segpipe.data.groups import group_keys, identical, merge_identical
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
@@ -39,6 +50,19 @@ from segpipe.labels import IGNORE, Labels
 from segpipe.spec import default
 
 CONTENT_KEY = "content_sha256"
+LAYOUT = 2
+"""The cache layout this segpipe writes and reads (attribute ``layout``)."""
+TILE = 128
+"""Side of the chunks of images and masks at a native scale, in pixels."""
+MASK_FILTER = {"compression": "gzip", "compression_opts": 4, "shuffle": False}
+LOCATIONS_PER_CLASS = 1000
+LOCATIONS_SEED = 1234
+IMAGE_OVERHEAD = 16 * 1024
+"""Bytes of HDF5 objects (headers, chunk indexes) one image adds, at most."""
+RESERVE_STEP = 2**20
+"""The least disk space reserved at a time."""
+"""Bytes of HDF5 objects (headers, chunk indexes) one image adds, at most."""
+GROUPS = ("images", "masks", "truth", "locations")
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +70,7 @@ log = logging.getLogger(__name__)
 def build_cache(
     input_dir: str | Path,
     output: str | Path,
-    size: tuple[int, int],
+    geometry: Geometry | tuple[int, int],
     labels: Labels | None = None,
     val_fraction: float | None = None,
     split_seed: int = default("data.split_seed"),
@@ -67,8 +91,10 @@ def build_cache(
     left out of this cache with a warning. The other defaults are the config's too
     (:func:`segpipe.spec.default`).
 
-    Every file is read as far as its image bytes before any is decoded. The file is written
-    under a temporary name, with its disk space reserved before the first image, and renamed
+    ``geometry``: the working resolution (:class:`segpipe.data.geometry.Geometry`; a pair
+    (H, W) is ``Geometry(size=(H, W))``). Every file is read as far as its image bytes before
+    any is decoded. The file is written under a temporary name, each image's disk space
+    reserved before it is written, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
     input (a LabelMe file, an image, the training cache), a folder that breaks the label rule
@@ -78,13 +104,14 @@ def build_cache(
     default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
-    size = height, width = int(size[0]), int(size[1])
+    if not isinstance(geometry, Geometry):
+        geometry = Geometry(size=(int(geometry[0]), int(geometry[1])))
     labels = Labels() if labels is None else labels
     if val_fraction is None:
         val_fraction = 0.0 if folds is not None or train_cache is not None else \
             default("data.val_fraction")
-    if height < 1 or width < 1:
-        raise SegpipeError(f"size must be positive, got {height}x{width}")
+    if geometry.size is not None and min(geometry.size) < 1:
+        raise SegpipeError(f"size must be positive, got {geometry.describe()}")
     if not 0.0 <= val_fraction < 1.0:
         raise SegpipeError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if folds is not None and val_fraction > 0:
@@ -110,17 +137,18 @@ def build_cache(
         "source": str(input_dir.resolve()),
         **labels.attrs(),
         "group": json.dumps(group),
-        "size": np.array(size),
+        "layout": LAYOUT,
+        **geometry.attrs(),
         "count": len(index),
         "split_seed": split_seed,
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
-    found, skipped, pixels = _write(output, [entry.path for entry in index], size, labels,
-                                    _layout(names, keys, digests, size, split, attrs))
+    found, skipped, pixels, total = _write(output, [entry.path for entry in index], geometry,
+                                           labels, _layout(names, keys, digests, split, attrs))
     log.info(
-        "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
-        output, len(index), _describe_split(split, groups), height, width, labels.describe(),
-        _shares(pixels, labels, len(index) * height * width), _counts(found), _counts(skipped),
+        "%s: %d images%s at %s, %s; %s of pixels; shapes: %s; skipped (no area): %s",
+        output, len(index), _describe_split(split, groups), geometry.describe(),
+        labels.describe(), _shares(pixels, labels, total), _counts(found), _counts(skipped),
     )
 
 
@@ -145,33 +173,98 @@ def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str
     return index if train_cache is None else _unseen(index, Path(train_cache), drop_duplicates)
 
 
-def _write(output: Path, files: list[Path], size: tuple[int, int], labels: Labels,
-           layout: bytes) -> tuple[Counter, Counter, Counter]:
+def _write(output: Path, files: list[Path], geometry: Geometry, labels: Labels,
+           layout: bytes) -> tuple[Counter, Counter, Counter, int]:
     """Rasterise ``files`` into the cache ``output`` of ``layout`` (:func:`_layout`), written
-    under a temporary name with its space reserved and renamed when complete; the labels of
-    the filled shapes, the shapes skipped and the pixels of each mask value, counted."""
-    height, width = size
-    found, skipped, pixels, first_row = Counter(), Counter(), Counter(), {}
+    under a temporary name with disk space reserved ahead of each image (:class:`_Reservation`)
+    and renamed when complete; the labels of the filled shapes, the shapes skipped, the pixels
+    of each mask value and the pixels in all, counted."""
+    found, skipped, pixels, first_row, total = Counter(), Counter(), Counter(), {}, 0
     with atomic_path(output) as partial:
-        _create_reserved(partial, layout, len(files), size, output)
-        with h5py.File(partial, "r+") as h5:
-            images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
+        reservation = _Reservation(partial, layout, output)
+        h5 = h5py.File(partial, "r+", libver="latest")
+        try:
             for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
                 annotation = load_annotation(path)
-                images[i] = cv2.resize(annotation.image, (width, height),
-                                       interpolation=cv2.INTER_AREA)
-                masks[i] = mask = rasterise(annotation, size, labels)
+                shape = geometry.working_size(annotation.size)
+                image = to_working(annotation.image, shape)
+                mask = rasterise(annotation, shape, labels)
+                truth = mask if shape == annotation.size else rasterise(annotation, None, labels)
+                locations = _class_locations(mask, i)
+                if reservation.grow(_bytes_bound(shape, truth is not mask and truth.shape,
+                                                 geometry.native, locations)):
+                    h5.close()  # reopened, HDF5 learns the file's new end, and gives back
+                    h5 = h5py.File(partial, "r+", libver="latest")  # what it did not use
+                _write_image(h5, i, image, mask, truth, locations, geometry.native)
                 first = first_row.setdefault(annotation.image_digest, i)
-                if first != i and (masks[first] != mask).any():
+                if first != i and (_read_truth(h5, first) != truth).any():
                     log.warning("%s and %s: the same image annotated differently (the masks "
                                 "differ in %d of %dx%d pixels)", files[first], path,
-                                int((masks[first] != mask).sum()), height, width)
-                orig_size[i] = annotation.size
+                                int((_read_truth(h5, first) != truth).sum()), *truth.shape)
+                h5["orig_size"][i], h5["shape"][i] = annotation.size, shape
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
+                total += mask.size
                 found.update(s.label for s in annotation.shapes)
                 skipped.update(annotation.skipped)
             h5.attrs[CONTENT_KEY] = content_digest(h5)
-    return found, skipped, pixels
+        finally:
+            h5.close()
+    return found, skipped, pixels, total
+
+
+def _bytes_bound(shape: tuple[int, int], truth: tuple[int, int] | bool, native: bool,
+                 locations: np.ndarray) -> int:
+    """An upper bound of the bytes one image adds to a cache: its chunks (whole tiles at a
+    native scale), the RGB raw, mask and truth compressed no larger than 1 % over raw, its
+    class locations and :data:`IMAGE_OVERHEAD`."""
+    def stored(size: tuple[int, int]) -> int:
+        return math.prod(-(-side // TILE) * TILE for side in size) if native else math.prod(size)
+    masks = stored(shape) + (stored(truth) if truth else 0)
+    return 3 * stored(shape) + math.ceil(1.01 * masks) + locations.nbytes + IMAGE_OVERHEAD
+
+
+def _key(row: int) -> str:
+    """The name of an image's datasets in their groups: zero-padded, so name order is row
+    order."""
+    return f"{row:07d}"
+
+
+def _write_image(h5: h5py.File, row: int, image: np.ndarray, mask: np.ndarray,
+                 truth: np.ndarray, locations: np.ndarray, native: bool) -> None:
+    """One image's datasets (docs/formats.md): tiles of :data:`TILE` pixels as chunks at a
+    native scale (a patch reads a few of them), one chunk each when squashed; masks and truth
+    compressed; the truth a second name of the mask when they are one."""
+    key, (height, width) = _key(row), mask.shape
+    chunks = (min(height, TILE), min(width, TILE)) if native else (height, width)
+    h5["images"].create_dataset(key, data=image, chunks=(*chunks, 3))
+    h5["masks"].create_dataset(key, data=mask, chunks=chunks, **MASK_FILTER)
+    if truth is mask:
+        h5["truth"][key] = h5["masks"][key]  # a hard link: the same dataset
+    else:
+        h5["truth"].create_dataset(key, data=truth, chunks=(min(truth.shape[0], TILE),
+                                                            min(truth.shape[1], TILE)),
+                                   **MASK_FILTER)
+    h5["locations"].create_dataset(key, data=locations)
+
+
+def _read_truth(h5: h5py.File, row: int) -> np.ndarray:
+    return h5["truth"][_key(row)][()]
+
+
+def _class_locations(mask: np.ndarray, row: int) -> np.ndarray:
+    """(n, 3) int32 rows (class, y, x): up to :data:`LOCATIONS_PER_CLASS` pixels of each
+    foreground class of ``mask`` drawn without replacement (seeded by the row), where patches
+    with foreground oversampling are centred (nnU-Net's class locations)."""
+    rng = np.random.default_rng([LOCATIONS_SEED, row])
+    rows = []
+    for value in np.unique(mask):
+        if value == 0 or value == IGNORE:
+            continue
+        ys, xs = np.nonzero(mask == value)
+        keep = rng.choice(len(ys), min(len(ys), LOCATIONS_PER_CLASS), replace=False)
+        keep.sort()
+        rows.append(np.stack([np.full(len(keep), value), ys[keep], xs[keep]], 1))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 3), np.int32)
 
 
 def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
@@ -190,14 +283,8 @@ def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
 def _unseen(index: list, train_cache: Path, drop: bool) -> list:
     """The entries of ``index`` whose image is not one of ``train_cache``; one that is, is an
     error or (``drop``) left out with a warning."""
-    try:
-        with h5py.File(train_cache, "r") as h5:
-            if "digests" not in h5:
-                raise SegpipeError(f"{train_cache}: holds no image digests (written by an older "
-                                   "segpipe): rasterise it again")
-            seen = dict(zip(h5["digests"].asstr()[:], h5["names"].asstr()[:]))
-    except OSError as exc:
-        raise SegpipeError(f"{train_cache}: not a readable segpipe cache ({exc})") from None
+    with Cache(train_cache) as cache:
+        seen = dict(zip(cache.digests, cache.names))
     repeated = [f"{entry.path}: the same image as {seen[entry.digest]!r} of the training cache "
                 f"{train_cache} (identical image bytes)" for entry in index if entry.digest in seen]
     if repeated and not drop:
@@ -218,8 +305,7 @@ def content_digest(h5: h5py.File) -> str:
     order. Two caches of equal content have equal digests, whenever, wherever and by whichever
     segpipe version they were written; training recognises its data by it."""
     digest = hashlib.sha256()
-    for name in sorted(h5):
-        data = h5[name]
+    for name, data in _datasets(h5):
         digest.update(json.dumps([name, data.dtype.str, data.shape]).encode())
         if h5py.check_string_dtype(data.dtype):
             digest.update(json.dumps(list(data.asstr()[:])).encode())
@@ -231,15 +317,26 @@ def content_digest(h5: h5py.File) -> str:
     return digest.hexdigest()
 
 
-def _layout(names: list[str], groups: list[str], digests: list[str], size: tuple[int, int],
+def _datasets(h5: h5py.File):
+    """(name, dataset) of every dataset of a cache, groups' members in row order."""
+    for name in sorted(h5):
+        if isinstance(h5[name], h5py.Group):
+            for key in sorted(h5[name]):
+                yield f"{name}/{key}", h5[name][key]
+        else:
+            yield name, h5[name]
+
+
+def _layout(names: list[str], groups: list[str], digests: list[str],
             split: dict[str, np.ndarray], attrs: dict) -> bytes:
-    """The cache as HDF5 file bytes with every dataset created and no pixel written yet."""
+    """The cache as HDF5 file bytes with its per-cache datasets and empty per-image groups."""
     n = len(names)
     buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as h5:
-        h5.create_dataset("images", (n, *size, 3), np.uint8, chunks=(1, *size, 3))
-        h5.create_dataset("masks", (n, *size), np.uint8, chunks=(1, *size))
+    with h5py.File(buffer, "w", libver="latest") as h5:
+        for group in GROUPS:
+            h5.create_group(group)
         h5.create_dataset("orig_size", (n, 2), np.int32)
+        h5.create_dataset("shape", (n, 2), np.int32)
         h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
         h5.create_dataset("groups", data=groups, dtype=h5py.string_dtype())
         h5.create_dataset("digests", data=digests, dtype=h5py.string_dtype())
@@ -249,25 +346,35 @@ def _layout(names: list[str], groups: list[str], digests: list[str], size: tuple
     return buffer.getvalue()
 
 
-def _create_reserved(path: Path, layout: bytes, count: int, size: tuple[int, int],
-                     output: Path) -> None:
-    """Write ``layout`` to ``path`` and reserve the disk space of the whole cache of ``count``
-    images of ``size`` for it; HDF5 gives back what it does not use when it closes the file.
+class _Reservation:
+    """Disk space reserved ahead of HDF5's writes into ``path``: the layout and
+    :data:`RESERVE_STEP` at first, then at least as much more whenever the bytes the images
+    may need (:meth:`grow`) pass what is reserved. HDF5 gives back what it did not use when it
+    closes a file it opened shorter than reserved.
 
     HDF5 cannot close a file after a failed write: a full disk would end in a segmentation
-    fault (h5py issue 914), while reserved space cannot run out. Reserved: the layout, 4 bytes
-    per pixel (RGB and mask), 1 KiB per image and 1 MiB; HDF5 adds less than 400 bytes per
-    image (the chunk index) and a few KiB in all.
-    """
-    reserve = len(layout) + count * (4 * size[0] * size[1] + 1024) + 2**20
-    with open(path, "wb") as file:
-        file.write(layout)
-        try:
-            os.posix_fallocate(file.fileno(), 0, reserve)
-        except OSError as exc:
-            raise SegpipeError(
-                f"{output}: cannot reserve the {reserve / 2**20:.1f} MiB it needs ({exc.strerror})"
-            ) from None
+    fault (h5py issue 914), while reserved space cannot run out."""
+
+    def __init__(self, path: Path, layout: bytes, output: Path) -> None:
+        self.path, self.output = path, output
+        self.needed = self.reserved = len(layout)
+        path.write_bytes(layout)
+        self.grow(RESERVE_STEP)
+
+    def grow(self, count: int) -> bool:
+        """Count ``count`` more bytes needed; whether more space was reserved for them."""
+        self.needed += count
+        if self.needed <= self.reserved:
+            return False
+        target = max(self.needed + RESERVE_STEP, int(1.5 * self.reserved))
+        with open(self.path, "r+b") as file:
+            try:
+                os.posix_fallocate(file.fileno(), 0, target)
+            except OSError as exc:
+                raise SegpipeError(f"{self.output}: cannot reserve the {target / 2**20:.1f} MiB "
+                                   f"it needs ({exc.strerror})") from None
+        self.reserved = target
+        return True
 
 
 def _shares(pixels: Counter, labels: Labels, total: int) -> str:
@@ -283,3 +390,98 @@ def _counts(counter: Counter) -> str:
     """E.g. "leaf 3, stone 4"; a label that is empty or has outer spaces quoted: "'' 1"."""
     return ", ".join(f"{key if key and key == key.strip() else repr(key)} {count}"
                      for key, count in sorted(counter.items())) or "none"
+
+
+class Cache:
+    """A cache of :func:`build_cache` for reading: the one reader (training, evaluation and the
+    workflow's checks go through it). Opened on first use in each process, so that DataLoader
+    workers, which receive it pickled, open their own handle; usable as a context manager.
+    Raises :class:`SegpipeError` naming the file for one that is missing, not HDF5, or not of
+    this segpipe's :data:`LAYOUT` (an older segpipe's: rasterise again)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+        h5 = self._file()
+        version = h5.attrs.get("layout")
+        if version != LAYOUT or not set(GROUPS) <= set(h5):
+            self.close()
+            raise SegpipeError(f"{self.path}: not a segpipe cache of layout {LAYOUT} "
+                               f"({'layout ' + str(version) if version else 'an older one'}, "
+                               "written by another segpipe): rasterise it again")
+        self.labels = Labels.from_attrs(h5.attrs)
+        self.geometry = Geometry.from_attrs(h5.attrs)
+        self.names: list[str] = list(h5["names"].asstr()[:])
+        self.orig_size = h5["orig_size"][:]
+        self.shape = h5["shape"][:]
+
+    def _file(self) -> h5py.File:
+        if self._pid != os.getpid():
+            try:
+                self._h5 = h5py.File(self.path, "r")
+            except OSError as exc:
+                raise SegpipeError(f"{self.path}: cannot open the HDF5 cache ({exc})") from None
+            self._pid = os.getpid()
+        return self._h5
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = self._pid = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_h5": None, "_pid": None}
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._file().attrs)
+
+    @property
+    def digests(self) -> list[str]:
+        return list(self._file()["digests"].asstr()[:])
+
+    def split(self, key: str) -> np.ndarray | None:
+        """The split dataset ``is_val`` or ``fold``; None when the cache has none."""
+        h5 = self._file()
+        return h5[key][()] if key in h5 else None
+
+    def image(self, row: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """The image (h, w, 3) at the working resolution, or its ``window`` (y0, x0, y1, x1),
+        which may reach outside the image: those pixels are 0 (black)."""
+        return _read(self._file()["images"][_key(row)], window)
+
+    def mask(self, row: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """The class mask (h, w) at the working resolution, or its ``window`` (outside the
+        image: 0, background)."""
+        return _read(self._file()["masks"][_key(row)], window)
+
+    def truth(self, row: int) -> np.ndarray:
+        """The class mask (H, W) at the image's original size: what scores are computed on."""
+        return self._file()["truth"][_key(row)][()]
+
+    def locations(self, row: int) -> np.ndarray:
+        """(n, 3) int32 rows (class, y, x) of foreground pixels (:func:`_class_locations`)."""
+        return self._file()["locations"][_key(row)][()]
+
+
+def _read(data: h5py.Dataset, window: tuple[int, int, int, int] | None) -> np.ndarray:
+    """A dataset's values, or a window of its first two axes, zero outside."""
+    if window is None:
+        return data[()]
+    y0, x0, y1, x1 = window
+    height, width = data.shape[:2]
+    out = np.zeros((y1 - y0, x1 - x0, *data.shape[2:]), data.dtype)
+    top, left, bottom, right = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+    if top < bottom and left < right:
+        out[top - y0:bottom - y0, left - x0:right - x0] = data[top:bottom, left:right]
+    return out

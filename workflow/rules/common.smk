@@ -18,7 +18,7 @@ from segpipe import rundir
 from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
-from segpipe.spec import loss_errors, model_errors, schema
+from segpipe.spec import loss_errors, model_errors, patch_errors, schema
 
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
 NAME = schema()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")
@@ -137,12 +137,17 @@ def _check_split():
 
 
 def _check_models():
-    """Every architecture × backbone of a run makes a model that trains at data.size; a
-    backbone's weights file exists."""
+    """Every architecture × backbone of a run makes a model that trains at data.size, or at
+    data.scale on train.patch patches; a backbone's weights file exists."""
+    native = config["data"].get("scale") is not None
+    errors = patch_errors(config["train"]["patch"], native, "train.patch")
+    if errors:
+        raise WorkflowError("\n".join(f"config: {e}" for e in errors))
+    size = config["train"]["patch"] if native else config["data"]["size"]
     for arch, backbone in dict.fromkeys((r["architecture"], r["backbone"]) for r in RUNS):
         where = (f"architectures.{arch}", f"backbones.{backbone}")
         definitions = config["architectures"][arch], config["backbones"][backbone]
-        errors = model_errors(*definitions, config["data"]["size"], where)
+        errors = model_errors(*definitions, size, where)
         if errors:
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
     for name in dict.fromkeys(r["backbone"] for r in RUNS):
@@ -361,7 +366,7 @@ def train_cache_input(wildcards):
 
 def rasterise_args(wildcards):
     d = config["data"]
-    args = ["--size", *map(str, d["size"])]
+    args = ["--size", *map(str, d["size"])] if d.get("scale") is None else ["--scale", str(d["scale"])]
     if d["foreground"] is not None:
         args += ["--foreground", *d["foreground"]]
     if d["background"]:
