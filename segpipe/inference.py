@@ -23,6 +23,7 @@ from segpipe.checkpoint import checkpoint_geometry, checkpoint_labels, load_chec
 from segpipe.data.geometry import Geometry, to_working
 from segpipe.labels import Labels
 from segpipe.runtime import forward_logits, probabilities
+from segpipe.spec import default
 
 MIN_IMPORTANCE = 1e-3
 """Floor of the Gaussian importance map (MONAI's), so that no pixel's weight is ~0."""
@@ -212,6 +213,7 @@ class Predictor:
         """A model's logits for a uint8 batch (N, 3, h, w) (:func:`segpipe.runtime.forward_logits`)."""
         return forward_logits(model, batch, self.device, self.mean, self.std, self.autocast)
 
+    @torch.no_grad()
     def members(self, images: Tensor) -> Iterator[Tensor]:
         """The probabilities (N, C, h, w) float32 on the CPU of each member (model × mirror) for
         a uint8 batch (N, 3, h, w) of images at the working resolution: of one model pass each
@@ -243,14 +245,15 @@ class Predictor:
 def checkpoint_facts(checkpoint: dict) -> dict:
     """What a checkpoint's model predicts from what: its classes, working resolution, input
     size, normalisation and sliding-window settings (overlap, σ scale, tiles per batch)."""
-    train = checkpoint["spec"]["train"]
+    train = {**{key: default(f"train.{key}") for key in ("tile_overlap", "tile_sigma",
+                                                          "batch_size")},
+             **checkpoint["spec"].get("train", {})}
     return {"classes": checkpoint_labels(checkpoint),
-            "geometry": checkpoint_geometry(checkpoint),
             "input size": tuple(checkpoint["size"]),
+            "geometry": checkpoint_geometry(checkpoint),
             "normalisation mean": tuple(checkpoint["mean"]),
             "normalisation std": tuple(checkpoint["std"]),
-            "sliding windows": (train.get("tile_overlap", 0.5), train.get("tile_sigma", 0.125),
-                                train.get("batch_size", 4))}
+            "sliding windows": (train["tile_overlap"], train["tile_sigma"], train["batch_size"])}
 
 
 def image_batch(images: Sequence[np.ndarray]) -> Tensor:

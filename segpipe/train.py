@@ -47,7 +47,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -55,7 +54,7 @@ from tqdm import tqdm
 
 from segpipe import SegpipeError
 from segpipe.checkpoint import save_checkpoint
-from segpipe.data.cache import CONTENT_KEY
+from segpipe.data.cache import CONTENT_KEY, Cache
 from segpipe.data.geometry import Geometry
 from segpipe.files import atomic_path, write_csv
 from segpipe.inference import Predictor
@@ -94,14 +93,10 @@ def _check_split(cache: Path, train_idx: np.ndarray, val_idx: np.ndarray) -> Non
 
 def fingerprint(spec: dict, cache: Path) -> str:
     """SHA-256 of the spec (canonical JSON) and the cache's content digest (its attribute
-    :data:`segpipe.data.cache.CONTENT_KEY`; for a cache without one, written by an older
-    segpipe, the file's size and mtime): a resumable state or a finished run is only valid for
+    :data:`segpipe.data.cache.CONTENT_KEY`): a resumable state or a finished run is only valid for
     the same run on the same data, and a cache rebuilt with the same content is the same data."""
-    with h5py.File(cache, "r") as h5:
-        content = h5.attrs.get(CONTENT_KEY)
-    if content is None:
-        st = Path(cache).stat()
-        content = [st.st_size, st.st_mtime_ns]
+    with Cache(cache) as opened:
+        content = opened.attrs[CONTENT_KEY]
     return hashlib.sha256(json.dumps([spec, content], sort_keys=True).encode()).hexdigest()
 
 

@@ -23,7 +23,7 @@ from test_train import cache, make_spec  # noqa: F401 (cache: the training cache
 from segpipe.evaluate import evaluate_run
 from segpipe.losses import build_loss
 from segpipe.models import build_model
-from segpipe.predict import Ensemble
+from segpipe.inference import Predictor, image_batch
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, amp_dtype, forward_logits, place
 from segpipe.train import train_run
 
@@ -194,8 +194,9 @@ def test_predict_on_cuda_equals_the_cpu(trained, ieee_fp32):
     image = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
     probabilities = {}
     for device in (torch.device("cpu"), torch.device("cuda", torch.cuda.current_device())):
-        ensemble = Ensemble.load([trained / "model.pt"], device)
-        probabilities[device.type] = ensemble.member_probabilities(image, device, tta=True)
-    assert probabilities["cuda"].shape == (4, 1, *ensemble.size)  # the four mirrors
+        predictor = Predictor.load([trained / "model.pt"], device, mirrors=True)
+        probabilities[device.type] = np.stack(
+            [m[0].numpy() for m in predictor.members(image_batch([predictor.working(image)]))])
+    assert probabilities["cuda"].shape == (4, 1, *predictor.size)  # the four mirrors
     np.testing.assert_allclose(probabilities["cuda"], probabilities["cpu"], rtol=0,
                                atol=TOLERANCE)

@@ -18,7 +18,8 @@ from segpipe.labels import Labels
 from segpipe.models import build_model
 from segpipe.checkpoint import make_checkpoint
 from segpipe.data.labelme import Simplification, load_annotation, rasterise
-from segpipe.predict import Ensemble, checkpoint_paths, predict_folder, uncertainty
+from segpipe.inference import Predictor, image_batch
+from segpipe.predict import checkpoint_paths, predict_folder, uncertainty
 
 ARCHITECTURE = {"model": "unet", "width": 4, "depth": 2}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -272,8 +273,8 @@ def test_mirrored_passes_are_flipped_back_and_averaged(tmp_path):
     model = random_model(3)
     checkpoint = save_checkpoint(model, tmp_path / "model.pt", {})
     image = np.random.default_rng(2).integers(0, 256, (24, 20, 3), dtype=np.uint8)  # model size
-    members = Ensemble.load([checkpoint], torch.device("cpu")).member_probabilities(
-        image, torch.device("cpu"), tta=True)
+    predictor = Predictor.load([checkpoint], torch.device("cpu"), mirrors=True)
+    members = [m[0].numpy() for m in predictor.members(image_batch([image]))]
     x = (torch.from_numpy(image).permute(2, 0, 1)[None] / 255.0
          - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -293,13 +294,14 @@ def test_uncertainty_of_hand_made_members():
                         [[[0.9, 0.1], [0.1, 0.1]]],
                         [[[0.1, 0.1], [0.1, 0.1]]],
                         [[[0.2, 0.3], [0.4, 0.1]]]], np.float32)
-    result = uncertainty(members, Labels())
+    result, mean = uncertainty(members, Labels())
+    np.testing.assert_allclose(mean, members.mean(axis=0), rtol=1e-6)
     assert result["members"] == 4
     assert result["disagreement"] == pytest.approx(13 / 18)
     mean = members.mean(axis=0)[0]
     h = -(mean * np.log(mean) + (1 - mean) * np.log(1 - mean)) / np.log(2)
     assert result["entropy"] == pytest.approx(h.mean(), rel=1e-5)
-    assert np.isnan(uncertainty(members[:1], Labels())["disagreement"])
+    assert np.isnan(uncertainty(members[:1], Labels())[0]["disagreement"])
 
 
 def test_members_that_disagree_on_what_they_predict_are_an_error(tmp_path):

@@ -20,6 +20,7 @@ from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset
 from segpipe.evaluate import evaluate_run
 from segpipe.rundir import LOCK_FILE, check_snapshots, run_lock
+from segpipe.spec import check_spec
 from segpipe.train import fingerprint, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_a_finished_run_is_kept_for_the_same_cache_content(caches, tmp_path, cap
     as it is; with other content (another validation split) the run trains again."""
     train, _ = caches
     cache, run = tmp_path / "train.h5", tmp_path / "run"
-    build = dict(size=(16, 16), val_fraction=0.25)
+    build = dict(geometry=(16, 16), val_fraction=0.25)
     build_cache(train.parent / "train", cache, **build)
 
     def outputs() -> dict[str, tuple[bytes, int]]:
@@ -115,7 +116,7 @@ def test_a_finished_run_is_kept_for_the_same_cache_content(caches, tmp_path, cap
 
     train_run(make_spec(), cache, run)
     assert torch.load(run / "model.pt", weights_only=True)["fingerprint"] == fingerprint(
-        make_spec(), cache)
+        check_spec(make_spec()), cache)
     finished = outputs()
     time.sleep(0.01)
     build_cache(train.parent / "train", cache, **build)

@@ -421,7 +421,7 @@ class Cache:
             try:
                 self._h5 = h5py.File(self.path, "r")
             except OSError as exc:
-                raise SegpipeError(f"{self.path}: cannot open the HDF5 cache ({exc})") from None
+                raise SegpipeError(f"{self.path}: cannot open HDF5 cache ({exc})") from None
             self._pid = os.getpid()
         return self._h5
 
