@@ -26,7 +26,7 @@ from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset
 from segpipe.models import build_model
 from segpipe.runtime import lock_free_gpu
-from segpipe.spec import default
+from segpipe.spec import check_spec, default
 from segpipe.train import (HISTORY_COLUMNS, _restore, _state, build_optimizer, fingerprint,
                            train_run)
 
@@ -121,7 +121,8 @@ def test_outputs_and_self_describing_checkpoint(trained):
     assert checkpoint["mean"] == [0.485, 0.456, 0.406]
     assert checkpoint["std"] == [0.229, 0.224, 0.225]
     assert checkpoint["architecture"] == LEARNING["architecture"]
-    assert checkpoint["spec"] == make_spec(**LEARNING) and checkpoint["peak_memory_mb"] > 0
+    assert checkpoint["spec"] == check_spec(make_spec(**LEARNING))
+    assert checkpoint["peak_memory_mb"] > 0 and checkpoint["geometry"] == {"size": [SIZE, SIZE]}
     model = build_model(checkpoint["architecture"], checkpoint["backbone"])
     assert checkpoint["parameters"] == sum(p.numel() for p in model.parameters())
     model.load_state_dict(checkpoint["state_dict"])  # strict: every key matches
@@ -219,6 +220,7 @@ def test_a_setting_left_out_is_the_schemas_and_a_cache_without_validation(cache,
     del partial["train"]["scheduler"]
     train_run(partial, cache, tmp_path / "a")
     checkpoint = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    spec = check_spec(spec)  # with the new settings' defaults too
     assert checkpoint["spec"] == spec and checkpoint["fingerprint"] == fingerprint(spec, cache)
     no_val = tmp_path / "no_val.h5"
     shutil.copy(cache, no_val)
