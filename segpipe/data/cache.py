@@ -348,8 +348,9 @@ def _layout(names: list[str], groups: list[str], digests: list[str],
 
 class _Reservation:
     """Disk space reserved ahead of HDF5's writes into ``path``: the layout and
-    :data:`RESERVE_STEP` at first, then at least as much more whenever the bytes the images
-    may need (:meth:`grow`) pass what is reserved. HDF5 gives back what it did not use when it
+    :data:`RESERVE_STEP` at first, then, whenever the bytes the images may need (:meth:`grow`)
+    pass what is reserved, those and :data:`RESERVE_STEP` more, or half as much again as was
+    reserved if that is more (a few reservations for any number of images). HDF5 gives back what it did not use when it
     closes a file it opened shorter than reserved.
 
     HDF5 cannot close a file after a failed write: a full disk would end in a segmentation
@@ -357,9 +358,9 @@ class _Reservation:
 
     def __init__(self, path: Path, layout: bytes, output: Path) -> None:
         self.path, self.output = path, output
-        self.needed = self.reserved = len(layout)
+        self.needed, self.reserved = len(layout), 0
         path.write_bytes(layout)
-        self.grow(RESERVE_STEP)
+        self.grow(0)
 
     def grow(self, count: int) -> bool:
         """Count ``count`` more bytes needed; whether more space was reserved for them."""
