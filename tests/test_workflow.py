@@ -46,6 +46,8 @@ TIMING = {"seconds", "train_seconds", "peak_memory_mb", "train_seconds_mean"}
 # What a binary study's files gained on purpose since: the cache's content digest and the
 # checkpoint's fingerprint, which let a rebuilt cache of the same content retrain nothing.
 ADDED_SINCE = {"content_sha256", "fingerprint", "digests"}
+# The train settings of native resolution, at their defaults in a study at data.size.
+NATIVE_SETTINGS = ("patch", "patches_per_epoch", "oversample", "tile_overlap", "tile_sigma")
 RUNS = {
     "unet__scratch__bcedice_0.5__plain__s0",
     "attention_unet__scratch__bcedice_0.5__plain__s0",
@@ -709,10 +711,12 @@ def _comparable(path: Path, added: set[str] = ADDED_SINCE) -> object:
     return path.read_bytes()
 
 
-def test_binary_study_writes_what_it_wrote_before_classes(finished: Path, tmp_path: Path):
-    """Without data.classes, the tiny study's results equal those of the commit before
-    several classes, file by file: caches, figures and per-image tables byte for byte; files
-    with timings in every other cell and tensor (the commit is pinned in BEFORE_CLASSES)."""
+def test_binary_study_trains_what_it_trained_before_classes(finished: Path, tmp_path: Path):
+    """Without data.classes, at data.size, the tiny study trains what the commit before several
+    classes (and before native resolution) trained, file by file: the caches' images, masks and
+    split, and every model.pt, snapshot and history.csv (but timings, and the settings and keys
+    added since); the commit is pinned in BEFORE_CLASSES. Only the test scores moved: they are
+    computed at the images' original size now."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_CLASSES],
                              capture_output=True)
     if archive.returncode != 0:
@@ -729,13 +733,30 @@ def test_binary_study_writes_what_it_wrote_before_classes(finished: Path, tmp_pa
                     str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"],
                    check=True, capture_output=True, env=env, timeout=900)
 
-    def files(root: Path) -> list[Path]:  # reference_runs.txt: added since, for predict
-        return [p for p in result_files(root) if p.name != "reference_runs.txt"]
+    def files(root: Path) -> list[Path]:
+        return [p for p in result_files(root)
+                if p.suffix in (".pt", ".h5") or p.name == "history.csv"]
 
-    assert files(finished) == files(workdir)
+    assert files(finished) == files(workdir) and len(files(finished)) > 10
     changed = [str(p) for p in files(finished)
-               if _comparable(finished / p) != _comparable(workdir / p)]
+               if _trained(finished / p) != _trained(workdir / p)]
     assert not changed
+
+
+def _trained(path: Path) -> object:
+    """What training made of a file (:func:`_comparable`): a cache's images, masks, names and
+    split; a checkpoint without the keys and train settings added since."""
+    if path.suffix == ".h5":
+        with open_stacked(path) as f:
+            return {key: f[key][()].tolist() for key in ("images", "masks", "names", "is_val",
+                                                         "orig_size") if key in f}
+    if path.suffix == ".pt":
+        weights, entries = _comparable(path, ADDED_SINCE | {"geometry"})
+        train = entries["spec"]["train"]
+        for key in NATIVE_SETTINGS:
+            train.pop(key, None)
+        return weights, entries
+    return _comparable(path)
 
 
 def segpipe_by_hand(workdir: Path, *args: object) -> subprocess.CompletedProcess:
