@@ -222,3 +222,35 @@ def test_binary_metrics_leave_ignored_pixels_out():
     pooled = PooledMetrics()
     pooled.update(probs, masks)
     assert pooled.compute() == pytest.approx({k: m[k].item() for k in METRICS})
+
+
+def test_pooled_ap_ties_a_bin_and_bounds_its_error_by_hand():
+    """A positive at 0.95005 and a negative at 0.95 share the bin [0.95, 0.9501): the pooled AP
+    ties them (precision 1/2 at the end of the bin), the exact AP ranks the positive first (1);
+    the bound, hi − lo = 1/1 − 1/2, is exactly the error."""
+    pooled = PooledMetrics()
+    pooled.update(torch.tensor([[0.95005, 0.95]]), torch.tensor([[1, 0]]))
+    assert pooled.compute()["ap"] == pytest.approx(0.5)
+    assert pooled.ap_bound() == pytest.approx(0.5)
+    apart = PooledMetrics()  # in bins of their own: exact, and a bound of 0
+    apart.update(torch.tensor([[0.96, 0.95]]), torch.tensor([[1, 0]]))
+    assert apart.compute()["ap"] == 1.0 and apart.ap_bound() == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pooled_ap_is_sklearns_within_its_bound(seed):
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(seed)
+    truth = rng.random((4, 1, 100, 120)) < 0.3
+    logits = rng.normal(0, 2, truth.shape) + 2.5 * truth  # informative, not perfect
+    probs = torch.from_numpy(1 / (1 + np.exp(-logits))).float()
+    binary, classes = PooledMetrics(), PooledClassMetrics(Labels.from_config(["a", "b"]))
+    for k in range(4):
+        p = probs[k:k + 1]
+        binary.update(p, torch.from_numpy(truth[k:k + 1]))
+        classes.update(torch.cat([(1 - p) / 2, p, (1 - p) / 2], 1),
+                       torch.from_numpy(truth[k:k + 1, 0]).to(torch.uint8))
+    exact = average_precision_score(truth.ravel(), probs.numpy().ravel())
+    assert abs(binary.compute()["ap"] - exact) <= binary.ap_bound() < 5e-3
+    assert abs(classes.compute()["pooled_ap.a"] - exact) <= classes.ap_bound() < 5e-3

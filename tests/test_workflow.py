@@ -831,3 +831,49 @@ def test_the_label_rule_is_one_by_hand_and_by_snakemake(finished: Path, tmp_path
     assert f"segpipe: error: {LABEL_IN_NO_FILE.removeprefix('config: ').format(w=finished)}" \
         in done.stderr
     assert not (tmp_path / "train.h5").exists()
+
+
+# ----------------------------------------------------------------------------- native resolution
+
+TINY_NATIVE = REPO / "tests" / "configs" / "tiny_native.yaml"
+
+
+@pytest.mark.parametrize("classes", [None, ["leaf", "stone"]], ids=["binary", "classes"])
+def test_native_study_runs_end_to_end(tmp_path: Path, classes):
+    """data.scale + train.patch: cached at half the photos' 64x80, trained on 16x16 patches,
+    scored at 64x80 (the masks predict delivers), binary and with several classes."""
+    shutil.copy(TINY_NATIVE, tmp_path / "config.yaml")
+    if classes:
+        edit_config(tmp_path, lambda c: c["data"].update(classes=classes, background=["grass"]))
+    snakemake(tmp_path)
+    results = tmp_path / "results"
+    with open_stacked(results / "data" / "test.h5") as f:
+        assert f.attrs["scale"] == 0.5 and f["images"].shape == (4, 32, 40, 3)
+        assert f["truth"].shape == (4, 64, 80)
+    run = results / "runs" / "unet__scratch__bcedice_0.5__plain__s0"
+    checkpoint = torch.load(run / "model.pt", weights_only=True)
+    assert checkpoint["geometry"] == {"scale": 0.5} and checkpoint["size"] == [16, 16]
+    per_image = pd.read_csv(run / "per_image.csv")
+    assert len(per_image) == 4 and per_image["dice"].between(0, 1).all()
+    assert (results / "experiments" / "architecture" / "bars.png").stat().st_size > 5000
+    for name in per_image["name"]:
+        mask = np.array(PIL.Image.open(results / "predictions" / "architecture" / "masks"
+                                       / f"{name}.png"))
+        assert mask.shape == (64, 80)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c["train"].pop("patch"), "config: train.patch: missing: a study at data.scale "
+                                        "trains on patches"),
+    (lambda c: (c["data"].pop("scale"), c["data"].update(size=[32, 32])),
+     "config: train.patch: applies with data.scale"),
+    (lambda c: c["data"].update(size=[32, 32]), "config: data: needs exactly one of size"),
+    (lambda c: (c["train"].update(patch=[8, 8]), c["architectures"]["unet"].update(depth=3)),
+     "config: architectures.unet.depth: 3 is too deep for images of 8x8"),
+])
+def test_native_settings_are_checked_at_start(tmp_path: Path, change, message):
+    shutil.copy(TINY_NATIVE, tmp_path / "config.yaml")
+    edit_config(tmp_path, change)
+    proc = snakemake(tmp_path, "--dry-run", check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
