@@ -53,7 +53,8 @@ def _json_list(text: str) -> list:
 def _cmd_synth(args: argparse.Namespace) -> None:
     from segpipe.data.synthetic import write_dataset
 
-    write_dataset(args.output, count=args.count, seed=args.seed, size=tuple(args.size))
+    write_dataset(args.output, count=args.count, seed=args.seed, size=tuple(args.size),
+                  cracks=args.cracks)
 
 
 def _cmd_rasterise(args: argparse.Namespace) -> None:
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(s, "--seed", "data.synthetic.seed", "seed of the images", type=int)
     _setting(s, "--size", "data.synthetic.size", "height and width of the photos", type=int,
              nargs=2, metavar=("H", "W"))
+    s.add_argument("--cracks", action="store_true", default=default("data.synthetic.cracks"),
+                   help="thin dark crack lines 2-4 px wide across each photo (config "
+                        "data.synthetic.cracks)")
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("rasterise", help="LabelMe folder -> HDF5 cache of images and masks")

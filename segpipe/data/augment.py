@@ -15,7 +15,7 @@ Keys of a definition (all optional; ``{}`` is no augmentation):
 They apply in this order. The crop is ours: no torchvision crop keeps the object in view. The
 others are ``torchvision.transforms.v2``'s, on a ``tv_tensors.Image`` and a ``tv_tensors.Mask``,
 so geometric operations move image and mask together: the image is interpolated bilinearly,
-the mask by nearest neighbour so it stays in {0, 1}. Rotation fills the corners it uncovers,
+the mask by nearest neighbour so it keeps its class indices. Rotation fills the corners it uncovers,
 and erasing its rectangle, with :data:`FILL`, the ImageNet mean colour (0 once normalised);
 corners are background in the mask, and erasing leaves the mask as it is.
 

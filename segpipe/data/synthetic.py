@@ -11,7 +11,8 @@ Background and objects take their colours from one shared palette of earth tones
 alone does not separate them: texture and shape do. In some images blades of ``grass`` with
 the background's texture cover part of an object; they are annotated as polygons after the
 objects, so with ``background: [grass]`` they erase the hidden part (LabelMe's semantics of
-shapes drawn in file order). Images are JPEG files beside LabelMe 5 JSON files (``imageData``
+shapes drawn in file order). With ``cracks``, thin dark ``crack`` lines 2–4 pixels wide cross
+each photo too (:func:`add_cracks`): what squashing a photo loses. Images are JPEG files beside LabelMe 5 JSON files (``imageData``
 null, as written by ``labelme --nodata``). Image ``i`` depends only on ``(seed, i, size)``.
 """
 
@@ -44,12 +45,15 @@ PALETTE = np.array(
     dtype=np.float32,
 )
 GRASS_PROBABILITY = 0.3
+CRACK_WIDTH = (2.0, 4.0)
+"""The width of the cracks (``cracks: true``), in pixels of the photo."""
 JPEG_QUALITY = 90
 
 
 def write_dataset(
     output_dir: str | Path, count: int, seed: int = default("data.synthetic.seed"),
     size: tuple[int, int] = tuple(default("data.synthetic.size")),
+    cracks: bool = default("data.synthetic.cracks"),
 ) -> None:
     """Write ``count`` images ``synth_0000.jpg``, ... with their LabelMe JSON files
     (:func:`segpipe.files.demo_files`).
@@ -77,6 +81,8 @@ def write_dataset(
     try:
         for index in range(count):
             image, shapes = synthesise(np.random.default_rng([seed, index]), (height, width))
+            if cracks:  # from a generator of their own: the rest of the image is unchanged
+                image, shapes = add_cracks(np.random.default_rng([seed, index, 1]), image, shapes)
             name = DEMO_NAME.format(index)
             ok, encoded = cv2.imencode(
                 ".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
@@ -133,6 +139,40 @@ def synthesise(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndar
             shapes.append(_labelme_shape("grass", "polygon", points))
     image = image * _illumination(rng, size)[..., None]
     image += rng.normal(0.0, 4.0, image.shape)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), shapes
+
+
+def add_cracks(rng: np.random.Generator, image: np.ndarray, shapes: list[dict]
+               ) -> tuple[np.ndarray, list[dict]]:
+    """The image with 1–3 ``crack`` s drawn over it and their shapes after ``shapes``: thin
+    dark meandering lines :data:`CRACK_WIDTH` pixels wide at the image's own size, whatever the
+    size, as cracks, roots or veins are in a photograph; each a ``polygon`` around its line.
+    Squashed to a small training size they are under a pixel wide (docs/training.md)."""
+    height, width = image.shape[:2]
+    image, shapes = image.astype(np.float32), list(shapes)
+    for _ in range(rng.integers(1, 4)):
+        steps = rng.integers(6, 12)
+        step = rng.uniform(0.05, 0.09) * max(height, width)
+        heading = rng.uniform(0, 2 * np.pi)
+        line = [rng.uniform([0.15 * width, 0.15 * height], [0.85 * width, 0.85 * height])]
+        for _ in range(steps):
+            heading += rng.normal(0, 0.35)
+            point = line[-1] + step * np.array([np.cos(heading), np.sin(heading)])
+            if not (0 <= point[0] <= width - 1 and 0 <= point[1] <= height - 1):
+                break  # a crack ends at the image's border
+            line.append(point)
+        if len(line) < 3:
+            continue
+        line = np.array(line)
+        half = rng.uniform(*CRACK_WIDTH) / 2
+        tangent = np.gradient(line, axis=0)
+        normal = np.stack([-tangent[:, 1], tangent[:, 0]], 1)
+        normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-6)
+        points = np.concatenate([line + half * normal, (line - half * normal)[::-1]])
+        points = np.clip(points, 0, [width - 1, height - 1])
+        alpha = _coverage("polygon", points, (height, width))[..., None]
+        image = image * (1 - alpha) + 0.3 * image * alpha
+        shapes.append(_labelme_shape("crack", "polygon", points))
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), shapes
 
 

@@ -14,13 +14,14 @@ for _split in ("train", "test"):
             # Different seeds, so no test image repeats a training image.
             seed=config["data"]["synthetic"]["seed"] * 2 + (_split == "test"),
             size=shlex.join(map(str, config["data"]["synthetic"]["size"])),
+            cracks="--cracks" if config["data"]["synthetic"]["cracks"] else "",
         log:
             f"{LOGS}/synthesise_demo_data/{_split}.log",
         conda:
             ENV
         shell:
             "python -m segpipe synth --output {params.folder} --count {params.images}"
-            " --seed {params.seed} --size {params.size} > {log} 2>&1"
+            " --seed {params.seed} --size {params.size} {params.cracks} > {log} 2>&1"
 
 
 rule rasterise:
