@@ -3,7 +3,9 @@
 ``evaluate_run(run_dir, cache)`` scores ``model.pt`` (the best epoch on validation) and every
 ``snapshots/epoch_<k>.pt`` on the test images — every image of the test cache or, for a run
 trained on fold f of a cross-validation cache (``spec["fold"]``), the images of fold f — with
-the metrics of :mod:`segpipe.metrics` at ``threshold``, and writes into the run directory
+the metrics of :mod:`segpipe.metrics` at ``threshold``, at each image's original size (the
+probabilities of :mod:`segpipe.inference` resized there, against the cache's truth drawn
+there: what ``segpipe predict`` delivers), and writes into the run directory
 (docs/formats.md):
 
 - ``metrics.csv``: one row (columns :data:`segpipe.columns.METRICS_CSV`): the run, its axes
@@ -11,9 +13,11 @@ the metrics of :mod:`segpipe.metrics` at ``threshold``, and writes into the run 
   ``parameters, train_seconds, epochs, best_epoch, peak_memory_mb``;
 - ``per_image.csv``: ``name`` and the per-image metrics of the best model;
 - ``metrics_by_epoch.csv``: ``epoch`` and the metric columns above, one row per snapshot;
-- ``evolution.npz``: on the first ``n_examples`` test images, the probabilities of each
-  snapshot (``probs``) and of the best model (``probs_best``), and ``threshold``, so that
-  figures made from it threshold as the metrics do;
+- ``evolution.npz``: on the first ``n_examples`` test images, shown at one display size (the
+  first one's original size, its longer side at most :data:`DISPLAY_SIDE`), the images, truth
+  and probabilities of each snapshot (``probs``) and of the best model (``probs_best``), their
+  Dice at the original size (``dice``, ``dice_best``: the per-image scores) and
+  ``threshold``, so that figures made from it threshold and score as the metrics do;
 - ``predictions.png``: image, truth, prediction and probability for those images.
 """
 
@@ -92,7 +96,7 @@ def _evaluate(run_dir: Path, cache_path: Path, threshold: float, n_examples: int
                "seed": spec["seed"], **_metric_columns(per_image, pooled, labels),
                **{key: checkpoint[key] for key in RUN_COLUMNS}}
 
-        epochs, by_epoch, evolution = [], [], []
+        epochs, by_epoch, evolution, evolution_dice = [], [], [], []
         for epoch, path in snapshots(run_dir / rundir.SNAPSHOTS).items():
             snapshot, snapshot_checkpoint = load_checkpoint(path, device)
             if snapshot_checkpoint["spec"] != spec or snapshot_checkpoint["epoch"] != epoch:
@@ -106,6 +110,7 @@ def _evaluate(run_dir: Path, cache_path: Path, threshold: float, n_examples: int
             by_epoch.append({"epoch": epoch, **_metric_columns(snapshot_per_image,
                                                                snapshot_pooled, labels)})
             evolution.append(snapshot_probs)
+            evolution_dice.append(snapshot_per_image["dice"][:len(shown)])
         images = np.stack([to_working(cache.image(r), display) for r in shown])
         masks = np.stack([_nearest(cache.truth(r), display) for r in shown])
     # Written once every snapshot is scored: a bad snapshot leaves no partial outputs.
@@ -123,7 +128,9 @@ def _evaluate(run_dir: Path, cache_path: Path, threshold: float, n_examples: int
         np.savez_compressed(
             tmp, epochs=np.array(epochs, dtype=np.int64),
             probs=np.array(evolution, dtype=np.float16).reshape(len(epochs), *probs.shape),
-            probs_best=probs.astype(np.float16), images=images, masks=masks,
+            probs_best=probs.astype(np.float16),
+            dice=np.array(evolution_dice, dtype=np.float64).reshape(len(epochs), len(shown)),
+            dice_best=per_image["dice"][:len(shown)], images=images, masks=masks,
             names=np.array(shown_names, dtype=str), threshold=np.float64(threshold))
     plot_predictions(shown_names, images, masks, probs, threshold, labels,
                      run_dir / rundir.PREDICTIONS,

@@ -169,6 +169,7 @@ def _samples(c: Context):
     k = min(MAX_SAMPLES, len(first["names"]))
     source = "best model on validation" + (", fold 0" if c.image_folds is not None else "")
     return plots.plot_samples(c.groups, [data["probs_best"][:k] for data in c.evolution.values()],
+                              [data["dice_best"][:k] for data in c.evolution.values()],
                               first["images"][:k], first["masks"][:k], first["names"][:k],
                               f"{c.name}: test predictions ({source})", threshold=c.threshold,
                               labels=c.labels)

@@ -95,12 +95,6 @@ def change_map(truth: np.ndarray, previous: np.ndarray, current: np.ndarray) -> 
     return category
 
 
-def _dice(truth: np.ndarray, prediction: np.ndarray) -> float:
-    """Dice of two binary masks, 2|T∩P| / (|T| + |P|); 1 when both are empty."""
-    total = truth.sum() + prediction.sum()
-    return 1.0 if total == 0 else 2.0 * np.logical_and(truth, prediction).sum() / total
-
-
 def _wrap(label: str, width: int = 16) -> str:
     """Break a long group label at spaces (e.g. around " / "), never inside a name."""
     return "\n".join(textwrap.wrap(label, width, break_long_words=False,
@@ -340,16 +334,6 @@ def class_error_image(truth: np.ndarray, prediction: np.ndarray, labels: Labels)
     return image
 
 
-def class_dice(truth: np.ndarray, prediction: np.ndarray, labels: Labels) -> float:
-    """An image's score as :func:`segpipe.metrics.per_image_class_metrics` defines it: the
-    mean Dice over the classes its truth holds (1 if it holds none and none is predicted)."""
-    valid = truth != IGNORE
-    present = [c for c in range(1, len(labels.class_names)) if (truth[valid] == c).any()]
-    if not present:
-        return float(not (prediction[valid] > 0).any())
-    return float(np.mean([_dice(truth[valid] == c, prediction[valid] == c) for c in present]))
-
-
 def _class_legend(fig: Figure, labels: Labels) -> None:
     palette = np.array(labels.palette(), float) / 255
     handles = [Patch(facecolor=palette[i], edgecolor="0.4") for i in range(1, len(labels.class_names))]
@@ -360,15 +344,14 @@ def _class_legend(fig: Figure, labels: Labels) -> None:
 
 
 def _mask_panel(ax, truth: np.ndarray, current: np.ndarray, labels: Labels | None,
-                previous: np.ndarray | None = None) -> float:
-    """Draw ``current`` against ``truth`` (and ``previous``); returns its Dice."""
+                previous: np.ndarray | None = None) -> None:
+    """Draw ``current`` against ``truth`` (and ``previous``)."""
     if labels is None or labels.binary:
         truth, current = truth.astype(bool), current.astype(bool)
         previous = current if previous is None else previous.astype(bool)
         ax.imshow(PALETTE[change_map(truth, previous, current)])
-        return _dice(truth, current)
+        return
     ax.imshow(class_error_image(truth, current, labels))
-    return class_dice(truth, current, labels)
 
 
 def _truth_panel(ax, truth: np.ndarray, labels: Labels | None) -> None:
@@ -384,9 +367,11 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
     then the prediction (probability ≥ ``threshold``) at each snapshot epoch, coloured by
     :func:`change_map` against the previous snapshot (an empty mask before the first one).
 
-    ``examples``: (group label, evolution.npz contents, index of the image in it);
-    ``threshold``: the evaluation's (``evaluate.threshold``), so the Dice shown agrees with
-    metrics.csv; ``labels``: with several classes, the class colours of the module docstring.
+    ``examples``: (group label, evolution.npz contents, index of the image in it), whose
+    ``dice`` is the image's Dice at each snapshot as evaluation computed it (at the original
+    size; the masks shown may be resized to fit); ``threshold``: the evaluation's
+    (``evaluate.threshold``); ``labels``: with several classes, the class colours of the module
+    docstring.
     """
     columns = 2 + max(len(data["epochs"]) for _, data, _ in examples)
     height, width = examples[0][1]["masks"].shape[1:]
@@ -398,9 +383,10 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
         row[0].set_ylabel(f"{_wrap(group)}\n{data['names'][k]}", fontsize=8)
         _truth_panel(row[1], truth, labels)
         previous = np.zeros_like(truth)
-        for ax, epoch, probs in zip(row[2:], data["epochs"], data["probs"][:, k]):
+        for ax, epoch, probs, dice in zip(row[2:], data["epochs"], data["probs"][:, k],
+                                          data["dice"][:, k]):
             current = labels.predict(probs.astype(np.float32), threshold)
-            dice = _mask_panel(ax, truth, current, labels, previous)
+            _mask_panel(ax, truth, current, labels, previous)
             ax.set_title(f"epoch {epoch} · Dice {dice:.2f}", fontsize=8)
             previous = current
         for ax in row:
@@ -417,16 +403,17 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
     return fig
 
 
-def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray], images: np.ndarray,
-                 masks: np.ndarray, names: Sequence[str], title: str, *,
-                 threshold: float, labels: Labels | None = None) -> Figure:
+def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray],
+                 dice: Sequence[np.ndarray], images: np.ndarray, masks: np.ndarray,
+                 names: Sequence[str], title: str, *, threshold: float,
+                 labels: Labels | None = None) -> Figure:
     """The same test images segmented by every group: one column per image; rows: image,
     truth, then each group's prediction (probability ≥ ``threshold``) coloured against the
     truth (grey correct foreground, orange missed, magenta false positive).
 
     ``predictions[g]`` holds group g's probabilities (K, H, W) for ``images`` (K, H, W, 3)
-    with truth ``masks`` (K, H, W) and ``names`` (K,); ``threshold`` as in
-    :func:`plot_evolution`.
+    with truth ``masks`` (K, H, W) and ``names`` (K,), ``dice[g]`` the images' Dice as
+    evaluation computed it; ``threshold`` as in :func:`plot_evolution`.
     """
     k_images, height, width = masks.shape
     labels = labels or Labels()
@@ -436,10 +423,10 @@ def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray], image
         column[0].imshow(images[k])
         column[0].set_title(names[k], fontsize=9)
         _truth_panel(column[1], truth, labels)
-        for ax, probs in zip(column[2:], predictions):
+        for ax, probs, scores in zip(column[2:], predictions, dice):
             current = labels.predict(probs[k].astype(np.float32), threshold)
-            dice = _mask_panel(ax, truth, current, labels)
-            ax.set_title(f"Dice {dice:.2f}", fontsize=8)
+            _mask_panel(ax, truth, current, labels)
+            ax.set_title(f"Dice {scores[k]:.2f}", fontsize=8)
         for ax in column:
             _mask_axes(ax)
     for ax, label in zip(axes[:, 0], ("image", "truth", *groups)):

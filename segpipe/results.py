@@ -22,7 +22,8 @@ from segpipe.columns import CURVES, METRIC_COLUMNS, RUN_COLUMNS
 from segpipe.labels import Labels
 
 PER_IMAGE_METRICS = ("dice", "iou")  # bootstrap intervals and paired Δ from per_image.csv
-EVOLUTION_KEYS = ("epochs", "probs", "probs_best", "images", "masks", "names", "threshold")
+EVOLUTION_KEYS = ("epochs", "probs", "probs_best", "dice", "dice_best", "images", "masks",
+                  "names", "threshold")
 
 
 def read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = (),
@@ -68,6 +69,7 @@ def read_evolution(path: Path) -> dict[str, np.ndarray]:
     h, w = data["masks"].shape[1:] if data["masks"].ndim == 3 else (None, None)
     channels = data["probs"].shape[2:-2]  # (C,) with several classes
     expected = {"probs": (s, k, *channels, h, w), "probs_best": (k, *channels, h, w),
+                "dice": (s, k), "dice_best": (k,),
                 "images": (k, h, w, 3), "masks": (k, h, w), "threshold": ()}
     wrong = [f"{key} {data[key].shape} (expected {shape})" for key, shape in expected.items()
              if data[key].shape != shape]

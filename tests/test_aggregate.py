@@ -59,8 +59,10 @@ def write_run(folder, seed, score, val_dice, snapshots=SNAPSHOTS, names=("a", "b
                               + rng.normal(0, 0.2, masks.shape), 0, 1)
                       for i in range(1, len(snapshots) + 1)], np.float16).reshape(
         len(snapshots), *masks.shape)
-    best = {"probs_best": masks.astype(np.float16) * 0.8} if probs_best else {}
+    best = {"probs_best": masks.astype(np.float16) * 0.8,
+            "dice_best": np.full(len(names), score)} if probs_best else {}
     np.savez(folder / "evolution.npz", epochs=np.array(snapshots, dtype=np.int64), probs=probs,
+             dice=np.full((len(snapshots), len(names)), score),
              images=rng.integers(0, 256, (*masks.shape, 3), dtype=np.uint8), masks=masks,
              names=np.array(names), threshold=np.float64(0.5), **best)
 

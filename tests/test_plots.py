@@ -62,16 +62,19 @@ SNAPSHOTS = np.array([[[[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]],
                       [[[0.9, 0.7, 0.4], [0.1, 0.5, 0.1]]]], np.float16)  # (S=2, K=1, 2, 3)
 
 
-def evolution(probs=SNAPSHOTS):
+def evolution(probs=SNAPSHOTS, dice=((0.5,), (0.8,))):
+    """``dice``: (S, K) the scores evaluate computed, which the titles show."""
     return {"epochs": np.array([1, 3]), "probs": probs, "masks": TRUTH, "names": np.array(["x"]),
-            "images": np.full((1, 2, 3, 3), 128, np.uint8)}
+            "images": np.full((1, 2, 3, 3), 128, np.uint8), "dice": np.array(dice)}
 
 
 def test_evolution_colours_each_snapshot_against_the_previous_one():
-    fig = plot_evolution([("unet", evolution(), 0), ("resunet", evolution(SNAPSHOTS[::-1]), 0)],
+    fig = plot_evolution([("unet", evolution(), 0),
+                          ("resunet", evolution(SNAPSHOTS[::-1], ((0.8,), (0.5,))), 0)],
                          "t", threshold=0.5)
     first, second = fig.axes[2], fig.axes[3]
-    # epoch 1 vs an empty mask: prediction [[1,0,1],[0,0,0]]; Dice 2·1/(2+2)
+    # epoch 1 vs an empty mask: prediction [[1,0,1],[0,0,0]]; Dice 2·1/(2+2), as evaluate
+    # computed it (the title shows evolution.npz's "dice")
     assert np.array_equal(first.images[0].get_array(), PALETTE[[[NC, M, NW], [B, B, B]]])
     assert first.get_title() == "epoch 1 · Dice 0.50"
     # epoch 3 (0.5 counts as foreground): [[1,1,0],[0,1,0]]; Dice 2·2/(2+3)
@@ -83,8 +86,9 @@ def test_evolution_colours_each_snapshot_against_the_previous_one():
 
 
 def test_samples_colour_each_group_against_the_truth():
-    fig = plot_samples(["unet", "resunet"], [SNAPSHOTS[1], SNAPSHOTS[0]], evolution()["images"],
-                       TRUTH, ["x"], "t", threshold=0.5)
+    fig = plot_samples(["unet", "resunet"], [SNAPSHOTS[1], SNAPSHOTS[0]],
+                       [np.array([0.8]), np.array([0.5])], evolution()["images"], TRUTH, ["x"],
+                       "t", threshold=0.5)
     assert [ax.get_ylabel() for ax in fig.axes] == ["image", "truth", "unet", "resunet"]
     assert np.array_equal(fig.axes[2].images[0].get_array(), PALETTE[[[F, F, B], [B, FP, B]]])
     assert fig.axes[2].get_title() == "Dice 0.80"
