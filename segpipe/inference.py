@@ -1,0 +1,136 @@
+"""One way an image goes through models: class probabilities at the image's own size.
+
+Sliding windows: :func:`sliding_window` predicts an image of any size tile by tile at the
+origins of :func:`window_starts` and blends the tiles with the Gaussian importance map of
+:func:`gaussian_importance` — the scan, weights and padding of MONAI's
+``sliding_window_inference(mode="gaussian")`` (tests/test_inference.py checks they agree),
+accumulated tile batch by tile batch so that memory stays bounded on large photos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segpipe import SegpipeError
+
+MIN_IMPORTANCE = 1e-3
+"""Floor of the Gaussian importance map (MONAI's), so that no pixel's weight is ~0."""
+
+
+def _check_tile(tile: Sequence[int]) -> tuple[int, int]:
+    if (not isinstance(tile, Sequence) or len(tile) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+                       for side in tile)):
+        raise SegpipeError(f"tile must be two positive integers (height, width), got {tile!r}")
+    return int(tile[0]), int(tile[1])
+
+
+def _check_overlap(overlap: float) -> float:
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) \
+            or not 0 <= overlap < 1:
+        raise SegpipeError(f"overlap must be a number in [0, 1), got {overlap!r}")
+    return float(overlap)
+
+
+def gaussian_importance(tile: tuple[int, int], sigma_scale: float = 0.125) -> Tensor:
+    """The weight of each pixel of a (th, tw) tile in a blend, float32: the product of one
+    Gaussian per axis centred on the tile, σ = ``sigma_scale`` × that side (⅛: nnU-Net, Isensee
+    et al. 2021, Nat. Methods 18:203), not normalised, floored at max(its minimum,
+    :data:`MIN_IMPORTANCE`). The values of MONAI's ``compute_importance_map(tile,
+    mode="gaussian", sigma_scale=sigma_scale)``."""
+    tile = _check_tile(tile)
+    if isinstance(sigma_scale, bool) or not isinstance(sigma_scale, (int, float)) \
+            or not sigma_scale > 0:
+        raise SegpipeError(f"sigma_scale must be a positive number, got {sigma_scale!r}")
+    rows, cols = (torch.exp(torch.arange(-(side - 1) / 2.0, (side - 1) / 2.0 + 1) ** 2
+                            / (-2 * (side * sigma_scale) ** 2)) for side in tile)
+    importance = rows[:, None] * cols[None, :]
+    return importance.clamp_(min=max(importance.min().item(), MIN_IMPORTANCE))
+
+
+def window_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """The origins of the tiles along an axis of ``length`` >= ``tile`` pixels: every ``step``
+    = ⌊tile·(1 − overlap)⌋ (at least 1) pixels from 0, the last moved back to end at the
+    edge; one tile when it fits exactly. MONAI's scan (``_get_scan_interval`` and
+    ``dense_patch_slices``)."""
+    tile = _check_tile((tile, tile))[0]
+    overlap = _check_overlap(overlap)
+    if not isinstance(length, int) or length < tile:
+        raise SegpipeError(f"window_starts: length {length!r} must be an integer >= the tile "
+                           f"{tile} (pad smaller images first)")
+    if length == tile:
+        return [0]
+    step = max(int(tile * (1 - overlap)), 1)
+    count = -(-(length - tile) // step) + 1  # the first tile reaching the end is the last
+    return [min(i * step, length - tile) for i in range(count)]
+
+
+def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tuple[int, int],
+                   overlap: float = 0.5, sigma_scale: float = 0.125,
+                   batch_size: int = 4) -> Tensor:
+    """Class probabilities (C, h, w), float32 on the CPU, of a uint8 image (3, h, w) of any
+    size, predicted by overlapping tiles.
+
+    ``predict`` maps a uint8 batch (n, 3, th, tw) of tiles to probabilities (n, C, th, tw) on
+    any device; it sees at most ``batch_size`` tiles at a time, at the origins
+    :func:`window_starts` gives along each axis (row by row). Each output pixel is the average
+    of the tiles covering it weighted by :func:`gaussian_importance` (σ = ``sigma_scale`` ×
+    tile), so tile borders, where a model sees the least context, count least. An axis shorter
+    than the tile is first padded with black (0) on both sides (the extra pixel after) and the
+    result cropped back. Equal to MONAI's ``sliding_window_inference(image, tile, batch_size,
+    predict, overlap, mode="gaussian", sigma_scale=sigma_scale, padding_mode="constant",
+    cval=0)`` on the image as float.
+
+    Probabilities are blended, not logits: an ensemble's members and mirrored predictions are
+    averaged as probabilities too, so tiles, mirrors and members make one weighted linear average
+    whose order does not matter — averaging inside ``predict`` or averaging whole images gives
+    the same probabilities.
+
+    Memory: the image, one (C, h, w) sum, one (h, w) weight map (computed once, before any
+    tile) and one batch of tiles; the sum is divided in place and returned.
+    """
+    tile = _check_tile(tile)
+    overlap = _check_overlap(overlap)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SegpipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
+        raise SegpipeError("sliding_window: the image must be a uint8 tensor (3, h, w), got "
+                           + (f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor)
+                              else type(image).__name__))
+    importance = gaussian_importance(tile, sigma_scale)
+    size = image.shape[1:]
+    pads = [max(t - s, 0) for s, t in zip(size, tile)]
+    if any(pads):  # F.pad's order: last axis first, (before, after)
+        image = F.pad(image, (pads[1] // 2, pads[1] - pads[1] // 2,
+                              pads[0] // 2, pads[0] - pads[0] // 2))
+    (th, tw), (height, width) = tile, image.shape[1:]
+    origins = [(y, x) for y in window_starts(height, th, overlap)
+               for x in window_starts(width, tw, overlap)]
+    weight = torch.zeros(height, width)
+    for y, x in origins:
+        weight[y:y + th, x:x + tw] += importance
+    total = None
+    for first in range(0, len(origins), batch_size):
+        batch = origins[first:first + batch_size]
+        probabilities = predict(torch.stack([image[:, y:y + th, x:x + tw] for y, x in batch]))
+        shape = tuple(probabilities.shape) if isinstance(probabilities, Tensor) else None
+        if not shape or len(shape) != 4 or shape[0] != len(batch) or shape[2:] != tile \
+                or (total is not None and shape[1] != total.shape[0]):
+            raise SegpipeError(f"sliding_window: predict must return probabilities (n, C, {th}, "
+                               f"{tw}) for n tiles, the same C for every batch; got "
+                               f"{shape or type(probabilities).__name__} for {len(batch)} tiles")
+        if total is None:
+            total = torch.zeros(shape[1], height, width)
+            importance = importance.to(probabilities.device)
+        weighted = (probabilities.float() * importance).cpu()
+        for (y, x), part in zip(batch, weighted):
+            total[:, y:y + th, x:x + tw] += part
+    total /= weight
+    if any(pads):
+        (h, w), top, left = size, pads[0] // 2, pads[1] // 2
+        total = total[:, top:top + h, left:left + w].contiguous()
+    return total
