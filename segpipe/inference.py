@@ -21,12 +21,14 @@ MIN_IMPORTANCE = 1e-3
 """Floor of the Gaussian importance map (MONAI's), so that no pixel's weight is ~0."""
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_tile(tile: Sequence[int]) -> tuple[int, int]:
-    if (not isinstance(tile, Sequence) or len(tile) != 2
-            or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
-                       for side in tile)):
+    if not isinstance(tile, Sequence) or len(tile) != 2 or not all(map(_is_positive_int, tile)):
         raise SegpipeError(f"tile must be two positive integers (height, width), got {tile!r}")
-    return int(tile[0]), int(tile[1])
+    return tile[0], tile[1]
 
 
 def _check_overlap(overlap: float) -> float:
@@ -57,7 +59,8 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
     = ⌊tile·(1 − overlap)⌋ (at least 1) pixels from 0, the last moved back to end at the
     edge; one tile when it fits exactly. MONAI's scan (``_get_scan_interval`` and
     ``dense_patch_slices``)."""
-    tile = _check_tile((tile, tile))[0]
+    if not _is_positive_int(tile):
+        raise SegpipeError(f"window_starts: tile must be a positive integer, got {tile!r}")
     overlap = _check_overlap(overlap)
     if not isinstance(length, int) or length < tile:
         raise SegpipeError(f"window_starts: length {length!r} must be an integer >= the tile "
@@ -95,7 +98,7 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tup
     """
     tile = _check_tile(tile)
     overlap = _check_overlap(overlap)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not _is_positive_int(batch_size):
         raise SegpipeError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
         raise SegpipeError("sliding_window: the image must be a uint8 tensor (3, h, w), got "
