@@ -9,6 +9,7 @@ accumulated tile batch by tile batch so that memory stays bounded on large photo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,13 +23,13 @@ MIN_IMPORTANCE = 1e-3
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def _check_tile(tile: Sequence[int]) -> tuple[int, int]:
     if not isinstance(tile, Sequence) or len(tile) != 2 or not all(map(_is_positive_int, tile)):
         raise SegpipeError(f"tile must be two positive integers (height, width), got {tile!r}")
-    return tile[0], tile[1]
+    return int(tile[0]), int(tile[1])
 
 
 def _check_overlap(overlap: float) -> float:
@@ -62,12 +63,12 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
     if not _is_positive_int(tile):
         raise SegpipeError(f"window_starts: tile must be a positive integer, got {tile!r}")
     overlap = _check_overlap(overlap)
-    if not isinstance(length, int) or length < tile:
+    if not isinstance(length, numbers.Integral) or length < tile:
         raise SegpipeError(f"window_starts: length {length!r} must be an integer >= the tile "
                            f"{tile} (pad smaller images first)")
     if length == tile:
         return [0]
-    step = max(int(tile * (1 - overlap)), 1)
+    length, tile, step = int(length), int(tile), max(int(tile * (1 - overlap)), 1)
     count = -(-(length - tile) // step) + 1  # the first tile reaching the end is the last
     return [min(i * step, length - tile) for i in range(count)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -48,6 +49,7 @@ def test_window_starts_are_monais_scan(tile, overlap):
     (9, 8, 0.9, [0, 1]), (20, 8, 0.25, [0, 6, 12])])
 def test_window_starts_by_hand(length, tile, overlap, starts):
     assert window_starts(length, tile, overlap) == starts
+    assert window_starts(np.int64(length), np.int32(tile), overlap) == starts  # from NumPy
 
 
 def random_predictor(classes: int, seed: int):
