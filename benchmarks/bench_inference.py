@@ -8,31 +8,32 @@ both on a large photo.
 
 Speed: for every ``--sizes`` photo (width x height, random uint8 RGB) two models: segpipe's
 U-Net (``--width``, ``--depth``, ``--classes`` outputs, random weights, eval mode, in
-channels_last), and a 1x1 convolution, whose cost is nearly all the windowing itself (cutting
-tiles, weighting, accumulating, dividing). Both paths call the same predictor (segpipe's
-normalisation and forward, then softmax, or sigmoid for one class) on the device, tiles of
-``--tile`` pixels, overlap 1/2, Gaussian σ = tile/8, ``--batch`` tiles per forward pass, and
-return the probabilities on the CPU: ours from the uint8 photo; MONAI's from the photo as
-float (1, 3, h, w) on the CPU (the conversion is timed: MONAI's output has its input's dtype),
-``sw_device`` the device, ``device`` the CPU. Timed in interleaved rounds (ours, MONAI's) after
-an untimed one; seconds are medians over rounds, the ratio MONAI/ours the median of per-round
-ratios (> 1: ours faster). Outputs are checked equal (1e-5) once.
+channels_last) and a 1x1 convolution, so cheap that the windowing weighs. Both paths call the
+same predictor (segpipe's :func:`~segpipe.runtime.forward_logits`, then softmax, or sigmoid for
+one class) on the device, tiles of ``--tile`` pixels, overlap 1/2, Gaussian σ = tile/8,
+``--batch`` tiles per forward pass, and return the probabilities on the CPU: ours from the
+uint8 photo; MONAI's from the photo as float (1, 3, h, w) on the CPU (the conversion is
+timed: MONAI's output has its input's dtype), ``sw_device`` the device, ``device`` the CPU.
+Timed in interleaved rounds (ours, MONAI's) after an untimed one that checks the outputs agree
+(1e-5); seconds are medians over rounds, a ratio MONAI/ours the median of per-round ratios
+(> 1: ours faster). "windowing" is the total less the time inside the predictor (synchronised
+on CUDA): cutting the tiles, weighting, accumulating, dividing (and MONAI's float conversion).
 
 Memory: each case in a fresh process (a 1x1 convolution to ``--memory-classes`` outputs on
-the CPU over a ``--memory-size`` photo): the peak resident set (``ru_maxrss``) minus the
-resident set just before the call, next to ours' bound (C + 1)·h·w·4 bytes (the sum and the
-weight map; the returned probabilities are the sum). The photo itself (3·h·w bytes) is
-resident before the call in every case.
+the CPU over a ``--memory-size`` photo, 1 thread): the peak of the resident anonymous memory
+(RssAnon, sampled every 2 ms while the call runs) above that just before the call, next to
+ours' bound (C + 1)·h·w·4 bytes (the sum and the weight map; the returned probabilities are
+the sum). The photo (3·h·w bytes) is resident before the call in every case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -80,30 +81,64 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pair(run_ours: Callable[[], torch.Tensor], run_monai: Callable[[], torch.Tensor],
-              rounds: int, device: torch.device) -> dict:
+def time_pair(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile: int,
+              batch: int, rounds: int, device: torch.device) -> dict:
     """Medians over interleaved rounds after one untimed round, which also checks the
-    outputs agree."""
-    difference = (run_ours() - run_monai()).abs().max().item()
+    outputs agree. The time inside ``predict`` is summed too: the rest is the windowing."""
+    inside = []
+
+    def timed(tiles: torch.Tensor) -> torch.Tensor:
+        sync(device)
+        start = time.perf_counter()
+        out = predict(tiles)
+        sync(device)
+        inside.append(time.perf_counter() - start)
+        return out
+    runs = {"ours": lambda: ours(timed, image, tile, batch),
+            "monai": lambda: monais(timed, image, tile, batch, device)}
+    difference = (runs["ours"]() - runs["monai"]()).abs().max().item()
     if difference > 1e-5:
         raise SystemExit(f"outputs differ by {difference:.2e} (> 1e-5)")
-    seconds = {"ours": [], "monai": []}
+    total, windowing = {name: [] for name in runs}, {name: [] for name in runs}
     for _ in range(rounds):
-        for name, run in (("ours", run_ours), ("monai", run_monai)):
+        for name, run in runs.items():
+            inside.clear()
             sync(device)
             start = time.perf_counter()
             run()
             sync(device)
-            seconds[name].append(time.perf_counter() - start)
-    return {"ours_s": statistics.median(seconds["ours"]),
-            "monai_s": statistics.median(seconds["monai"]),
-            "ratio": statistics.median(m / o for m, o in zip(seconds["monai"], seconds["ours"])),
-            "max_difference": difference}
+            total[name].append(time.perf_counter() - start)
+            windowing[name].append(total[name][-1] - sum(inside))
+    row = {"max_difference": difference}
+    for part, seconds in (("", total), ("windowing_", windowing)):
+        row[f"{part}ours_s"] = statistics.median(seconds["ours"])
+        row[f"{part}monai_s"] = statistics.median(seconds["monai"])
+        row[f"{part}ratio"] = statistics.median(m / o for m, o in zip(seconds["monai"],
+                                                                       seconds["ours"]))
+    return row
 
 
-def resident_mib() -> float:
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * resource.getpagesize() / 2**20
+def anonymous_mib() -> float:
+    """This process's resident anonymous memory (heap, tensors; not the mapped libraries)."""
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("RssAnon:")) / 1024
+
+
+def peak_anonymous_mib(run: Callable[[], torch.Tensor], every_s: float = 0.002
+                       ) -> tuple[float, torch.Tensor]:
+    """The peak of :func:`anonymous_mib` while ``run`` runs, sampled by a thread (torch's
+    kernels release the GIL), and after it (the result still held)."""
+    peak, done = [anonymous_mib()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every_s):
+            peak.append(max(peak[-1], anonymous_mib()))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    result = run()
+    done.set()
+    sampler.join()
+    return max(peak[-1], anonymous_mib()), result
 
 
 def memory_child(which: str, height: int, width: int, classes: int, tile: int,
@@ -116,13 +151,11 @@ def memory_child(which: str, height: int, width: int, classes: int, tile: int,
     image = torch.empty(3, height, width, dtype=torch.uint8).random_(0, 256)
     run = {"ours": ours, "monai": lambda *a: monais(*a, cpu)}[which]
     run(predict, image[:, :tile + 1, :tile + 1], tile, batch)  # imports, lazy initialisation
-    before = resident_mib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = run(predict, image, tile, batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = anonymous_mib()
+    peak, out = peak_anonymous_mib(lambda: run(predict, image, tile, batch))
     print(json.dumps({"case": which, "classes": classes, "before_mib": before,
-                      "peak_before_mib": peak_before, "peak_mib": peak,
-                      "extra_mib": peak - before, "output_mib": out.nbytes / 2**20}))
+                      "peak_mib": peak, "extra_mib": peak - before,
+                      "output_mib": out.nbytes / 2**20}))
 
 
 def memory_case(which: str, memory_size: tuple[int, int], classes: int, tile: int,
@@ -173,27 +206,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sliding windows {args.tile}x{args.tile}, overlap {OVERLAP}, sigma tile*"
           f"{SIGMA_SCALE}, {args.batch} tiles per batch, {args.classes} outputs, fp32 on "
           f"{where}; median of {args.rounds} interleaved rounds")
-    print(f"{'model':<16} {'photo':>11} {'tiles':>6} {'ours s':>9} {'MONAI s':>9} "
-          f"{'MONAI/ours':>10}")
+    print(f"{'':<35} {'total (predict included)':^30}   {'windowing (predict excluded)':^30}")
+    print(f"{'model':<16} {'photo':>11} {'tiles':>6}" + 2 * f" {'ours s':>9} {'MONAI s':>9} "
+          f"{'MONAI/ours':>10} ")
     rows = []
     for name, model in models.items():
         predict = predictor(place(model, device).eval(), device)
         for height, width in args.sizes:
             image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
-            row = time_pair(lambda: ours(predict, image, args.tile, args.batch),
-                            lambda: monais(predict, image, args.tile, args.batch, device),
-                            args.rounds, device)
+            row = time_pair(predict, image, args.tile, args.batch, args.rounds, device)
             tiles = len(window_starts(max(height, args.tile), args.tile, OVERLAP)) \
                 * len(window_starts(max(width, args.tile), args.tile, OVERLAP))
             rows.append({"model": name, "photo": f"{width}x{height}", "tiles": tiles, **row})
-            print(f"{name:<16} {width:>5}x{height:<5} {tiles:>6} {row['ours_s']:>9.3f} "
-                  f"{row['monai_s']:>9.3f} {row['ratio']:>10.2f}", flush=True)
+            print(f"{name:<16} {width:>5}x{height:<5} {tiles:>6}" + "".join(
+                f" {row[p + 'ours_s']:>9.3f} {row[p + 'monai_s']:>9.3f} {row[p + 'ratio']:>10.2f} "
+                for p in ("", "windowing_")), flush=True)
     memory = []
     if args.memory_classes:
         height, width = args.memory_size
         print(f"peak memory, {width}x{height} photo ({3 * height * width / 2**20:.0f} MiB "
-              f"uint8), 1x1 conv on the CPU, each case in a fresh process: MiB above the "
-              f"resident set before the call")
+              f"uint8), 1x1 conv on the CPU, each case in a fresh process: peak MiB of "
+              f"anonymous memory above that before the call")
         print(f"{'case':<8} {'C':>3} {'extra MiB':>10} {'(C+1)hw*4 MiB':>14} "
               f"{'output MiB':>11}")
         for classes in args.memory_classes:
