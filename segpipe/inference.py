@@ -73,6 +73,7 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
     return [min(i * step, length - tile) for i in range(count)]
 
 
+@torch.no_grad()
 def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tuple[int, int],
                    overlap: float = 0.5, sigma_scale: float = 0.125,
                    batch_size: int = 4) -> Tensor:
@@ -95,7 +96,8 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tup
     the same probabilities.
 
     Memory: the image, one (C, h, w) sum, one (h, w) weight map (computed once, before any
-    tile) and one batch of tiles; the sum is divided in place and returned.
+    tile) and one batch of tiles; the sum is divided in place and returned. Runs under
+    ``torch.no_grad`` (``predict`` too), so no autograd graph builds up across tiles.
     """
     tile = _check_tile(tile)
     overlap = _check_overlap(overlap)

@@ -136,6 +136,13 @@ def test_tiles_go_batch_by_batch(batch_size):
     assert seen == [min(batch_size, 10 - first) for first in range(0, 10, batch_size)]
 
 
+def test_no_graph_across_tiles():
+    net = nn.Conv2d(3, 2, 1)  # trainable, called without no_grad by the predictor
+    out = sliding_window(lambda t: torch.softmax(net(t.float()), 1),
+                         torch.zeros(3, 45, 70, dtype=torch.uint8), TILE)
+    assert not out.requires_grad and out.grad_fn is None
+
+
 def test_blend_by_hand_1d():
     """A 1-pixel-high image 12 wide, tiles 1x8, overlap 1/2: tiles at columns 0 and 4. Each
     tile predicts one constant (its first pixel / 100): columns 0-3 see tile 0 only, 8-11
