@@ -92,8 +92,9 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tup
 
     Probabilities are blended, not logits: an ensemble's members and mirrored predictions are
     averaged as probabilities too, so tiles, mirrors and members make one weighted linear average
-    whose order does not matter — averaging inside ``predict`` or averaging whole images gives
-    the same probabilities.
+    whose order does not matter — members averaged inside ``predict`` or over whole images give
+    the same probabilities. Mirror inside ``predict``, tile by tile (nnU-Net's way): a mirrored
+    image is cut into other tiles unless its tile grid is symmetric.
 
     Memory: the image, one (C, h, w) sum, one (h, w) weight map (computed once, before any
     tile) and one batch of tiles; the sum is divided in place and returned. Runs under
