@@ -38,6 +38,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_inference.py
 
 # The GPU check (docs/training.md#the-gpu-check): the wheels a lent GPU machine lacks, into
 # .whl/ (git-ignored); then, on that machine, the tests, benchmarks and a study in one call.

@@ -1,5 +1,11 @@
 """One way an image goes through models: class probabilities at the image's own size.
 
+:class:`Predictor`: models (an ensemble), optional mirrors (test-time augmentation) and the
+working resolution their checkpoints record (:mod:`segpipe.data.geometry`): a squashed
+study's models see the whole image resized to their size, a native study's see tiles by
+sliding windows. Training's validation, evaluation and prediction all call it;
+:func:`segpipe.data.geometry.to_original` brings the probabilities to the image's own size.
+
 Sliding windows: :func:`sliding_window` predicts an image of any size tile by tile at the
 origins of :func:`window_starts` and blends the tiles with the Gaussian importance map of
 :func:`gaussian_importance` — the scan, weights and padding of MONAI's
@@ -9,6 +15,7 @@ accumulated tile batch by tile batch so that memory stays bounded on large photo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +36,12 @@ MIN_IMPORTANCE = 1e-3
 """Floor of the Gaussian importance map (MONAI's), so that no pixel's weight is ~0."""
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
 def _check_tile(tile: Sequence[int]) -> tuple[int, int]:
-    if (not isinstance(tile, Sequence) or len(tile) != 2
-            or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
-                       for side in tile)):
+    if not isinstance(tile, Sequence) or len(tile) != 2 or not all(map(_is_positive_int, tile)):
         raise SegpipeError(f"tile must be two positive integers (height, width), got {tile!r}")
     return int(tile[0]), int(tile[1])
 
@@ -65,18 +74,20 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
     = ⌊tile·(1 − overlap)⌋ (at least 1) pixels from 0, the last moved back to end at the
     edge; one tile when it fits exactly. MONAI's scan (``_get_scan_interval`` and
     ``dense_patch_slices``)."""
-    tile = _check_tile((tile, tile))[0]
+    if not _is_positive_int(tile):
+        raise SegpipeError(f"window_starts: tile must be a positive integer, got {tile!r}")
     overlap = _check_overlap(overlap)
-    if not isinstance(length, int) or length < tile:
+    if not isinstance(length, numbers.Integral) or length < tile:
         raise SegpipeError(f"window_starts: length {length!r} must be an integer >= the tile "
                            f"{tile} (pad smaller images first)")
     if length == tile:
         return [0]
-    step = max(int(tile * (1 - overlap)), 1)
+    length, tile, step = int(length), int(tile), max(int(tile * (1 - overlap)), 1)
     count = -(-(length - tile) // step) + 1  # the first tile reaching the end is the last
     return [min(i * step, length - tile) for i in range(count)]
 
 
+@torch.no_grad()
 def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tuple[int, int],
                    overlap: float = 0.5, sigma_scale: float = 0.125,
                    batch_size: int = 4) -> Tensor:
@@ -95,15 +106,17 @@ def sliding_window(predict: Callable[[Tensor], Tensor], image: Tensor, tile: tup
 
     Probabilities are blended, not logits: an ensemble's members and mirrored predictions are
     averaged as probabilities too, so tiles, mirrors and members make one weighted linear average
-    whose order does not matter — averaging inside ``predict`` or averaging whole images gives
-    the same probabilities.
+    whose order does not matter — members averaged inside ``predict`` or over whole images give
+    the same probabilities. Mirror inside ``predict``, tile by tile (nnU-Net's way): a mirrored
+    image is cut into other tiles unless its tile grid is symmetric.
 
     Memory: the image, one (C, h, w) sum, one (h, w) weight map (computed once, before any
-    tile) and one batch of tiles; the sum is divided in place and returned.
+    tile) and one batch of tiles; the sum is divided in place and returned. Runs under
+    ``torch.no_grad`` (``predict`` too), so no autograd graph builds up across tiles.
     """
     tile = _check_tile(tile)
     overlap = _check_overlap(overlap)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not _is_positive_int(batch_size):
         raise SegpipeError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
         raise SegpipeError("sliding_window: the image must be a uint8 tensor (3, h, w), got "
