@@ -18,10 +18,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch, torchvision, cv2, h5py, scipy, snakemake"
 	touch $@
 
-# The binary demo study (config.yaml), then its multi-class study (below results/classes/).
+# The binary demo study (config.yaml), its multi-class study (below results/classes/), then the
+# native-resolution pair (results/native_squashed/, results/native/).
 demo: $(VENV)/.installed
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores $(CORES) --configfile configs/demo_classes.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile configs/demo_native_squashed.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile configs/demo_native.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
