@@ -11,7 +11,8 @@ pixels) into a temporary folder and caches it at ``size`` x ``size``; the per-it
 resizes and rasterises to that size too (both with the first ``--workers`` count). The training
 loader is train.py's: the cache's training split through the ``--augmentation`` definition of
 config.yaml, persistent workers, pinned memory when CUDA is available; and for comparison the
-same with new workers every epoch. Each loader is timed over ``epochs`` shuffled passes after
+same with new workers every epoch; and the patch loader of a study at ``data.scale`` 1 (the
+photos cached at their own size, ``--size`` patches). Each loader is timed over ``epochs`` shuffled passes after
 one untimed pass. The GPU side is ``--gpu-images-per-s`` (e.g. the U-Net's images/s from
 bench_models.py), or, without it and with CUDA, measured here: the default U-Net's training
 step at this size and batch.
@@ -33,12 +34,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from segpipe.data.augment import build_augmentation
 from segpipe.data.cache import build_cache
-from segpipe.data.dataset import SegmentationH5Dataset, split_indices
+from segpipe.data.dataset import PatchDataset, SegmentationH5Dataset, split_indices
+from segpipe.data.geometry import Geometry
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.labels import Labels
 from segpipe.data.synthetic import write_dataset
 from segpipe.models import build_model
 from segpipe.runtime import acquire_device, amp_dtype, place
+from segpipe.spec import default
 
 CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
@@ -138,6 +141,14 @@ def main(argv: list[str] | None = None) -> None:
                                           transform=build_augmentation(definition, size))
         training = {n: [samples_per_second(train_set, args.epochs, args.batch, n, cuda, keep)
                         for keep in (False, True)] for n in args.workers}
+        native = Path(tmp) / "native.h5"  # the photos at their own size, patches of --size
+        build_cache(folder, native, Geometry(scale=1.0), Labels.from_config(background=["grass"]),
+                    val_fraction=0.2)
+        patch_set = PatchDataset(native, split_indices(native)[0], size, len(train_set),
+                                 args.batch, default("train.oversample"),
+                                 build_augmentation(definition, size))
+        patches = {n: samples_per_second(patch_set, args.epochs, args.batch, n, cuda, True)
+                   for n in args.workers}
     print(f"{args.count} photos {source[0]}x{source[1]} -> {args.size}x{args.size}, "
           f"batch {args.batch}, {torch.get_num_threads()} torch threads")
     print(f"synthesise:        {synth:8.1f} images/s")
@@ -152,13 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     for workers, (fresh, kept) in training.items():
         versus = f"  {kept / gpu:5.2f} x the GPU's {gpu:.1f} images/s" if gpu else ""
         print(f"  {workers} workers: {fresh:8.1f} | {kept:8.1f}{versus}")
+    print(f"patch loader (data.scale 1: {args.size}x{args.size} patches of the "
+          f"{source[0]}x{source[1]} photos, oversampled, augmented), persistent workers, "
+          f"patches/s{' | / GPU' if gpu else ''}:")
+    for workers, rate in patches.items():
+        versus = f"  {rate / gpu:5.2f} x the GPU's {gpu:.1f} images/s" if gpu else ""
+        print(f"  {workers} workers: {rate:8.1f}{versus}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"count": args.count, "size": args.size, "batch": args.batch,
                        "synthesise": synth, "rasterise": raster, "per_item": per_item,
                        "cached": cached, "gpu_images_per_s": gpu,
                        "training": [{"workers": n, "new_workers": fresh, "persistent": kept}
-                                    for n, (fresh, kept) in training.items()]}, file, indent=1)
+                                    for n, (fresh, kept) in training.items()],
+                       "patches": [{"workers": n, "persistent": rate}
+                                   for n, rate in patches.items()]}, file, indent=1)
 
 
 if __name__ == "__main__":
