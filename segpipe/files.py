@@ -89,10 +89,9 @@ def labelme_image(path: Path, document: dict) -> tuple[bytes, str, Path | None]:
         except (binascii.Error, TypeError, ValueError):
             raise SegpipeError(f"{path}: imageData is not valid base64") from None
         return encoded, f"{path}: imageData", None
-    image_path = document.get("imagePath")
-    if not isinstance(image_path, str) or not image_path:
+    image_path = named_image(path, document)
+    if image_path is None:
         raise SegpipeError(f"{path}: has neither imageData nor imagePath")
-    image_path = path.parent / PureWindowsPath(image_path).as_posix()
     try:
         return image_path.read_bytes(), f"{path}: image {image_path}", image_path
     except IsADirectoryError:
@@ -101,6 +100,15 @@ def labelme_image(path: Path, document: dict) -> tuple[bytes, str, Path | None]:
         raise SegpipeError(f"{path}: image {image_path} not found and no imageData") from None
     except OSError as exc:
         raise SegpipeError(f"{path}: image {image_path}: cannot read ({exc.strerror})") from None
+
+
+def named_image(path: Path, document: dict) -> Path | None:
+    """The file the ``imagePath`` of the LabelMe file ``path`` (its ``document``) names,
+    relative to the JSON, Windows separators accepted; None when it names none."""
+    image_path = document.get("imagePath")
+    if not isinstance(image_path, str) or not image_path:
+        return None
+    return path.parent / PureWindowsPath(image_path).as_posix()
 
 
 def image_digest(encoded: bytes) -> str:
@@ -115,13 +123,15 @@ FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle"
 
 @dataclass(frozen=True)
 class LabelmeEntry:
-    """A LabelMe file, the image file it reads (None: embedded), the image's digest and the
-    labels of its filled shapes (:data:`FILLED_TYPES`), in file order."""
+    """A LabelMe file, the image file it reads (None: embedded), the image's digest, the
+    labels of its filled shapes (:data:`FILLED_TYPES`), in file order, and the file its
+    ``imagePath`` names (:func:`named_image`; read or not, it is an input: never an output)."""
 
     path: Path
     image_file: Path | None
     digest: str
     labels: tuple[str, ...] = ()
+    named_image: Path | None = None
 
 
 def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
@@ -134,7 +144,8 @@ def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
         labels = tuple(shape["label"] for shape in document["shapes"]
                        if isinstance(shape, dict) and isinstance(shape.get("label"), str)
                        and _filled(shape.get("shape_type")))
-        entries.append(LabelmeEntry(path, image_file, image_digest(encoded), labels))
+        entries.append(LabelmeEntry(path, image_file, image_digest(encoded), labels,
+                                    named_image(path, document)))
     return entries
 
 
@@ -178,8 +189,7 @@ def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise SegpipeError(f"{folder}: input folder not found")
-    images = sorted(p for p in folder.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = folder_images(folder)
     if not images:
         raise SegpipeError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     stems: dict[str, Path] = {}
@@ -189,6 +199,12 @@ def image_files(folder: str | Path) -> list[Path]:
                                f"predictions would both be written as {path.stem}.*")
         stems[path.stem] = path
     return images
+
+
+def folder_images(folder: str | Path) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`, any case) directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def prediction_paths(output_dir: str | Path, stem: str, formats: Sequence[str]) -> dict[str, Path]:

@@ -196,6 +196,29 @@ def test_output_that_would_replace_an_input(study, capsys, tmp_path, output, pro
     assert checksums(study[0]) == before
 
 
+@pytest.mark.parametrize(("output", "problem"),
+                         [("a.png", "is the image of {folder}/a.json"),
+                          ("photo.JPG", "is an image of {folder}")],
+                         ids=["the photo an embedding file names", "a photo no file names"])
+def test_output_that_would_replace_a_photo_that_is_not_read(make_labelme, capsys, tmp_path,
+                                                            output, problem):
+    """LabelMe's default save embeds the image (imageData, read instead of imagePath): the photo
+    imagePath names is still the user's, as is every other image of the folder."""
+    folder = tmp_path / "in"
+    for value, name in enumerate("ab"):
+        make_labelme([RECTANGLE], image=np.full((8, 8, 3), value, np.uint8), name=name,
+                     folder=folder, embed=True)
+    (folder / "a.png").write_bytes(b"the photo")
+    (folder / "photo.JPG").write_bytes(b"another photo")
+    before = checksums(folder)
+    capsys.readouterr()
+    assert rasterise(folder, folder / output) == 1
+    assert capsys.readouterr().err == (f"segpipe: error: {folder / output}: "
+                                       f"{problem.format(folder=folder)}; writing it would "
+                                       "destroy it: choose another output\n")
+    assert checksums(folder) == before
+
+
 def test_identical_images_are_one_group_and_logged(study, caplog):
     folder, cache = study
     shutil.copy(folder / "a.json", folder / "c.json")  # imagePath a.png: the same image
