@@ -169,14 +169,24 @@ def _check_losses():
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
 
 
+def _demo_to_write(split):
+    """Whether the data of ``split`` is the demo data and not all written yet: its rule writes
+    it, so nothing can be read at start. Once written, it is checked like the user's: a file
+    edited since would else be found bad by rasterise only after Snakemake deleted the cache."""
+    folder = config["data"][f"{split}_dir"]
+    count = config["data"]["synthetic"][f"{split}_count"]
+    return (Path(folder) == Path(DEMO_DATA, split)
+            and not all(Path(f).is_file() for f in demo_files(folder, count)))
+
+
 def _check_data():
-    """The LabelMe files of each user data folder ({split: [paths]}): the folders exist and hold
-    LabelMe files (the demo data, written by a rule, is not read)."""
+    """The LabelMe files of each data folder ({split: [paths]}): the folders exist and hold
+    LabelMe files (the demo data, until its rule has written it, is not read)."""
     data = config["data"]
     splits = ("train",) if FOLDS else ("train", "test")  # with folds, no test folder
     files = {}
     for split in splits:
-        if Path(data[f"{split}_dir"]) != Path(DEMO_DATA, split):
+        if not _demo_to_write(split):
             try:
                 files[split] = labelme_files(data[f"{split}_dir"])
             except SegpipeError as exc:
@@ -191,7 +201,7 @@ def _check_images(files):
     label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image;
     the training images' groups (identical images are one) suffice for
     data.folds or the validation split; no test image is a training image, unless
-    data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
+    data.drop_test_duplicates. The demo data still to write is known by its names."""
     data = config["data"]
     index = {}
     for split, paths in files.items():
