@@ -219,18 +219,16 @@ class Labels:
         ``{label: [files]}`` of its filled shapes (:func:`segpipe.files.found_labels`). A label
         of a study with ``classes`` that no class, background or ignore names is an error (the
         files named), as is a folder in which no shape paints a class; and in a ``training``
-        folder (the training images, or all of them with folds) a label that the config names
-        but no shape has, since no model can learn it (a test folder may lack a class). The
-        one rule of both entry points: the workflow's start checks, per data folder, and
-        ``segpipe rasterise`` before its first image."""
+        folder (the training images, or all of them with folds) a class (or foreground) label
+        that no shape has, since no model can learn it (a test folder may lack a class). A
+        background or ignore label that no file has is no error: files merely may hold one
+        (:meth:`folder_notes`). The one rule of both entry points: the workflow's start
+        checks, per data folder, and ``segpipe rasterise`` before its first image."""
         errors = []
         if training:
-            for key, wanted in self._named_by_key().items():
-                unknown = " or ".join(repr(label) for label in wanted if label not in found)
-                if unknown:
-                    errors.append(f"data.{key}: no LabelMe file of {folder} has a shape "
-                                  f"labelled {unknown} (their labels: "
-                                  f"{', '.join(sorted(found)) or 'none'})")
+            key = "classes" if self.configured else "foreground"
+            sources = [label for labels in self.sources or () for label in labels]
+            errors += self._absent(key, sources, found, folder)
         for label in self.unnamed(found):
             files = found[label]
             more = f" and {len(files) - 3} more" if len(files) > 3 else ""
@@ -245,11 +243,19 @@ class Labels:
                           f"filled shapes found: {', '.join(sorted(found)) or 'none'}")
         return errors
 
-    def _named_by_key(self) -> dict[str, tuple[str, ...]]:
-        """The labels the config names, by the key of ``data`` that names them."""
-        sources = tuple(label for labels in self.sources or () for label in labels)
-        return {("classes" if self.configured else "foreground"): sources,
-                "background": self.background, "ignore": self.ignore}
+    def folder_notes(self, found: Mapping[str, Sequence[object]], folder: str) -> list[str]:
+        """What to log about a LabelMe folder (``found`` as for :meth:`folder_errors`): the
+        background and ignore labels that none of its files has (e.g. ``_background_``, the
+        holes of predicted files, in a folder without a corrected one)."""
+        return [*self._absent("background", self.background, found, folder),
+                *self._absent("ignore", self.ignore, found, folder)]
+
+    @staticmethod
+    def _absent(key: str, wanted: Iterable[str], found: Mapping[str, object],
+                folder: str) -> list[str]:
+        unknown = " or ".join(repr(label) for label in wanted if label not in found)
+        return [f"data.{key}: no LabelMe file of {folder} has a shape labelled {unknown} "
+                f"(their labels: {', '.join(sorted(found)) or 'none'})"] if unknown else []
 
     # ------------------------------------------------------------------ columns
 

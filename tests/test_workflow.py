@@ -680,6 +680,20 @@ def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_background_label_no_file_has_is_logged_not_refused(tmp_path: Path):
+    """The README's advice: list _background_ under data.background before training on
+    corrected predictions; before the first correction no file has it."""
+    subprocess.run([sys.executable, "-m", "segpipe", "synth", "--output", str(tmp_path / "train"),
+                    "--count", "12", "--size", "32", "40"], check=True, capture_output=True)
+    config = yaml.safe_load(TINY.read_text())
+    config["data"].update(train_dir=str(tmp_path / "train"), background=["grass", "_background_"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "--dry-run")
+    assert (f"config: data.background: no LabelMe file of {tmp_path / 'train'} has a shape "
+            "labelled '_background_' (their labels: grass, leaf, stone)") in proc.stdout
+    assert "rule rasterise" in proc.stdout
+
+
 def result_files(root: Path) -> list[Path]:
     """The result files below ``root``/results, but logs, benchmarks, locks and timestamps."""
     return sorted(p.relative_to(root) for p in (root / "results").rglob("*")

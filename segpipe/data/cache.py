@@ -142,10 +142,12 @@ def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str
         **{path: f"an image of {input_dir}" for path in folder_images(input_dir)},
         **{entry.named_image: f"the image of {entry.path}" for entry in index
            if entry.named_image is not None}})
-    errors = labels.folder_errors(found_labels(index), str(input_dir),
-                                  training=train_cache is None)
+    found = found_labels(index)
+    errors = labels.folder_errors(found, str(input_dir), training=train_cache is None)
     if errors:
         raise SegpipeError("\n".join(errors))
+    for note in labels.folder_notes(found, str(input_dir)):
+        log.info(note)
     return index if train_cache is None else _unseen(index, Path(train_cache), drop_duplicates)
 
 

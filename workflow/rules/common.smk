@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
@@ -209,10 +210,12 @@ def _check_images(files):
             index[split] = labelme_index(paths)
         except SegpipeError as exc:
             raise WorkflowError(f"config: data.{split}_dir: {exc}")
-        errors = LABELS.folder_errors(found_labels(index[split]), data[f"{split}_dir"],
-                                      training=split == "train")
+        found = found_labels(index[split])
+        errors = LABELS.folder_errors(found, data[f"{split}_dir"], training=split == "train")
         if errors:
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
+        for note in LABELS.folder_notes(found, data[f"{split}_dir"]):
+            logger.info(f"config: {note}")
     if "train" in index:
         names = [entry.path.stem for entry in index["train"]]
         digests = [entry.digest for entry in index["train"]]
