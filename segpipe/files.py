@@ -184,9 +184,11 @@ UNCERTAINTY_CSV = "uncertainty.csv"
 
 def image_files(folder: str | Path) -> list[Path]:
     """The images (:data:`IMAGE_SUFFIXES`, any case) of a folder, sorted; raises
-    :class:`SegpipeError` for a missing folder, none, or two of one stem (their predictions
-    would be one file)."""
+    :class:`SegpipeError` for a missing folder, a file, no image, or two of one stem (their
+    predictions would be one file)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SegpipeError(f"{folder}: not a folder; the input is a folder of images")
     if not folder.is_dir():
         raise SegpipeError(f"{folder}: input folder not found")
     images = folder_images(folder)

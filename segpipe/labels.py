@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ LABELME_BACKGROUND = "_background_"
 """LabelMe's own label for class 0 (``labelme2voc.py``): segpipe's predicted LabelMe files
 label the holes of a region with it when the study names no background label."""
 CLASS_NAME = re.compile(r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*")
-"""A class name: it becomes part of column names (``dice.<class>``)."""
+"""A class name: ASCII letters, digits, ``.``, ``-``, single ``_``. It becomes part of column
+names (``dice.<class>``), table keys and figure labels, which stay portable (any locale, any
+font); a label, which may be any text, is given a name with ``{name: [label]}``."""
+NAME_RULE = f"ASCII letters, digits, '.', '-', single '_'; not {BACKGROUND!r}"
 MAX_CLASSES = 254
 """Foreground classes 1…254: 0 is the background, 255 :data:`IGNORE`."""
 COUNTS = ("tp", "fp", "fn", "ref", "pred")
@@ -42,6 +46,31 @@ COUNTS = ("tp", "fp", "fn", "ref", "pred")
 pixels of the class in the truth (``tp + fn``) and in the prediction (``tp + fp``)."""
 CLASS_METRICS = ("dice", "iou", "precision", "recall", "ap")
 """The metrics reported per class."""
+
+
+def is_class_name(name: str) -> bool:
+    """Whether ``name`` may name a class (:data:`CLASS_NAME`, not :data:`BACKGROUND`)."""
+    return bool(CLASS_NAME.fullmatch(name)) and name != BACKGROUND
+
+
+def _name_error(index: int, name: str, labels: Sequence[str], label_only: bool) -> str:
+    """The message for entry ``index`` of ``data.classes`` whose class name is bad: a label
+    written alone is told to name its class, a mapping that its key is not a name; both with
+    a name to use, made of the key or the first label."""
+    suggestion = next((n for n in (_as_name(name), _as_name(labels[0]), f"class{index + 1}")
+                       if is_class_name(n)))
+    example = f"{{{suggestion}: [{', '.join(map(repr, labels))}]}}"
+    if label_only:
+        return (f"data.classes[{index}]: the label {name!r} is not a class name ({NAME_RULE}): "
+                f"give its class a name, e.g. {example}")
+    what = "is empty" if not name else f"{name!r} is not one ({NAME_RULE})"
+    return f"data.classes[{index}]: the class name {what}: e.g. {example}"
+
+
+def _as_name(text: str) -> str:
+    """``text`` made a class name where it can be: accents dropped, other characters '_'."""
+    ascii_ = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.-]", "_", ascii_)).strip("_")
 
 
 def voc_colour(index: int) -> tuple[int, int, int]:
@@ -102,6 +131,8 @@ class Labels:
                 else:
                     raise SegpipeError(f"data.classes[{index}]: expected a label or "
                                        "{name: [labels]} (a non-empty list of labels)")
+                if not is_class_name(name):
+                    raise SegpipeError(_name_error(index, name, labels_, isinstance(entry, str)))
                 names.append(name)
                 sources.append(labels_)
             labels = cls(tuple(names), tuple(sources), background, ignore, configured=True)
@@ -113,10 +144,8 @@ class Labels:
         if not 1 <= len(self.names) <= MAX_CLASSES:
             raise SegpipeError(f"data.classes: 1 to {MAX_CLASSES} classes, got {len(self.names)}")
         for name in self.names:
-            if not CLASS_NAME.fullmatch(name) or name == BACKGROUND:
-                raise SegpipeError(
-                    f"data.classes: {name!r} is not a class name (letters, digits, '.', '-', "
-                    f"single '_'; not {BACKGROUND!r}); name it with {{name: [{name!r}]}}")
+            if not is_class_name(name):
+                raise SegpipeError(f"data.classes: {name!r} is not a class name ({NAME_RULE})")
         repeated = sorted({n for n in self.names if self.names.count(n) > 1})
         if repeated:
             raise SegpipeError(f"data.classes: class {', '.join(map(repr, repeated))} named twice")

@@ -384,6 +384,49 @@ def test_predict_output_that_is_a_file(checkpoint, tmp_path, capsys):
     assert capsys.readouterr().err == expected
 
 
+def test_predict_input_that_is_a_file(checkpoint, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.zeros((8, 8, 3), np.uint8))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(photo),
+                 "--output", str(tmp_path / "masks")]) == 1
+    assert capsys.readouterr().err == (f"segpipe: error: {photo}: not a folder; the input is a "
+                                       "folder of images\n")
+    assert not (tmp_path / "masks").exists()
+
+
+ENTRY = ("a class is a LabelMe label (a non-empty string) or {name: [labels]} (one name and a "
+         "non-empty list of distinct labels)")
+
+
+@pytest.mark.parametrize(("classes", "message"), [
+    ([{"ps4 controller": ["ps4"]}], "data.classes[0]: the class name 'ps4 controller' is not one "
+     "(ASCII letters, digits, '.', '-', single '_'; not 'background'): e.g. "
+     "{ps4_controller: ['ps4']}"),
+    (["obj", {"Gerät": ["Gerät", "gerät"]}], "data.classes[1]: the class name 'Gerät' is not one "
+     "(ASCII letters, digits, '.', '-', single '_'; not 'background'): e.g. "
+     "{Gerat: ['Gerät', 'gerät']}"),
+    ([{"": ["obj"]}], "data.classes[0]: the class name is empty: e.g. {obj: ['obj']}"),
+    (["ps4 controller"], "data.classes[0]: the label 'ps4 controller' is not a class name (ASCII "
+     "letters, digits, '.', '-', single '_'; not 'background'): give its class a name, e.g. "
+     "{ps4_controller: ['ps4 controller']}"),
+    ([""], f"--classes: [0]: '' should be non-empty; {ENTRY}"),
+    ([{"name": []}], f"--classes: [0].name: [] should be non-empty; {ENTRY}"),
+    ([["obj"]], f"--classes: [0]: ['obj'] is a list; {ENTRY}"),
+    ([{"a": ["obj"], "b": ["x"]}], f"--classes: [0]: {{'a': ['obj'], 'b': ['x']}} has 2 keys, at "
+     f"most 1; {ENTRY}"),
+    (["obj", 5], f"--classes: [1]: 5 is a number; {ENTRY}"),
+    ([{"a": [["obj"]]}], f"--classes: [0].a[0]: ['obj'] is not of type 'string'; {ENTRY}"),
+], ids=["name with a space", "name with a unicode letter", "empty name", "label as name",
+        "empty label", "no labels", "nested list", "two keys", "a number", "nested labels"])
+def test_bad_class_entries_say_what_is_wrong_and_what_an_entry_may_be(study, tmp_path, capsys,
+                                                                      classes, message):
+    capsys.readouterr()
+    assert main(["rasterise", "--input", str(study[0]), "--output", str(tmp_path / "x.h5"),
+                 "--size", "4", "4", "--classes", json.dumps(classes)]) == 1
+    assert capsys.readouterr().err == f"segpipe: error: {message}\n"
+
+
 def test_predict_output_that_is_the_input_folder(checkpoint, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
