@@ -466,6 +466,26 @@ def test_a_killed_snakemakes_train_job_is_waited_for_and_its_run_kept(tmp_path: 
     assert {p.name for p in folder.iterdir()} >= {"model.pt", "history.csv", "snapshots"}
     assert "Nothing to be done" in snakemake(tmp_path, "--dry-run", target).stdout
 
+    # The training definition edited, the job starts over the finished run: Snakemake backs up
+    # its update() outputs, and a Snakemake killed now leaves the backups. After --unlock a
+    # plain re-run starts from there (a stale backup of snapshots/ made every re-run fail).
+    edit_config(tmp_path, lambda c: c["train"].update(lr=0.02))
+    backup = tmp_path / ".snakemake" / "backups" / "results" / "runs" / run / "snapshots"
+    third = subprocess.Popen([*command, target], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: backup.is_dir())
+    finally:
+        third.kill()
+        third.wait()
+    snakemake(tmp_path, "--unlock")
+    rerun = snakemake(tmp_path, target)
+    assert f"removed {backup}: Snakemake's backup of {Path('results', 'runs', run, 'snapshots')}, " \
+        "left by a Snakemake that was killed while its job ran" in rerun.stderr + rerun.stdout
+    assert not backup.exists()
+    assert torch.load(folder / "model.pt", weights_only=True)["spec"]["train"]["lr"] == 0.02
+    assert "Nothing to be done" in snakemake(tmp_path, "--dry-run", target).stdout
+
 
 def wait_for(condition, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s

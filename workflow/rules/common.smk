@@ -5,6 +5,7 @@ import re
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -427,3 +428,26 @@ def experiment_files(name):
 
 def names_regex(names):
     return "|".join(re.escape(n) for n in names) or "(?!)"  # (?!) matches nothing
+
+
+def clear_stale_backups():
+    """Remove Snakemake's backups (.snakemake/backups) of the outputs this Snakemake is about to
+    make. Snakemake copies an update() output there before its job and deletes the copy after
+    it, or restores it when the job fails; a Snakemake killed meanwhile leaves the copy, and a
+    stale copy of a folder (a run's snapshots/) makes every later backup of it fail. Run at
+    start (onstart): this Snakemake holds the locks of these outputs, so no other one is making
+    them, and their jobs make them anew (or keep a complete run), so a copy has nothing to give
+    back: restoring it would put an older run over what an orphaned job wrote since."""
+    backups = Path(workflow.persistence.path, "backups")
+    if not workflow.is_main_process or not backups.is_dir():
+        return
+    for output in map(Path, workflow.persistence.all_outputfiles()):
+        backup = backups / (output.relative_to(output.anchor) if output.is_absolute() else output)
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup)
+        elif backup.exists() or backup.is_symlink():
+            backup.unlink()
+        else:
+            continue
+        logger.info(f"removed {backup}: Snakemake's backup of {output}, left by a Snakemake "
+                    "that was killed while its job ran")
