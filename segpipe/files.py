@@ -219,6 +219,23 @@ def prediction_paths(output_dir: str | Path, stem: str, formats: Sequence[str]) 
             for f in formats}
 
 
+def existing_predictions(output_dir: str | Path) -> list[Path]:
+    """The prediction files ``output_dir`` holds, in every layout of :func:`prediction_paths`
+    (``<stem>.png``, ``<stem>.json``, ``masks/<stem>.png``, ``labelme/<stem>.json``) and
+    :data:`UNCERTAINTY_CSV`: one set, which ``segpipe predict`` replaces as a whole. Hidden
+    files (the temporaries of :func:`atomic_path`) are none of them."""
+    output_dir = Path(output_dir)
+    places = [(output_dir, suffix) for suffix in PREDICTION_FORMATS.values()]
+    places += [(output_dir / PREDICTION_FOLDERS[f], PREDICTION_FORMATS[f])
+               for f in PREDICTION_FORMATS]
+    found = [output_dir / UNCERTAINTY_CSV] if (output_dir / UNCERTAINTY_CSV).exists() else []
+    for folder, suffix in places:
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if p.suffix.lower() == suffix
+                            and not p.name.startswith(".") and not p.is_dir())
+    return found
+
+
 def check_outputs(outputs: Iterable[Path], inputs: Mapping[Path, str]) -> None:
     """Raise :class:`SegpipeError` if writing one of ``outputs`` would replace one of ``inputs``
     (path: what it is, for the message): the output names the input, or the file an input

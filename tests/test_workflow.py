@@ -656,6 +656,10 @@ def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
     assert set(planned(study)) == {"predict", "all"}
     snakemake(study)
     assert set(planned(study)) == set()
+    out = study / "results" / "predictions" / "architecture"  # one set: the old folder's gone
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "labelme/photo0.json", "labelme/photo1.json", "masks/photo0.png", "masks/photo1.png",
+        "uncertainty.csv"]
     shutil.copy(new / "photo0.jpg", new / "photo2.jpg")
     assert set(planned(study)) == {"predict", "all"}
     edit_config(study, lambda c: c["predict"].update(tta=False))
@@ -666,21 +670,51 @@ def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
     assert (ranking["members"] == 1).all() and ranking["entropy"].is_monotonic_decreasing
 
 
-def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path):
-    """An annotator corrects a predicted file in place; a re-run of predict (here: its reference
-    file rewritten) fails, naming it, and Snakemake has not deleted it (an update() output)."""
-    study = private_copy(finished_classes, tmp_path / "study")
-    corrected = study / "results" / "predictions" / "architecture" / "labelme" / "synth_0001.json"
+def correct_annotation(out: Path) -> tuple[Path, str]:
+    corrected = out / "labelme" / "synth_0001.json"
     document = json.loads(corrected.read_text())
     document["shapes"].append({**document["shapes"][0], "label": "stone"})
     corrected.write_text(json.dumps(document))
+    return corrected, "exists and is not an unedited segpipe prediction"
+
+
+def correct_mask(out: Path) -> tuple[Path, str]:
+    corrected = out / "masks" / "synth_0002.png"
+    mask = np.array(PIL.Image.open(corrected))
+    mask[:8, :8] = 2
+    PIL.Image.fromarray(mask).save(corrected)  # an editor's save
+    return corrected, "exists and is not a mask segpipe predicted, unchanged since"
+
+
+def own_uncertainty(out: Path) -> tuple[Path, str]:
+    own = out / "uncertainty.csv"
+    own.write_text("image,checked\nsynth_0000.jpg,yes\n")
+    return own, "exists and is not the uncertainty.csv segpipe writes"
+
+
+@pytest.mark.parametrize("edit", [correct_annotation, correct_mask, own_uncertainty])
+def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path,
+                                                         edit):
+    """An annotator corrects a predicted file in place (or puts a file of theirs among the
+    predictions); a re-run of predict (here: its reference file rewritten) fails, naming it,
+    and no prediction is deleted or replaced (update() outputs: the set is predict's to
+    replace as one)."""
+    study = private_copy(finished_classes, tmp_path / "study")
+    out = study / "results" / "predictions" / "architecture"
+    corrected, problem = edit(out)
+    before = contents(out)
     reference = study / "results" / "experiments" / "architecture" / "reference_runs.txt"
     reference.write_text(reference.read_text() + "\n")  # new content: predict runs again
     proc = snakemake(study, check=False)
     assert proc.returncode == 1
-    assert f"{corrected.relative_to(study)}: exists and is not an unedited segpipe prediction" \
+    assert f"{corrected.relative_to(study)}: {problem}" \
         in (study / "results" / "logs" / "predict.log").read_text()
-    assert json.loads(corrected.read_text()) == document
+    assert contents(out) == before
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):

@@ -334,12 +334,14 @@ def _predictions():
 
 
 def prediction_outputs():
-    """The outputs of the predict rule. The LabelMe files are update(): Snakemake never
-    deletes them before the job, so one an annotator corrected in place is kept (`segpipe
-    predict` refuses to replace it, naming it)."""
+    """The outputs of the predict rule, all update(): Snakemake deletes none of them, before
+    the job or after a failed one, so `segpipe predict` sees the set it would replace and
+    refuses, naming it, when a file of it is one an annotator corrected or the user's own (a
+    mask, a LabelMe file, uncertainty.csv); it replaces the set as a whole, the predictions
+    of images no longer in predict.input_dir removed."""
     files = _predictions()
-    return {"masks": files["png"], "labelme": update(files["labelme"]),
-            "uncertainty": f"{PREDICT_DIR}/{UNCERTAINTY_CSV}"}
+    return {"masks": update(files["png"]), "labelme": update(files["labelme"]),
+            "uncertainty": update(f"{PREDICT_DIR}/{UNCERTAINTY_CSV}")}
 
 
 def prediction_files():
