@@ -213,10 +213,10 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     every file of it is segpipe's and unchanged since (:func:`_check_replaceable`): a mask,
     annotation or uncertainty.csv of the user's, or a corrected prediction, stops it before
     anything is written. ``output_dir`` may be neither ``input_dir`` nor hold a path that
-    would replace an input (an image, a LabelMe file, a checkpoint). ``embed_image``: LabelMe files carry the image
-    (``imageData``) instead of only its path. Settings left None take the config's defaults
-    (``evaluate.threshold``, ``predict.tta``, ``predict.embed_image``; the polygons':
-    :meth:`Simplification.default`)."""
+    would replace an input (an image, a LabelMe file, a checkpoint). ``embed_image``: LabelMe
+    files carry the image (``imageData``) instead of only its path. Settings left None take
+    the config's defaults (``evaluate.threshold``, ``predict.tta``, ``predict.embed_image``;
+    the polygons': :meth:`Simplification.default`)."""
     threshold = default("evaluate.threshold") if threshold is None else threshold
     tta = default("predict.tta") if tta is None else tta
     embed_image = default("predict.embed_image") if embed_image is None else embed_image

@@ -156,11 +156,14 @@ def _messages(error: ValidationError, where: str) -> list[str]:
     if error.validator in ("anyOf", "oneOf") and "description" in schema_:
         # Alternatives told apart by type (a label or a mapping): what is wrong in the one of
         # the instance's type, or that its type is none of them.
-        typed = [e for e in error.context if e.validator == "type" and not e.relative_path]
-        if typed:
-            wrong = [e for e in error.context if e not in typed] or typed[:1]
-            return [f"{_location(where, e.absolute_path)}: "
-                    f"{_kind(error.instance) if e in typed else _problem(e)}; "
+        def other_type(e: ValidationError) -> bool:
+            return e.validator == "type" and not e.relative_path
+
+        if any(map(other_type, error.context)):
+            wrong = [e for e in error.context if not other_type(e)]
+            if not wrong:
+                return [f"{here}: {_kind(error.instance)}; {schema_['description']}"]
+            return [f"{_location(where, e.absolute_path)}: {_problem(e)}; "
                     f"{schema_['description']}" for e in wrong]
     if error.validator in ("anyOf", "oneOf", "not") and "description" in schema_:
         return [f"{here}: {schema_['description']}"]

@@ -480,8 +480,9 @@ def test_a_killed_snakemakes_train_job_is_waited_for_and_its_run_kept(tmp_path: 
         third.wait()
     snakemake(tmp_path, "--unlock")
     rerun = snakemake(tmp_path, target)
-    assert f"removed {backup}: Snakemake's backup of {Path('results', 'runs', run, 'snapshots')}, " \
-        "left by a Snakemake that was killed while its job ran" in rerun.stderr + rerun.stdout
+    snapshots = Path("results", "runs", run, "snapshots")
+    assert (f"removed {backup}: Snakemake's backup of {snapshots}, left by a Snakemake that was "
+            "killed while its job ran") in rerun.stderr + rerun.stdout
     assert not backup.exists()
     assert torch.load(folder / "model.pt", weights_only=True)["spec"]["train"]["lr"] == 0.02
     assert "Nothing to be done" in snakemake(tmp_path, "--dry-run", target).stdout

@@ -71,11 +71,11 @@ def build_cache(
     under a temporary name, with its disk space reserved before the first image, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
-    input (a LabelMe file, an image it names or one of the folder, the training cache), a folder that breaks the label rule
-    (:meth:`segpipe.labels.Labels.folder_errors`, the workflow's: a training folder is one
-    without ``train_cache``), a split the groups cannot make, an output that cannot be written
-    and a disk without room for it. ``labels``: the classes (:class:`segpipe.labels.Labels`;
-    default binary).
+    input (a LabelMe file, an image it names or one of the folder, the training cache), a
+    folder that breaks the label rule (:meth:`segpipe.labels.Labels.folder_errors`, the
+    workflow's: a training folder is one without ``train_cache``), a split the groups cannot
+    make, an output that cannot be written and a disk without room for it. ``labels``: the
+    classes (:class:`segpipe.labels.Labels`; default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
