@@ -37,6 +37,10 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/predict.smk"
 
 
+onstart:
+    clear_stale_backups()  # a killed Snakemake's: they would stop the jobs that need a backup
+
+
 rule all:
     input:
         # Every output of every run is a target: a deleted run, or one file of it, is re-created.

@@ -89,10 +89,9 @@ def labelme_image(path: Path, document: dict) -> tuple[bytes, str, Path | None]:
         except (binascii.Error, TypeError, ValueError):
             raise SegpipeError(f"{path}: imageData is not valid base64") from None
         return encoded, f"{path}: imageData", None
-    image_path = document.get("imagePath")
-    if not isinstance(image_path, str) or not image_path:
+    image_path = named_image(path, document)
+    if image_path is None:
         raise SegpipeError(f"{path}: has neither imageData nor imagePath")
-    image_path = path.parent / PureWindowsPath(image_path).as_posix()
     try:
         return image_path.read_bytes(), f"{path}: image {image_path}", image_path
     except IsADirectoryError:
@@ -101,6 +100,15 @@ def labelme_image(path: Path, document: dict) -> tuple[bytes, str, Path | None]:
         raise SegpipeError(f"{path}: image {image_path} not found and no imageData") from None
     except OSError as exc:
         raise SegpipeError(f"{path}: image {image_path}: cannot read ({exc.strerror})") from None
+
+
+def named_image(path: Path, document: dict) -> Path | None:
+    """The file the ``imagePath`` of the LabelMe file ``path`` (its ``document``) names,
+    relative to the JSON, Windows separators accepted; None when it names none."""
+    image_path = document.get("imagePath")
+    if not isinstance(image_path, str) or not image_path:
+        return None
+    return path.parent / PureWindowsPath(image_path).as_posix()
 
 
 def image_digest(encoded: bytes) -> str:
@@ -115,13 +123,15 @@ FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle"
 
 @dataclass(frozen=True)
 class LabelmeEntry:
-    """A LabelMe file, the image file it reads (None: embedded), the image's digest and the
-    labels of its filled shapes (:data:`FILLED_TYPES`), in file order."""
+    """A LabelMe file, the image file it reads (None: embedded), the image's digest, the
+    labels of its filled shapes (:data:`FILLED_TYPES`), in file order, and the file its
+    ``imagePath`` names (:func:`named_image`; read or not, it is an input: never an output)."""
 
     path: Path
     image_file: Path | None
     digest: str
     labels: tuple[str, ...] = ()
+    named_image: Path | None = None
 
 
 def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
@@ -134,7 +144,8 @@ def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
         labels = tuple(shape["label"] for shape in document["shapes"]
                        if isinstance(shape, dict) and isinstance(shape.get("label"), str)
                        and _filled(shape.get("shape_type")))
-        entries.append(LabelmeEntry(path, image_file, image_digest(encoded), labels))
+        entries.append(LabelmeEntry(path, image_file, image_digest(encoded), labels,
+                                    named_image(path, document)))
     return entries
 
 
@@ -173,13 +184,14 @@ UNCERTAINTY_CSV = "uncertainty.csv"
 
 def image_files(folder: str | Path) -> list[Path]:
     """The images (:data:`IMAGE_SUFFIXES`, any case) of a folder, sorted; raises
-    :class:`SegpipeError` for a missing folder, none, or two of one stem (their predictions
-    would be one file)."""
+    :class:`SegpipeError` for a missing folder, a file, no image, or two of one stem (their
+    predictions would be one file)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SegpipeError(f"{folder}: not a folder; the input is a folder of images")
     if not folder.is_dir():
         raise SegpipeError(f"{folder}: input folder not found")
-    images = sorted(p for p in folder.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = folder_images(folder)
     if not images:
         raise SegpipeError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     stems: dict[str, Path] = {}
@@ -191,6 +203,12 @@ def image_files(folder: str | Path) -> list[Path]:
     return images
 
 
+def folder_images(folder: str | Path) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`, any case) directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def prediction_paths(output_dir: str | Path, stem: str, formats: Sequence[str]) -> dict[str, Path]:
     """Where each format's file of image ``stem`` goes: ``output_dir/<stem><suffix>`` for one
     format, ``output_dir/<masks|labelme>/<stem><suffix>`` for several (LabelMe would list the
@@ -199,6 +217,23 @@ def prediction_paths(output_dir: str | Path, stem: str, formats: Sequence[str]) 
         return {formats[0]: Path(output_dir) / f"{stem}{PREDICTION_FORMATS[formats[0]]}"}
     return {f: Path(output_dir) / PREDICTION_FOLDERS[f] / f"{stem}{PREDICTION_FORMATS[f]}"
             for f in formats}
+
+
+def existing_predictions(output_dir: str | Path) -> list[Path]:
+    """The prediction files ``output_dir`` holds, in every layout of :func:`prediction_paths`
+    (``<stem>.png``, ``<stem>.json``, ``masks/<stem>.png``, ``labelme/<stem>.json``) and
+    :data:`UNCERTAINTY_CSV`: one set, which ``segpipe predict`` replaces as a whole. Hidden
+    files (the temporaries of :func:`atomic_path`) are none of them."""
+    output_dir = Path(output_dir)
+    places = [(output_dir, suffix) for suffix in PREDICTION_FORMATS.values()]
+    places += [(output_dir / PREDICTION_FOLDERS[f], PREDICTION_FORMATS[f])
+               for f in PREDICTION_FORMATS]
+    found = [output_dir / UNCERTAINTY_CSV] if (output_dir / UNCERTAINTY_CSV).exists() else []
+    for folder, suffix in places:
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if p.suffix.lower() == suffix
+                            and not p.name.startswith(".") and not p.is_dir())
+    return found
 
 
 def check_outputs(outputs: Iterable[Path], inputs: Mapping[Path, str]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ LABELME_BACKGROUND = "_background_"
 """LabelMe's own label for class 0 (``labelme2voc.py``): segpipe's predicted LabelMe files
 label the holes of a region with it when the study names no background label."""
 CLASS_NAME = re.compile(r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+)*")
-"""A class name: it becomes part of column names (``dice.<class>``)."""
+"""A class name: ASCII letters, digits, ``.``, ``-``, single ``_``. It becomes part of column
+names (``dice.<class>``), table keys and figure labels, which stay portable (any locale, any
+font); a label, which may be any text, is given a name with ``{name: [label]}``."""
+NAME_RULE = f"ASCII letters, digits, '.', '-', single '_'; not {BACKGROUND!r}"
 MAX_CLASSES = 254
 """Foreground classes 1…254: 0 is the background, 255 :data:`IGNORE`."""
 COUNTS = ("tp", "fp", "fn", "ref", "pred")
@@ -42,6 +46,31 @@ COUNTS = ("tp", "fp", "fn", "ref", "pred")
 pixels of the class in the truth (``tp + fn``) and in the prediction (``tp + fp``)."""
 CLASS_METRICS = ("dice", "iou", "precision", "recall", "ap")
 """The metrics reported per class."""
+
+
+def is_class_name(name: str) -> bool:
+    """Whether ``name`` may name a class (:data:`CLASS_NAME`, not :data:`BACKGROUND`)."""
+    return bool(CLASS_NAME.fullmatch(name)) and name != BACKGROUND
+
+
+def _name_error(index: int, name: str, labels: Sequence[str], label_only: bool) -> str:
+    """The message for entry ``index`` of ``data.classes`` whose class name is bad: a label
+    written alone is told to name its class, a mapping that its key is not a name; both with
+    a name to use, made of the key or the first label."""
+    suggestion = next((n for n in (_as_name(name), _as_name(labels[0]), f"class{index + 1}")
+                       if is_class_name(n)))
+    example = f"{{{suggestion}: [{', '.join(map(repr, labels))}]}}"
+    if label_only:
+        return (f"data.classes[{index}]: the label {name!r} is not a class name ({NAME_RULE}): "
+                f"give its class a name, e.g. {example}")
+    what = "is empty" if not name else f"{name!r} is not one ({NAME_RULE})"
+    return f"data.classes[{index}]: the class name {what}: e.g. {example}"
+
+
+def _as_name(text: str) -> str:
+    """``text`` made a class name where it can be: accents dropped, other characters '_'."""
+    ascii_ = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.-]", "_", ascii_)).strip("_")
 
 
 def voc_colour(index: int) -> tuple[int, int, int]:
@@ -102,6 +131,8 @@ class Labels:
                 else:
                     raise SegpipeError(f"data.classes[{index}]: expected a label or "
                                        "{name: [labels]} (a non-empty list of labels)")
+                if not is_class_name(name):
+                    raise SegpipeError(_name_error(index, name, labels_, isinstance(entry, str)))
                 names.append(name)
                 sources.append(labels_)
             labels = cls(tuple(names), tuple(sources), background, ignore, configured=True)
@@ -113,10 +144,8 @@ class Labels:
         if not 1 <= len(self.names) <= MAX_CLASSES:
             raise SegpipeError(f"data.classes: 1 to {MAX_CLASSES} classes, got {len(self.names)}")
         for name in self.names:
-            if not CLASS_NAME.fullmatch(name) or name == BACKGROUND:
-                raise SegpipeError(
-                    f"data.classes: {name!r} is not a class name (letters, digits, '.', '-', "
-                    f"single '_'; not {BACKGROUND!r}); name it with {{name: [{name!r}]}}")
+            if not is_class_name(name):
+                raise SegpipeError(f"data.classes: {name!r} is not a class name ({NAME_RULE})")
         repeated = sorted({n for n in self.names if self.names.count(n) > 1})
         if repeated:
             raise SegpipeError(f"data.classes: class {', '.join(map(repr, repeated))} named twice")
@@ -219,18 +248,16 @@ class Labels:
         ``{label: [files]}`` of its filled shapes (:func:`segpipe.files.found_labels`). A label
         of a study with ``classes`` that no class, background or ignore names is an error (the
         files named), as is a folder in which no shape paints a class; and in a ``training``
-        folder (the training images, or all of them with folds) a label that the config names
-        but no shape has, since no model can learn it (a test folder may lack a class). The
-        one rule of both entry points: the workflow's start checks, per data folder, and
-        ``segpipe rasterise`` before its first image."""
+        folder (the training images, or all of them with folds) a class (or foreground) label
+        that no shape has, since no model can learn it (a test folder may lack a class). A
+        background or ignore label that no file has is no error: files merely may hold one
+        (:meth:`folder_notes`). The one rule of both entry points: the workflow's start
+        checks, per data folder, and ``segpipe rasterise`` before its first image."""
         errors = []
         if training:
-            for key, wanted in self._named_by_key().items():
-                unknown = " or ".join(repr(label) for label in wanted if label not in found)
-                if unknown:
-                    errors.append(f"data.{key}: no LabelMe file of {folder} has a shape "
-                                  f"labelled {unknown} (their labels: "
-                                  f"{', '.join(sorted(found)) or 'none'})")
+            key = "classes" if self.configured else "foreground"
+            sources = [label for labels in self.sources or () for label in labels]
+            errors += self._absent(key, sources, found, folder)
         for label in self.unnamed(found):
             files = found[label]
             more = f" and {len(files) - 3} more" if len(files) > 3 else ""
@@ -245,11 +272,19 @@ class Labels:
                           f"filled shapes found: {', '.join(sorted(found)) or 'none'}")
         return errors
 
-    def _named_by_key(self) -> dict[str, tuple[str, ...]]:
-        """The labels the config names, by the key of ``data`` that names them."""
-        sources = tuple(label for labels in self.sources or () for label in labels)
-        return {("classes" if self.configured else "foreground"): sources,
-                "background": self.background, "ignore": self.ignore}
+    def folder_notes(self, found: Mapping[str, Sequence[object]], folder: str) -> list[str]:
+        """What to log about a LabelMe folder (``found`` as for :meth:`folder_errors`): the
+        background and ignore labels that none of its files has (e.g. ``_background_``, the
+        holes of predicted files, in a folder without a corrected one)."""
+        return [*self._absent("background", self.background, found, folder),
+                *self._absent("ignore", self.ignore, found, folder)]
+
+    @staticmethod
+    def _absent(key: str, wanted: Iterable[str], found: Mapping[str, object],
+                folder: str) -> list[str]:
+        unknown = " or ".join(repr(label) for label in wanted if label not in found)
+        return [f"data.{key}: no LabelMe file of {folder} has a shape labelled {unknown} "
+                f"(their labels: {', '.join(sorted(found)) or 'none'})"] if unknown else []
 
     # ------------------------------------------------------------------ columns
 

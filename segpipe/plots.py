@@ -46,6 +46,11 @@ from segpipe.labels import IGNORE, Labels
 DPI = 120
 CELL_INCHES = 1.6  # height of one image panel
 MAX_BANDS = 4  # curves draw CI bands only up to this many groups (more would hide the lines)
+# With many classes the class figures show those with the most support, so that they stay
+# readable and bounded in size whatever the number of classes; summary.csv has them all.
+MAX_CLASS_BARS = 40  # bars of classes.png (classes x groups), the rest one "other" cluster
+MAX_CONFUSION_CLASSES = 20  # rows and columns of a confusion matrix, the rest one "other"
+MAX_LEGEND_CLASSES = 24  # classes in the legend of the mask panels (those with most pixels)
 
 BACKGROUND, FOREGROUND, NEWLY_CORRECT, NEWLY_WRONG, MISSED, FALSE_POSITIVE = range(6)
 PALETTE = np.array(
@@ -334,12 +339,34 @@ def class_error_image(truth: np.ndarray, prediction: np.ndarray, labels: Labels)
     return image
 
 
-def _class_legend(fig: Figure, labels: Labels) -> None:
+def _shown_classes(shown: Sequence[np.ndarray], labels: Labels,
+                   background: bool = False) -> tuple[list[int], int]:
+    """The classes (mask values; 0 only with ``background``) of the class maps ``shown``, at
+    most :data:`MAX_LEGEND_CLASSES` of them (those of most pixels, in class order), and how
+    many others they show."""
+    counts = np.bincount(np.concatenate([np.ravel(m) for m in shown]), minlength=256)
+    counts = counts[:len(labels.class_names)]
+    if not background:
+        counts[0] = 0
+    present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    return sorted(present[:MAX_LEGEND_CLASSES]), max(0, len(present) - MAX_LEGEND_CLASSES)
+
+
+def _more(others: int) -> tuple[list, list[str]]:
+    """A last legend entry, without a patch, counting the classes not listed."""
+    return ([Patch(visible=False)], [f"+ {others} more classes"]) if others else ([], [])
+
+
+def _class_legend(fig: Figure, labels: Labels, shown: Sequence[np.ndarray]) -> None:
+    """The legend of the class panels: the classes the class maps ``shown`` hold
+    (:func:`_shown_classes`), missed and dimmed correct pixels."""
     palette = np.array(labels.palette(), float) / 255
-    handles = [Patch(facecolor=palette[i], edgecolor="0.4") for i in range(1, len(labels.class_names))]
-    handles += [Patch(facecolor=MISSED_COLOUR, edgecolor="0.4"),
-                Patch(facecolor=DIM * palette[1], edgecolor="0.4")]
-    names = [*labels.names, "missed", "dim: correct"]
+    listed, others = _shown_classes(shown, labels)
+    more_handles, more_names = _more(others)
+    handles = [*(Patch(facecolor=palette[c], edgecolor="0.4") for c in listed), *more_handles,
+               Patch(facecolor=MISSED_COLOUR, edgecolor="0.4"),
+               Patch(facecolor=DIM * palette[1], edgecolor="0.4")]
+    names = [*(labels.class_names[c] for c in listed), *more_names, "missed", "dim: correct"]
     _legend_below(fig, handles, names)
 
 
@@ -377,8 +404,10 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
     height, width = examples[0][1]["masks"].shape[1:]
     labels = labels or Labels()
     fig, axes = _panel_figure(len(examples), columns, width / height)
+    shown = []
     for row, (group, data, k) in zip(axes, examples):
         truth = data["masks"][k]
+        shown.append(truth)
         row[0].imshow(data["images"][k])
         row[0].set_ylabel(f"{_wrap(group)}\n{data['names'][k]}", fontsize=8)
         _truth_panel(row[1], truth, labels)
@@ -386,6 +415,7 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
         for ax, epoch, probs, dice in zip(row[2:], data["epochs"], data["probs"][:, k],
                                           data["dice"][:, k]):
             current = labels.predict(probs.astype(np.float32), threshold)
+            shown.append(current)
             _mask_panel(ax, truth, current, labels, previous)
             ax.set_title(f"epoch {epoch} · Dice {dice:.2f}", fontsize=8)
             previous = current
@@ -398,7 +428,7 @@ def plot_evolution(examples: Sequence[tuple[str, dict[str, np.ndarray], int]], t
     if labels.binary:
         _colour_legend(fig, EVOLUTION_LEGEND)
     else:
-        _class_legend(fig, labels)
+        _class_legend(fig, labels, shown)
     fig.suptitle(title)
     return fig
 
@@ -418,6 +448,7 @@ def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray],
     k_images, height, width = masks.shape
     labels = labels or Labels()
     fig, axes = _panel_figure(2 + len(groups), k_images, width / height)
+    shown = [masks]
     for k, column in enumerate(axes.T):
         truth = masks[k]
         column[0].imshow(images[k])
@@ -425,6 +456,7 @@ def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray],
         _truth_panel(column[1], truth, labels)
         for ax, probs, scores in zip(column[2:], predictions, dice):
             current = labels.predict(probs[k].astype(np.float32), threshold)
+            shown.append(current)
             _mask_panel(ax, truth, current, labels)
             ax.set_title(f"Dice {scores[k]:.2f}", fontsize=8)
         for ax in column:
@@ -434,7 +466,7 @@ def plot_samples(groups: Sequence[str], predictions: Sequence[np.ndarray],
     if labels.binary:
         _colour_legend(fig, SAMPLES_LEGEND)
     else:
-        _class_legend(fig, labels)
+        _class_legend(fig, labels, shown)
     fig.suptitle(title)
     return fig
 
@@ -443,35 +475,60 @@ def plot_class_bars(summary: pd.DataFrame, class_names: Sequence[str], colours: 
                     title: str) -> Figure:
     """Test Dice per class: one cluster of bars per class, one bar per group, with its 95 %
     bootstrap interval (summary columns ``dice.<class>_mean``, ``_lo``, ``_hi``; a class is
-    scored on the test images whose truth holds it)."""
+    scored on the test images whose truth holds it). With more bars than
+    :data:`MAX_CLASS_BARS`, the classes of the most test images (``n_images.<class>``) are
+    shown and the others are one cluster, "other": the mean of their Dice, without interval."""
     groups = list(summary["group"])
-    width = max(6.0, 1.2 + len(class_names) * (0.35 * len(groups) + 0.6))
+    shown = list(class_names)
+    limit = max(1, MAX_CLASS_BARS // len(groups))
+    if len(shown) > limit:
+        support = np.array([summary[f"n_images.{c}"].iloc[0] for c in class_names], float)
+        top = np.sort(np.argsort(-support, kind="stable")[:limit - 1])
+        shown = [class_names[i] for i in top]
+        others = [c for c in class_names if c not in set(shown)]
+        title += f" ({len(shown)} of {len(class_names)} classes with the most test images)"
+    else:
+        others = []
+    ticks = [*shown, *([f"other\n({len(others)})"] if others else [])]
+    width = max(6.0, 1.2 + len(ticks) * (0.35 * len(groups) + 0.6))
     fig = Figure(figsize=(width, 4 + _legend_height(groups, width)), dpi=DPI,
                  layout="constrained")
     ax = fig.subplots()
     step = 0.8 / len(groups)
-    x = np.arange(len(class_names))
+    x = np.arange(len(ticks))
     for g, (group, colour) in enumerate(zip(groups, colours)):
         row = summary.iloc[g]
-        mean = np.array([row[f"dice.{c}_mean"] for c in class_names], float)
-        low = np.array([row[f"dice.{c}_lo"] for c in class_names], float)
-        high = np.array([row[f"dice.{c}_hi"] for c in class_names], float)
+        mean = np.array([row[f"dice.{c}_mean"] for c in shown], float)
+        low = np.array([row[f"dice.{c}_lo"] for c in shown], float)
+        high = np.array([row[f"dice.{c}_hi"] for c in shown], float)
+        if others:
+            rest = np.array([row[f"dice.{c}_mean"] for c in others], float)
+            other = np.nanmean(rest) if np.isfinite(rest).any() else np.nan
+            mean, low, high = (np.append(v, other) for v in (mean, low, high))
         ax.bar(x - 0.4 + step * (g + 0.5), mean, step, color=colour, label=group,
                yerr=[mean - low, high - mean], capsize=2, ecolor="0.2")
-    ax.set_xticks(x, class_names)
+    ax.set_xticks(x, ticks, rotation=45 if len(ticks) > 12 else 0,
+                  ha="right" if len(ticks) > 12 else "center")
     ax.set_ylabel("test Dice")
     ax.set_ylim(0, 1.02)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     _legend_below(fig, *ax.get_legend_handles_labels())
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, int(width * 9)))
     return fig
 
 
 def plot_confusion(matrices: Sequence[np.ndarray], groups: Sequence[str],
                    class_names: Sequence[str], title: str) -> Figure:
     """One row-normalised confusion matrix per group (pixels of each true class, summed over
-    the group's runs, by predicted class): a row shows where that class's pixels went."""
+    the group's runs, by predicted class): a row shows where that class's pixels went. With
+    more than :data:`MAX_CONFUSION_CLASSES` classes, those of the most true pixels (over all
+    groups) are shown and the others are one class, "other", as truth and as prediction."""
+    if len(class_names) > MAX_CONFUSION_CLASSES:
+        others = len(class_names) - MAX_CONFUSION_CLASSES + 1
+        matrices, class_names = _merge_classes(matrices, class_names)
+        title += (f" ({MAX_CONFUSION_CLASSES - 1} classes with the most test pixels; the "
+                  f"{others} others as one)")
     n, k = len(groups), len(class_names)
     cell = 0.45 + 0.35 * k
     columns = min(n, 4)
@@ -497,6 +554,24 @@ def plot_confusion(matrices: Sequence[np.ndarray], groups: Sequence[str],
     fig.colorbar(shown, ax=axes, fraction=0.03, label="share of the true class's pixels")
     fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 9)), fontsize=10)
     return fig
+
+
+def _merge_classes(matrices: Sequence[np.ndarray], class_names: Sequence[str]
+                   ) -> tuple[list[np.ndarray], list[str]]:
+    """The confusion ``matrices`` (C, C) reduced to the MAX_CONFUSION_CLASSES − 1 classes of
+    the most true pixels over all of them (in class order) and one "other (N)" class, which
+    sums the rows and columns of the rest."""
+    support = sum(m.sum(axis=1) for m in matrices)
+    kept = np.sort(np.argsort(-support, kind="stable")[:MAX_CONFUSION_CLASSES - 1])
+    index = np.full(len(class_names), len(kept))  # every other class to the last row/column
+    index[kept] = np.arange(len(kept))
+    merged = []
+    for matrix in matrices:
+        reduced = np.zeros((len(kept) + 1, len(kept) + 1), matrix.dtype)
+        np.add.at(reduced, (index[:, None], index[None, :]), matrix)
+        merged.append(reduced)
+    others = len(class_names) - len(kept)
+    return merged, [*(class_names[i] for i in kept), f"other ({others})"]
 
 
 def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
@@ -530,9 +605,11 @@ def plot_predictions(names: list[str], images: np.ndarray, masks: np.ndarray,
         axes[r][0].set_ylabel(names[r], fontsize=9)
         fig.colorbar(shown, ax=axes[r][3], fraction=0.046)
     if not labels.binary:
-        fig.legend([Patch(color=palette[i] / 255) for i in range(len(labels.class_names))],
-                   labels.class_names, loc="outside lower center", ncols=8, frameon=False,
-                   fontsize=9)
+        listed, others = _shown_classes([masks, labels.predict(probs)], labels, background=True)
+        more_handles, more_names = _more(others)
+        fig.legend([*(Patch(color=palette[c] / 255) for c in listed), *more_handles],
+                   [*(labels.class_names[c] for c in listed), *more_names],
+                   loc="outside lower center", ncols=8, frameon=False, fontsize=9)
     fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)

@@ -22,6 +22,8 @@ uncertain first: those to annotate next.
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import itertools
 import json
 import logging
@@ -40,7 +42,7 @@ from segpipe.data.geometry import to_original
 from segpipe.data.labelme import (Simplification, decode_image, is_unedited_prediction,
                                   labelme_document, mask_shapes)
 from segpipe.files import (PREDICTION_FORMATS, UNCERTAINTY_CSV, atomic_path, check_outputs,
-                           image_files, prediction_paths, write_csv)
+                           existing_predictions, image_files, prediction_paths, write_csv)
 from segpipe.inference import Predictor, image_batch
 from segpipe.labels import Labels
 from segpipe.runtime import acquire_device
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 
 PNG_SOFTWARE = "segpipe predict"
 """The ``Software`` text of the masks segpipe writes, which tells them from a user's."""
+PNG_DIGEST = "segpipe-sha256"
+"""The text of a mask segpipe writes that holds the SHA-256 of its pixels."""
 UNCERTAINTY_COLUMNS = ("rank", "name", "image", "disagreement", "entropy", "members",
                        "foreground")
 
@@ -153,13 +157,16 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
     (:func:`checkpoint_paths`) into ``output_dir``: each format's file per image
     (:func:`segpipe.files.prediction_paths`) and :data:`UNCERTAINTY_CSV`; all of them or,
     after an error, none (each is written under a temporary name, and all are renamed once
-    every one is written). ``output_dir`` may be neither ``input_dir`` nor hold a path that
-    would replace an input (an image, a LabelMe file, a checkpoint), nor a LabelMe file other
-    than an unedited prediction (:func:`~segpipe.data.labelme.is_unedited_prediction`: an
-    annotation, or a corrected one). ``embed_image``: LabelMe files carry the image
-    (``imageData``) instead of only its path. Settings left None take the config's defaults
-    (``evaluate.threshold``, ``predict.tta``, ``predict.embed_image``; the polygons':
-    :meth:`Simplification.default`)."""
+    every one is written). The predictions of a folder are one set
+    (:func:`segpipe.files.existing_predictions`): the new set replaces the one ``output_dir``
+    holds as a whole, its files for images no longer in ``input_dir`` removed, and only when
+    every file of it is segpipe's and unchanged since (:func:`_check_replaceable`): a mask,
+    annotation or uncertainty.csv of the user's, or a corrected prediction, stops it before
+    anything is written. ``output_dir`` may be neither ``input_dir`` nor hold a path that
+    would replace an input (an image, a LabelMe file, a checkpoint). ``embed_image``: LabelMe
+    files carry the image (``imageData``) instead of only its path. Settings left None take
+    the config's defaults (``evaluate.threshold``, ``predict.tta``, ``predict.embed_image``;
+    the polygons': :meth:`Simplification.default`)."""
     threshold = default("evaluate.threshold") if threshold is None else threshold
     tta = default("predict.tta") if tta is None else tta
     embed_image = default("predict.embed_image") if embed_image is None else embed_image
@@ -185,8 +192,9 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
               **{path: "a checkpoint" for path in checkpoints}}
     targets = [p for paths in outputs.values() for p in paths.values()]
     check_outputs([csv_path, *targets], inputs)
-    for target in targets:
-        _check_replaceable(target)
+    previous = existing_predictions(output_dir)  # one set: replaced as a whole, or not at all
+    for path in previous:
+        _check_replaceable(path)
     predictor = Predictor.load(checkpoints, acquire_device(device), tta)
     labels = predictor.labels
     rows = []
@@ -213,6 +221,8 @@ def predict_folder(checkpoints: Path | Sequence[Path], input_dir: Path, output_d
                                                 path.read_bytes() if embed_image else None)
                     tmp.write_text(json.dumps(document, indent=2))
         write_csv(written.enter_context(atomic_path(csv_path)), UNCERTAINTY_COLUMNS, ranked(rows))
+    for path in set(previous) - {csv_path, *targets}:  # of another input folder, or format
+        path.unlink(missing_ok=True)
     key = "disagreement, then entropy" if rows[0]["members"] > 1 else "entropy"
     log.info("wrote %s of %d image(s) (%s, ensemble of %d%s) and %s (ranked by %s) to %s",
              " and ".join(formats), len(images), labels.describe(), len(checkpoints),
@@ -234,19 +244,28 @@ def _removed_if_empty_on_error(folders: set[Path]):
 
 
 def _check_replaceable(path: Path) -> None:
-    """An existing output may be replaced only when segpipe wrote it and, for a LabelMe file,
-    nobody has changed it since (:func:`~segpipe.data.labelme.is_unedited_prediction`)."""
+    """An existing prediction file may be replaced (or removed) only when segpipe wrote it and
+    nobody has changed it since: a mask whose pixels are those it wrote (:func:`write_png`), a
+    LabelMe file (:func:`~segpipe.data.labelme.is_unedited_prediction`), an uncertainty.csv of
+    its columns."""
     if not path.exists():
         return
-    if path.suffix == ".png":
+    if path.name == UNCERTAINTY_CSV:
         try:
-            with PIL.Image.open(path) as png:
-                ours = png.info.get("Software") == PNG_SOFTWARE
-        except (OSError, ValueError, SyntaxError):
+            with open(path, newline="") as file:
+                ours = next(csv.reader(file), None) == list(UNCERTAINTY_COLUMNS)
+        except (OSError, UnicodeDecodeError, csv.Error):
             ours = False
         if not ours:
-            raise SegpipeError(f"{path}: exists and is not a mask segpipe predicted (a mask of "
-                               "yours?); it is never overwritten: choose another --output")
+            raise SegpipeError(f"{path}: exists and is not the {UNCERTAINTY_CSV} segpipe writes "
+                               "(a file of yours?); it is never overwritten: choose another "
+                               "--output")
+        return
+    if path.suffix.lower() == ".png":
+        if not _is_unedited_mask(path):
+            raise SegpipeError(f"{path}: exists and is not a mask segpipe predicted, unchanged "
+                               "since (a mask of yours, or a corrected one?); it is never "
+                               "overwritten: choose another --output")
         return
     try:
         document = json.loads(path.read_bytes())
@@ -260,14 +279,31 @@ def _check_replaceable(path: Path) -> None:
 
 def write_png(path: Path, classes: np.ndarray, labels: Labels) -> None:
     """A class map (H, W) uint8 as a PNG marked as segpipe's (``Software``: see
-    :data:`PNG_SOFTWARE`): 0/255 for a binary model, else a palette PNG of the class indices
-    with the VOC colours."""
+    :data:`PNG_SOFTWARE`) with the SHA-256 of its pixels (``segpipe-sha256``), which tells a
+    mask changed since: 0/255 for a binary model, else a palette PNG of the class indices with
+    the VOC colours."""
+    pixels = np.where(classes > 0, 255, 0).astype(np.uint8) if labels.binary else classes
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text("Software", PNG_SOFTWARE)
-    if labels.binary:
-        PIL.Image.fromarray(np.where(classes > 0, 255, 0).astype(np.uint8)).save(
-            path, format="PNG", pnginfo=info)
-        return
-    image = PIL.Image.fromarray(classes)  # mode L: putpalette makes it P
-    image.putpalette([value for rgb in labels.palette() for value in rgb])
+    info.add_text(PNG_DIGEST, _pixel_digest(pixels))
+    image = PIL.Image.fromarray(pixels)  # mode L: putpalette makes it P
+    if not labels.binary:
+        image.putpalette([value for rgb in labels.palette() for value in rgb])
     image.save(path, format="PNG", pnginfo=info)
+
+
+def _pixel_digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+
+
+def _is_unedited_mask(path: Path) -> bool:
+    """Whether ``path`` is a mask :func:`write_png` wrote whose pixels nobody has changed."""
+    try:
+        with PIL.Image.open(path) as png:
+            if png.info.get("Software") != PNG_SOFTWARE:
+                return False
+            digest = png.info.get(PNG_DIGEST)
+            pixels = np.asarray(png) if png.mode in ("L", "P") else None
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return pixels is not None and digest == _pixel_digest(pixels)

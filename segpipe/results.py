@@ -32,7 +32,7 @@ def read_csv(path: Path, numeric: Sequence[str], text: Sequence[str] = (),
     if not path.is_file():
         raise SegpipeError(f"{path}: file not found")
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path).copy()  # consolidated: a table of many classes is wide
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SegpipeError(f"{path}: not a readable CSV file ({exc})") from None
     missing = [c for c in (*text, *numeric) if c not in table.columns]
@@ -219,6 +219,7 @@ def class_scores(runs: pd.DataFrame, per_image: list[pd.DataFrame], labels: Labe
     comparisons stay paired); a run that disagrees is an error."""
     names = list(per_image[0]["name"])
     tables = [table.set_index("name").loc[names] for table in per_image]
+    groups = group_runs(runs)
     scores = {}
     for name in labels.names:
         column = f"dice.{name}"
@@ -229,7 +230,7 @@ def class_scores(runs: pd.DataFrame, per_image: list[pd.DataFrame], labels: Labe
                                    "images than the experiment's first run; its truth differs")
         scores[name] = {group: stats.Scores(tuple(members["seed"]), np.stack(
                             [tables[i][column].to_numpy(float)[defined] for i in members.index]))
-                        for group, members in group_runs(runs)}
+                        for group, members in groups}
     return scores
 
 

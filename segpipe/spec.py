@@ -153,6 +153,18 @@ def _messages(error: ValidationError, where: str) -> list[str]:
         return [f"{_location(where, [*keys, key])}: applies to {other}, which is not set"
                 for key, others in error.validator_value.items() if key in error.instance
                 for other in others if other not in error.instance]
+    if error.validator in ("anyOf", "oneOf") and "description" in schema_:
+        # Alternatives told apart by type (a label or a mapping): what is wrong in the one of
+        # the instance's type, or that its type is none of them.
+        def other_type(e: ValidationError) -> bool:
+            return e.validator == "type" and not e.relative_path
+
+        if any(map(other_type, error.context)):
+            wrong = [e for e in error.context if not other_type(e)]
+            if not wrong:
+                return [f"{here}: {_kind(error.instance)}; {schema_['description']}"]
+            return [f"{_location(where, e.absolute_path)}: {_problem(e)}; "
+                    f"{schema_['description']}" for e in wrong]
     if error.validator in ("anyOf", "oneOf", "not") and "description" in schema_:
         return [f"{here}: {schema_['description']}"]
     if error.validator == "pattern" and "description" in schema_:
@@ -161,6 +173,24 @@ def _messages(error: ValidationError, where: str) -> list[str]:
         return [f"{here}: {error.instance!r} is not one of "
                 f"{', '.join(map(str, error.validator_value))}"]
     return [f"{here}: {error.message}"]
+
+
+def _kind(instance: object) -> str:
+    """E.g. ``5 is a number``, ``['a'] is a list``."""
+    if instance is None:
+        return "the entry is empty (null)"
+    kind = ("a boolean" if isinstance(instance, bool) else "a number"
+            if isinstance(instance, int | float) else "a list" if isinstance(instance, list)
+            else f"a {type(instance).__name__}")
+    return f"{instance!r} is {kind}"
+
+
+def _problem(error: ValidationError) -> str:
+    """jsonschema's message, in words where it speaks of 'properties'."""
+    if error.validator == "maxProperties":
+        return (f"{error.instance!r} has {len(error.instance)} keys, at most "
+                f"{error.validator_value}")
+    return error.message
 
 
 def _raise(messages: list[str]) -> None:

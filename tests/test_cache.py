@@ -252,9 +252,18 @@ def test_labels_that_never_occur_in_a_training_folder_are_an_error(folder, tmp_p
     with pytest.raises(SegpipeError) as error:
         build_cache(folder[0], tmp_path / "out.h5", (4, 4),
                     Labels.from_config(foreground=["obj", "ob"], background=["grass"]))
-    assert [line.split(":")[0] for line in str(error.value).splitlines()] == \
-        ["data.foreground", "data.background"]
-    assert "'ob'" in str(error.value) and "'grass'" in str(error.value)
+    assert str(error.value) == (f"data.foreground: no LabelMe file of {folder[0]} has a shape "
+                                "labelled 'ob' (their labels: hole, obj)")
+
+
+@pytest.mark.parametrize("key", ["background", "ignore"])
+def test_background_and_ignore_labels_that_no_file_has_are_logged(folder, tmp_path, caplog, key):
+    """A file merely may hold them (e.g. _background_, the holes of corrected predictions)."""
+    labels = Labels.from_config(foreground=["obj"], **{key: ["hole", "_background_"]})
+    caplog.set_level(logging.INFO)
+    build_cache(folder[0], tmp_path / "out.h5", (4, 4), labels)
+    assert (f"data.{key}: no LabelMe file of {folder[0]} has a shape labelled '_background_' "
+            "(their labels: hole, obj)") in caplog.messages
 
 
 def test_only_background_labels_is_an_error(make_labelme, tmp_path):

@@ -199,6 +199,29 @@ def test_output_that_would_replace_an_input(study, capsys, tmp_path, output, pro
     assert checksums(study[0]) == before
 
 
+@pytest.mark.parametrize(("output", "problem"),
+                         [("a.png", "is the image of {folder}/a.json"),
+                          ("photo.JPG", "is an image of {folder}")],
+                         ids=["the photo an embedding file names", "a photo no file names"])
+def test_output_that_would_replace_a_photo_that_is_not_read(make_labelme, capsys, tmp_path,
+                                                            output, problem):
+    """LabelMe's default save embeds the image (imageData, read instead of imagePath): the photo
+    imagePath names is still the user's, as is every other image of the folder."""
+    folder = tmp_path / "in"
+    for value, name in enumerate("ab"):
+        make_labelme([RECTANGLE], image=np.full((8, 8, 3), value, np.uint8), name=name,
+                     folder=folder, embed=True)
+    (folder / "a.png").write_bytes(b"the photo")
+    (folder / "photo.JPG").write_bytes(b"another photo")
+    before = checksums(folder)
+    capsys.readouterr()
+    assert rasterise(folder, folder / output) == 1
+    assert capsys.readouterr().err == (f"segpipe: error: {folder / output}: "
+                                       f"{problem.format(folder=folder)}; writing it would "
+                                       "destroy it: choose another output\n")
+    assert checksums(folder) == before
+
+
 def test_identical_images_are_one_group_and_logged(study, caplog):
     folder, cache = study
     shutil.copy(folder / "a.json", folder / "c.json")  # imagePath a.png: the same image
@@ -361,6 +384,49 @@ def test_predict_output_that_is_a_file(checkpoint, tmp_path, capsys):
     expected = (f"segpipe: error: {tmp_path / 'masks'}: exists and is not a folder: choose another "
                 "--output\n")
     assert capsys.readouterr().err == expected
+
+
+def test_predict_input_that_is_a_file(checkpoint, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.zeros((8, 8, 3), np.uint8))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(photo),
+                 "--output", str(tmp_path / "masks")]) == 1
+    assert capsys.readouterr().err == (f"segpipe: error: {photo}: not a folder; the input is a "
+                                       "folder of images\n")
+    assert not (tmp_path / "masks").exists()
+
+
+ENTRY = ("a class is a LabelMe label (a non-empty string) or {name: [labels]} (one name and a "
+         "non-empty list of distinct labels)")
+
+
+@pytest.mark.parametrize(("classes", "message"), [
+    ([{"ps4 controller": ["ps4"]}], "data.classes[0]: the class name 'ps4 controller' is not one "
+     "(ASCII letters, digits, '.', '-', single '_'; not 'background'): e.g. "
+     "{ps4_controller: ['ps4']}"),
+    (["obj", {"Gerät": ["Gerät", "gerät"]}], "data.classes[1]: the class name 'Gerät' is not one "
+     "(ASCII letters, digits, '.', '-', single '_'; not 'background'): e.g. "
+     "{Gerat: ['Gerät', 'gerät']}"),
+    ([{"": ["obj"]}], "data.classes[0]: the class name is empty: e.g. {obj: ['obj']}"),
+    (["ps4 controller"], "data.classes[0]: the label 'ps4 controller' is not a class name (ASCII "
+     "letters, digits, '.', '-', single '_'; not 'background'): give its class a name, e.g. "
+     "{ps4_controller: ['ps4 controller']}"),
+    ([""], f"--classes: [0]: '' should be non-empty; {ENTRY}"),
+    ([{"name": []}], f"--classes: [0].name: [] should be non-empty; {ENTRY}"),
+    ([["obj"]], f"--classes: [0]: ['obj'] is a list; {ENTRY}"),
+    ([{"a": ["obj"], "b": ["x"]}], f"--classes: [0]: {{'a': ['obj'], 'b': ['x']}} has 2 keys, at "
+     f"most 1; {ENTRY}"),
+    (["obj", 5], f"--classes: [1]: 5 is a number; {ENTRY}"),
+    ([{"a": [["obj"]]}], f"--classes: [0].a[0]: ['obj'] is not of type 'string'; {ENTRY}"),
+], ids=["name with a space", "name with a unicode letter", "empty name", "label as name",
+        "empty label", "no labels", "nested list", "two keys", "a number", "nested labels"])
+def test_bad_class_entries_say_what_is_wrong_and_what_an_entry_may_be(study, tmp_path, capsys,
+                                                                      classes, message):
+    capsys.readouterr()
+    assert main(["rasterise", "--input", str(study[0]), "--output", str(tmp_path / "x.h5"),
+                 "--size", "4", "4", "--classes", json.dumps(classes)]) == 1
+    assert capsys.readouterr().err == f"segpipe: error: {message}\n"
 
 
 def test_predict_output_that_is_the_input_folder(checkpoint, tmp_path, capsys):

@@ -51,7 +51,7 @@ def test_predict_thresholds_or_takes_the_argmax():
     ({"classes": ["leaf", {"rock": ["leaf"]}]}, "label 'leaf' is given two roles"),
     ({"classes": ["leaf"], "background": ["leaf"]}, r"two roles \(class leaf and background\)"),
     ({"classes": ["leaf"], "ignore": ["leaf"]}, r"two roles \(class leaf and ignore\)"),
-    ({"classes": ["potted plant"]}, r"'potted plant' is not a class name .*\{name: \["),
+    ({"classes": ["potted plant"]}, r"'potted plant' is not a class name .*\{potted_plant: \["),
     ({"classes": ["background"]}, "not a class name"),
     ({"classes": [{"rock": "stone"}]}, r"classes\[0\]: expected a label or \{name: \[labels\]\}"),
     ({"classes": [{"a": ["x"], "b": ["y"]}]}, r"classes\[0\]"),

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from matplotlib.container import BarContainer
 
+from segpipe import plots
+from segpipe.labels import Labels
 from segpipe.plots import (
     BACKGROUND,
     FALSE_POSITIVE,
@@ -187,3 +189,68 @@ def test_sweep_orders_points_by_value():
     assert ax.get_xlabel() == "loss dice"
     assert [line.get_label() for line in ax.lines] == ["Dice", "IoU", "mAP"]
     rendered(fig)
+
+
+# --------------------------------------------------------------------------- many classes
+
+def test_confusion_merges_the_classes_of_least_support(monkeypatch):
+    """With more classes than MAX_CONFUSION_CLASSES (here 3), those of the most true pixels
+    over all groups are kept and the others summed into "other", as truth and prediction."""
+    monkeypatch.setattr(plots, "MAX_CONFUSION_CLASSES", 3)
+    first = np.array([[8, 1, 0, 1],    # background: 10 true pixels
+                      [0, 1, 0, 0],    # a: 1
+                      [1, 0, 2, 1],    # b: 4
+                      [0, 2, 0, 3]])   # c: 5
+    second = np.eye(4, dtype=np.int64)  # one pixel each: support 11, 2, 5, 6
+    fig = plots.plot_confusion([first, second], ["g1", "g2"], ["background", "a", "b", "c"], "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["background", "c", "other (2)"]
+    # kept: background, c (in class order); other: a + b. Rows normalised by their totals.
+    expected = np.array([[8, 1, 1], [0, 3, 2], [1, 1, 3]]) / np.array([[10], [5], [5]])
+    assert [float(t.get_text()) for t in ax.texts] == pytest.approx(
+        np.round(expected, 2).ravel().tolist())
+    assert fig._suptitle.get_text().replace("\n", " ") == \
+        "t (2 classes with the most test pixels; the 2 others as one)"
+
+
+def many_classes(k=254):
+    return [f"class{i:03d}" for i in range(k)]
+
+
+def test_class_figures_are_bounded_for_any_number_of_classes():
+    """254 classes: the issue's 21 708 x 10 920 px confusion.png and 39 768 x 510 classes.png
+    (two groups) become figures of a few megapixels that name the classes they show."""
+    names = many_classes()
+    rng = np.random.default_rng(0)
+    matrices = [rng.integers(0, 50, (255, 255)) for _ in range(2)]
+    fig = plots.plot_confusion(matrices, ["unet", "attention_unet"], ["background", *names], "t")
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width * height < 4e6 and len(fig.axes[0].texts) == plots.MAX_CONFUSION_CLASSES ** 2
+    summary = pd.DataFrame([{"group": group, **{f"n_images.{c}": i % 5 for i, c in
+                                                enumerate(names)},
+                             **{f"dice.{c}_{end}": value for c in names
+                                for end, value in (("mean", 0.5), ("lo", 0.4), ("hi", 0.6))}}
+                            for group in ("unet", "attention_unet")])
+    fig = plots.plot_class_bars(summary, names, group_colours(2), "t")
+    width, height = fig.get_size_inches() * fig.dpi
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert width * height < 4e6 and len(ticks) == plots.MAX_CLASS_BARS // 2
+    # the classes of 4 test images (every fifth, from class004) first, then 3 images ...
+    assert ticks[:3] == ["class004", "class009", "class014"]
+    assert ticks[-1] == f"other\n({len(names) - len(ticks) + 1})"
+    bars = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+    assert [bar.get_height() for bar in bars[0]] == pytest.approx([0.5] * len(ticks))
+    rendered(fig)
+
+
+def test_the_class_legend_lists_the_classes_shown():
+    labels = Labels(tuple(many_classes()), configured=True)
+    truth = np.zeros((1, 4, 6), np.uint8)
+    truth[0, :2, :3], truth[0, 2:, 3:] = 7, 200
+    probs = np.zeros((1, 255, 4, 6), np.float16)
+    probs[0, 7] = 1.0
+    fig = plot_samples(["unet"], [probs], np.zeros((1, 4, 6, 3), np.uint8), truth, ["x"], "t",
+                       threshold=0.5, labels=labels)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["class006", "class199", "missed",
+                                                         "dim: correct"]

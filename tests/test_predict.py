@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import PIL.Image
+import PIL.PngImagePlugin
 import numpy as np
 import pandas as pd
 import pytest
@@ -248,6 +249,64 @@ def test_a_human_or_corrected_annotation_in_the_output_is_never_replaced(tmp_pat
                  folder=tmp_path / "in")
     with pytest.raises(SegpipeError, match=r"is the input folder"):
         predict_folder(checkpoint, tmp_path / "in", tmp_path / "in", formats=["labelme"])
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def corrected_mask(out: Path) -> str:
+    """A predicted mask painted over in an editor that keeps its text chunks."""
+    path = out / "masks" / "img1.png"
+    with PIL.Image.open(path) as png:
+        pixels, info = np.array(png), png.info
+    pixels[:5, :5] = 0
+    meta = PIL.PngImagePlugin.PngInfo()
+    for key, value in info.items():
+        if isinstance(value, str):
+            meta.add_text(key, value)
+    PIL.Image.fromarray(pixels).save(path, pnginfo=meta)
+    return f"{path}: exists and is not a mask segpipe predicted, unchanged since"
+
+
+def their_mask(out: Path) -> str:
+    path = out / "masks" / "field.png"
+    cv2.imwrite(str(path), np.zeros((48, 60), np.uint8))
+    return f"{path}: exists and is not a mask segpipe predicted, unchanged since"
+
+
+def their_csv(out: Path) -> str:
+    path = out / "uncertainty.csv"
+    path.write_text("image,notes\nimg0.jpg,blurred\n")
+    return f"{path}: exists and is not the uncertainty.csv segpipe writes"
+
+
+def their_annotation(out: Path) -> str:
+    path = out / "labelme" / "field.json"
+    path.write_text(json.dumps({"shapes": [], "imagePath": "field.jpg"}))
+    return f"{path}: exists and is not an unedited segpipe prediction"
+
+
+@pytest.mark.parametrize("edit", [corrected_mask, their_mask, their_csv, their_annotation])
+def test_the_predictions_of_a_folder_are_replaced_as_one_set(tmp_path, edit):
+    """A re-run replaces segpipe's own set, the files of images no longer in the input
+    removed; one file of the user's (or corrected) in the set stops it before any is written."""
+    checkpoint = save_checkpoint(constant_model(2.0), tmp_path / "model.pt", backbone={})
+    smooth_images(tmp_path / "in", count=3)
+    out = tmp_path / "out"
+    formats = ["png", "labelme"]
+    predict_folder(checkpoint, tmp_path / "in", out, formats=formats)
+    (tmp_path / "in" / "img2.png").unlink()
+    predict_folder(checkpoint, tmp_path / "in", out, formats=formats)  # its own: replaced
+    assert sorted(contents(out)) == ["labelme/img0.json", "labelme/img1.json", "masks/img0.png",
+                                     "masks/img1.png", "uncertainty.csv"]
+    message = edit(out)
+    before = contents(out)
+    with pytest.raises(SegpipeError) as error:
+        predict_folder(checkpoint, tmp_path / "in", out, formats=formats)
+    assert str(error.value).startswith(message)
+    assert contents(out) == before
 
 
 def test_an_ensemble_averages_its_members_probabilities(tmp_path):

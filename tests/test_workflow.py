@@ -361,16 +361,20 @@ def long_integer(path: Path) -> str:
     return "not valid JSON (a number of more than 4300 digits)"
 
 
+@pytest.mark.parametrize("user", [True, False], ids=["user data", "demo data"])
 @pytest.mark.parametrize("corrupt", [truncated, long_integer], ids=["truncated", "5000 digits"])
-def test_a_corrupt_labelme_file_stops_snakemake_at_start(study: Path, corrupt):
-    """Before any job: Snakemake would delete the cache before rasterise failed."""
-    edit_config(study, lambda c: user_data(c, study))
+def test_a_corrupt_labelme_file_stops_snakemake_at_start(study: Path, corrupt, user):
+    """Before any job: Snakemake would delete the cache before rasterise failed. The demo data,
+    once written, is checked as the user's (an edit of it re-runs rasterise)."""
+    if user:
+        edit_config(study, lambda c: user_data(c, study))
     path = study / "results" / "demo_data" / "train" / "synth_0003.json"
     problem = corrupt(path)
     before = checksums(study)
     proc = real_run(study)
     assert proc.returncode == 1
-    assert f"config: data.train_dir: {path}: {problem}" in proc.stderr, proc.stderr[-2000:]
+    named = path if user else path.relative_to(study)
+    assert f"config: data.train_dir: {named}: {problem}" in proc.stderr, proc.stderr[-2000:]
     assert checksums(study) == before
 
 
@@ -464,6 +468,27 @@ def test_a_killed_snakemakes_train_job_is_waited_for_and_its_run_kept(tmp_path: 
     assert log.count(" epoch 1/30: ") == log.count(" epoch 30/30: ") == 1  # trained once
     assert log.endswith("complete for this spec and cache: kept, nothing to train\n")
     assert {p.name for p in folder.iterdir()} >= {"model.pt", "history.csv", "snapshots"}
+    assert "Nothing to be done" in snakemake(tmp_path, "--dry-run", target).stdout
+
+    # The training definition edited, the job starts over the finished run: Snakemake backs up
+    # its update() outputs, and a Snakemake killed now leaves the backups. After --unlock a
+    # plain re-run starts from there (a stale backup of snapshots/ made every re-run fail).
+    edit_config(tmp_path, lambda c: c["train"].update(lr=0.02))
+    backup = tmp_path / ".snakemake" / "backups" / "results" / "runs" / run / "snapshots"
+    third = subprocess.Popen([*command, target], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: backup.is_dir())
+    finally:
+        third.kill()
+        third.wait()
+    snakemake(tmp_path, "--unlock")
+    rerun = snakemake(tmp_path, target)
+    snapshots = Path("results", "runs", run, "snapshots")
+    assert (f"removed {backup}: Snakemake's backup of {snapshots}, left by a Snakemake that was "
+            "killed while its job ran") in rerun.stderr + rerun.stdout
+    assert not backup.exists()
+    assert torch.load(folder / "model.pt", weights_only=True)["spec"]["train"]["lr"] == 0.02
     assert "Nothing to be done" in snakemake(tmp_path, "--dry-run", target).stdout
 
 
@@ -636,6 +661,10 @@ def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
     assert set(planned(study)) == {"predict", "all"}
     snakemake(study)
     assert set(planned(study)) == set()
+    out = study / "results" / "predictions" / "architecture"  # one set: the old folder's gone
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "labelme/photo0.json", "labelme/photo1.json", "masks/photo0.png", "masks/photo1.png",
+        "uncertainty.csv"]
     shutil.copy(new / "photo0.jpg", new / "photo2.jpg")
     assert set(planned(study)) == {"predict", "all"}
     edit_config(study, lambda c: c["predict"].update(tta=False))
@@ -646,21 +675,51 @@ def test_predictions_are_incremental(finished_classes: Path, tmp_path: Path):
     assert (ranking["members"] == 1).all() and ranking["entropy"].is_monotonic_decreasing
 
 
-def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path):
-    """An annotator corrects a predicted file in place; a re-run of predict (here: its reference
-    file rewritten) fails, naming it, and Snakemake has not deleted it (an update() output)."""
-    study = private_copy(finished_classes, tmp_path / "study")
-    corrected = study / "results" / "predictions" / "architecture" / "labelme" / "synth_0001.json"
+def correct_annotation(out: Path) -> tuple[Path, str]:
+    corrected = out / "labelme" / "synth_0001.json"
     document = json.loads(corrected.read_text())
     document["shapes"].append({**document["shapes"][0], "label": "stone"})
     corrected.write_text(json.dumps(document))
+    return corrected, "exists and is not an unedited segpipe prediction"
+
+
+def correct_mask(out: Path) -> tuple[Path, str]:
+    corrected = out / "masks" / "synth_0002.png"
+    mask = np.array(PIL.Image.open(corrected))
+    mask[:8, :8] = 2
+    PIL.Image.fromarray(mask).save(corrected)  # an editor's save
+    return corrected, "exists and is not a mask segpipe predicted, unchanged since"
+
+
+def own_uncertainty(out: Path) -> tuple[Path, str]:
+    own = out / "uncertainty.csv"
+    own.write_text("image,checked\nsynth_0000.jpg,yes\n")
+    return own, "exists and is not the uncertainty.csv segpipe writes"
+
+
+@pytest.mark.parametrize("edit", [correct_annotation, correct_mask, own_uncertainty])
+def test_a_corrected_prediction_stops_predict_and_is_kept(finished_classes: Path, tmp_path: Path,
+                                                         edit):
+    """An annotator corrects a predicted file in place (or puts a file of theirs among the
+    predictions); a re-run of predict (here: its reference file rewritten) fails, naming it,
+    and no prediction is deleted or replaced (update() outputs: the set is predict's to
+    replace as one)."""
+    study = private_copy(finished_classes, tmp_path / "study")
+    out = study / "results" / "predictions" / "architecture"
+    corrected, problem = edit(out)
+    before = contents(out)
     reference = study / "results" / "experiments" / "architecture" / "reference_runs.txt"
     reference.write_text(reference.read_text() + "\n")  # new content: predict runs again
     proc = snakemake(study, check=False)
     assert proc.returncode == 1
-    assert f"{corrected.relative_to(study)}: exists and is not an unedited segpipe prediction" \
+    assert f"{corrected.relative_to(study)}: {problem}" \
         in (study / "results" / "logs" / "predict.log").read_text()
-    assert json.loads(corrected.read_text()) == document
+    assert contents(out) == before
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
@@ -678,6 +737,20 @@ def test_a_label_no_class_names_stops_the_workflow(tmp_path: Path):
     assert re.search(r"config: data.classes: label 'grass' of \S+/train/synth_000\d.json, .* "
                      r"is named by no class, data.background or data.ignore", proc.stdout)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_background_label_no_file_has_is_logged_not_refused(tmp_path: Path):
+    """The README's advice: list _background_ under data.background before training on
+    corrected predictions; before the first correction no file has it."""
+    subprocess.run([sys.executable, "-m", "segpipe", "synth", "--output", str(tmp_path / "train"),
+                    "--count", "12", "--size", "32", "40"], check=True, capture_output=True)
+    config = yaml.safe_load(TINY.read_text())
+    config["data"].update(train_dir=str(tmp_path / "train"), background=["grass", "_background_"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "--dry-run")
+    assert (f"config: data.background: no LabelMe file of {tmp_path / 'train'} has a shape "
+            "labelled '_background_' (their labels: grass, leaf, stone)") in proc.stdout
+    assert "rule rasterise" in proc.stdout
 
 
 def result_files(root: Path) -> list[Path]:

@@ -44,8 +44,8 @@ from segpipe.data.geometry import Geometry, to_working
 from segpipe.data.groups import group_keys, identical, merge_identical
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
-from segpipe.files import (atomic_path, check_outputs, found_labels, labelme_files,
-                           labelme_index)
+from segpipe.files import (atomic_path, check_outputs, folder_images, found_labels,
+                           labelme_files, labelme_index)
 from segpipe.labels import IGNORE, Labels
 from segpipe.spec import default
 
@@ -97,11 +97,11 @@ def build_cache(
     reserved before it is written, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
-    input (a LabelMe file, an image, the training cache), a folder that breaks the label rule
-    (:meth:`segpipe.labels.Labels.folder_errors`, the workflow's: a training folder is one
-    without ``train_cache``), a split the groups cannot make, an output that cannot be written
-    and a disk without room for it. ``labels``: the classes (:class:`segpipe.labels.Labels`;
-    default binary).
+    input (a LabelMe file, an image it names or one of the folder, the training cache), a
+    folder that breaks the label rule (:meth:`segpipe.labels.Labels.folder_errors`, the
+    workflow's: a training folder is one without ``train_cache``), a split the groups cannot
+    make, an output that cannot be written and a disk without room for it. ``labels``: the
+    classes (:class:`segpipe.labels.Labels`; default binary).
     """
     input_dir, output = Path(input_dir), Path(output)
     if not isinstance(geometry, Geometry):
@@ -156,7 +156,8 @@ def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str
                  drop_duplicates: bool) -> list:
     """The LabelMe files of ``input_dir`` read as far as their images
     (:func:`segpipe.files.labelme_index`), checked before any image is decoded: the output
-    replaces no input, the folder keeps the label rule, and (a test folder) no image is one of
+    replaces no input (a LabelMe file, a file one names, an image of the folder, the training
+    cache), the folder keeps the label rule, and (a test folder) no image is one of
     the training cache, or with ``drop_duplicates`` those are left out."""
     files = labelme_files(input_dir)
     inputs = {path: f"a LabelMe file of {input_dir}" for path in files}
@@ -164,12 +165,17 @@ def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str
         inputs[Path(train_cache)] = "the training cache (--train-cache)"
     check_outputs([output], inputs)
     index = labelme_index(files)
-    check_outputs([output], {entry.image_file: f"the image of {entry.path}"
-                             for entry in index if entry.image_file is not None})
-    errors = labels.folder_errors(found_labels(index), str(input_dir),
-                                  training=train_cache is None)
+    # Every image a file names, read or not (imageData comes first), and every other photo.
+    check_outputs([output], {
+        **{path: f"an image of {input_dir}" for path in folder_images(input_dir)},
+        **{entry.named_image: f"the image of {entry.path}" for entry in index
+           if entry.named_image is not None}})
+    found = found_labels(index)
+    errors = labels.folder_errors(found, str(input_dir), training=train_cache is None)
     if errors:
         raise SegpipeError("\n".join(errors))
+    for note in labels.folder_notes(found, str(input_dir)):
+        log.info(note)
     return index if train_cache is None else _unseen(index, Path(train_cache), drop_duplicates)
 
 

@@ -5,9 +5,11 @@ import re
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
@@ -174,14 +176,24 @@ def _check_losses():
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
 
 
+def _demo_to_write(split):
+    """Whether the data of ``split`` is the demo data and not all written yet: its rule writes
+    it, so nothing can be read at start. Once written, it is checked like the user's: a file
+    edited since would else be found bad by rasterise only after Snakemake deleted the cache."""
+    folder = config["data"][f"{split}_dir"]
+    count = config["data"]["synthetic"][f"{split}_count"]
+    return (Path(folder) == Path(DEMO_DATA, split)
+            and not all(Path(f).is_file() for f in demo_files(folder, count)))
+
+
 def _check_data():
-    """The LabelMe files of each user data folder ({split: [paths]}): the folders exist and hold
-    LabelMe files (the demo data, written by a rule, is not read)."""
+    """The LabelMe files of each data folder ({split: [paths]}): the folders exist and hold
+    LabelMe files (the demo data, until its rule has written it, is not read)."""
     data = config["data"]
     splits = ("train",) if FOLDS else ("train", "test")  # with folds, no test folder
     files = {}
     for split in splits:
-        if Path(data[f"{split}_dir"]) != Path(DEMO_DATA, split):
+        if not _demo_to_write(split):
             try:
                 files[split] = labelme_files(data[f"{split}_dir"])
             except SegpipeError as exc:
@@ -196,7 +208,7 @@ def _check_images(files):
     label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image;
     the training images' groups (identical images are one) suffice for
     data.folds or the validation split; no test image is a training image, unless
-    data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
+    data.drop_test_duplicates. The demo data still to write is known by its names."""
     data = config["data"]
     index = {}
     for split, paths in files.items():
@@ -204,10 +216,12 @@ def _check_images(files):
             index[split] = labelme_index(paths)
         except SegpipeError as exc:
             raise WorkflowError(f"config: data.{split}_dir: {exc}")
-        errors = LABELS.folder_errors(found_labels(index[split]), data[f"{split}_dir"],
-                                      training=split == "train")
+        found = found_labels(index[split])
+        errors = LABELS.folder_errors(found, data[f"{split}_dir"], training=split == "train")
         if errors:
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
+        for note in LABELS.folder_notes(found, data[f"{split}_dir"]):
+            logger.info(f"config: {note}")
     if "train" in index:
         names = [entry.path.stem for entry in index["train"]]
         digests = [entry.digest for entry in index["train"]]
@@ -325,12 +339,14 @@ def _predictions():
 
 
 def prediction_outputs():
-    """The outputs of the predict rule. The LabelMe files are update(): Snakemake never
-    deletes them before the job, so one an annotator corrected in place is kept (`segpipe
-    predict` refuses to replace it, naming it)."""
+    """The outputs of the predict rule, all update(): Snakemake deletes none of them, before
+    the job or after a failed one, so `segpipe predict` sees the set it would replace and
+    refuses, naming it, when a file of it is one an annotator corrected or the user's own (a
+    mask, a LabelMe file, uncertainty.csv); it replaces the set as a whole, the predictions
+    of images no longer in predict.input_dir removed."""
     files = _predictions()
-    return {"masks": files["png"], "labelme": update(files["labelme"]),
-            "uncertainty": f"{PREDICT_DIR}/{UNCERTAINTY_CSV}"}
+    return {"masks": update(files["png"]), "labelme": update(files["labelme"]),
+            "uncertainty": update(f"{PREDICT_DIR}/{UNCERTAINTY_CSV}")}
 
 
 def prediction_files():
@@ -419,3 +435,26 @@ def experiment_files(name):
 
 def names_regex(names):
     return "|".join(re.escape(n) for n in names) or "(?!)"  # (?!) matches nothing
+
+
+def clear_stale_backups():
+    """Remove Snakemake's backups (.snakemake/backups) of the outputs this Snakemake is about to
+    make. Snakemake copies an update() output there before its job and deletes the copy after
+    it, or restores it when the job fails; a Snakemake killed meanwhile leaves the copy, and a
+    stale copy of a folder (a run's snapshots/) makes every later backup of it fail. Run at
+    start (onstart): this Snakemake holds the locks of these outputs, so no other one is making
+    them, and their jobs make them anew (or keep a complete run), so a copy has nothing to give
+    back: restoring it would put an older run over what an orphaned job wrote since."""
+    backups = Path(workflow.persistence.path, "backups")
+    if not workflow.is_main_process or not backups.is_dir():
+        return
+    for output in map(Path, workflow.persistence.all_outputfiles()):
+        backup = backups / (output.relative_to(output.anchor) if output.is_absolute() else output)
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup)
+        elif backup.exists() or backup.is_symlink():
+            backup.unlink()
+        else:
+            continue
+        logger.info(f"removed {backup}: Snakemake's backup of {output}, left by a Snakemake "
+                    "that was killed while its job ran")
