@@ -4,8 +4,8 @@ Layout (docs/formats.md): ``images`` uint8 (N, H, W, 3) RGB resized with area
 interpolation, ``masks`` uint8 (N, H, W) class indices (:mod:`segpipe.labels`: 0 background, 1…K, 255
 ignore; {0, 1} in a binary study) rasterised at (H, W) from scaled
 coordinates, ``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) utf-8 their groups,
-``orig_size`` int32 (N, 2) original (height, width), ``digests`` (N,) the SHA-256 of each
-encoded image (:func:`segpipe.files.image_digest`), and the split (:mod:`segpipe.data.split`):
+``orig_size`` int32 (N, 2) original (height, width), ``photos`` (N,) the identity of each
+image (:func:`segpipe.data.identity.photo_id`), and the split (:mod:`segpipe.data.split`):
 ``is_val`` bool (N,), or with ``folds`` the cross-validation fold ``fold`` int64 (N,); one image
 per chunk; attributes ``segpipe_version``, ``source``, ``foreground``, ``background``, ``labels``
 (with classes or ignore labels: :meth:`segpipe.labels.Labels.attrs`), ``group`` (JSON),
@@ -30,11 +30,12 @@ import numpy as np
 from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
-from segpipe.data.groups import group_keys, identical, merge_identical
+from segpipe.data.groups import group_keys, merge_identical
+from segpipe.data.identity import same_photos, seen_in
+from segpipe.data.index import found_labels, labelme_index
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
-from segpipe.files import (atomic_path, check_outputs, found_labels, labelme_files,
-                           labelme_index)
+from segpipe.files import atomic_path, check_outputs, labelme_files
 from segpipe.labels import IGNORE, Labels
 from segpipe.spec import default
 
@@ -58,8 +59,8 @@ def build_cache(
     """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
     the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
     cross-validation folds, both drawn by ``split_seed`` over the groups of the regular
-    expression ``group``; identical images (the same image bytes) are one group, logged as a
-    warning, with a second one where their masks differ.
+    expression ``group``; the images of one photo (:mod:`segpipe.data.identity`: however
+    stored) are one group, logged as a warning, with a second one where their masks differ.
 
     ``val_fraction`` ``None`` is the config's default (``data.val_fraction``) for a training
     folder, and no validation split with ``folds`` or for a test folder, which is built against
@@ -67,7 +68,8 @@ def build_cache(
     left out of this cache with a warning. The other defaults are the config's too
     (:func:`segpipe.spec.default`).
 
-    Every file is read as far as its image bytes before any is decoded. The file is written
+    Every file is read as far as its image's identity (:func:`segpipe.data.index.labelme_index`)
+    before any is rasterised. The file is written
     under a temporary name, with its disk space reserved before the first image, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
@@ -91,12 +93,12 @@ def build_cache(
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
     index = _read_folder(input_dir, output, labels, train_cache, drop_duplicates)
-    names, digests = [entry.path.stem for entry in index], [entry.digest for entry in index]
-    keys = merge_identical(group_keys(names, group), digests)
-    for same in identical(digests):
-        log.warning("%s: the same image (identical image bytes): one group, %r, on one side "
-                    "of every split", " and ".join(str(index[i].path) for i in same),
-                    keys[same[0]])
+    names, photos = [entry.path.stem for entry in index], [entry.photo for entry in index]
+    same = same_photos(photos)
+    keys = merge_identical(group_keys(names, group), same)
+    for positions in same:
+        log.warning("%s: the same photo: one group, %r, on one side of every split",
+                    " and ".join(str(index[i].path) for i in positions), keys[positions[0]])
     groups = group_ids(keys)
     try:
         if folds is None:
@@ -116,7 +118,7 @@ def build_cache(
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
     found, skipped, pixels = _write(output, [entry.path for entry in index], size, labels,
-                                    _layout(names, keys, digests, size, split, attrs))
+                                    _layout(names, keys, photos, size, split, attrs))
     log.info(
         "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
         output, len(index), _describe_split(split, groups), height, width, labels.describe(),
@@ -126,8 +128,8 @@ def build_cache(
 
 def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str | Path | None,
                  drop_duplicates: bool) -> list:
-    """The LabelMe files of ``input_dir`` read as far as their images
-    (:func:`segpipe.files.labelme_index`), checked before any image is decoded: the output
+    """The LabelMe files of ``input_dir`` read as far as their images' identities
+    (:func:`segpipe.data.index.labelme_index`), checked before any is rasterised: the output
     replaces no input, the folder keeps the label rule, and (a test folder) no image is one of
     the training cache, or with ``drop_duplicates`` those are left out."""
     files = labelme_files(input_dir)
@@ -188,25 +190,27 @@ def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
 
 
 def _unseen(index: list, train_cache: Path, drop: bool) -> list:
-    """The entries of ``index`` whose image is not one of ``train_cache``; one that is, is an
-    error or (``drop``) left out with a warning."""
+    """The entries of ``index`` whose photo is not one of ``train_cache``
+    (:func:`segpipe.data.identity.seen_in`); one that is, is an error or (``drop``) left out
+    with a warning."""
     try:
         with h5py.File(train_cache, "r") as h5:
-            if "digests" not in h5:
-                raise SegpipeError(f"{train_cache}: holds no image digests (written by an older "
-                                   "segpipe): rasterise it again")
-            seen = dict(zip(h5["digests"].asstr()[:], h5["names"].asstr()[:]))
+            if "photos" not in h5:
+                raise SegpipeError(f"{train_cache}: holds no photo identities (written by an "
+                                   "older segpipe): rasterise it again")
+            photos, names = list(h5["photos"].asstr()[:]), list(h5["names"].asstr()[:])
     except OSError as exc:
         raise SegpipeError(f"{train_cache}: not a readable segpipe cache ({exc})") from None
-    repeated = [f"{entry.path}: the same image as {seen[entry.digest]!r} of the training cache "
-                f"{train_cache} (identical image bytes)" for entry in index if entry.digest in seen]
+    seen = seen_in([entry.photo for entry in index], photos)
+    repeated = [f"{entry.path}: the same photo as {names[j]!r} of the training cache "
+                f"{train_cache}" for entry, j in zip(index, seen) if j is not None]
     if repeated and not drop:
         raise SegpipeError("\n".join([*repeated, "a test image must be unseen in training: remove "
                                        "it from one folder, or leave it out of the test cache "
                                        "(--drop-duplicates; data.drop_test_duplicates: true)"]))
     for line in repeated:
         log.warning("%s: left out of this cache", line)
-    kept = [entry for entry in index if entry.digest not in seen]
+    kept = [entry for entry, j in zip(index, seen) if j is None]
     if not kept:
         raise SegpipeError(f"every image is one of the training cache {train_cache}")
     return kept
@@ -231,7 +235,7 @@ def content_digest(h5: h5py.File) -> str:
     return digest.hexdigest()
 
 
-def _layout(names: list[str], groups: list[str], digests: list[str], size: tuple[int, int],
+def _layout(names: list[str], groups: list[str], photos: list[str], size: tuple[int, int],
             split: dict[str, np.ndarray], attrs: dict) -> bytes:
     """The cache as HDF5 file bytes with every dataset created and no pixel written yet."""
     n = len(names)
@@ -242,7 +246,7 @@ def _layout(names: list[str], groups: list[str], digests: list[str], size: tuple
         h5.create_dataset("orig_size", (n, 2), np.int32)
         h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
         h5.create_dataset("groups", data=groups, dtype=h5py.string_dtype())
-        h5.create_dataset("digests", data=digests, dtype=h5py.string_dtype())
+        h5.create_dataset("photos", data=photos, dtype=h5py.string_dtype())
         for key, values in split.items():
             h5.create_dataset(key, data=values)
         h5.attrs.update(attrs)

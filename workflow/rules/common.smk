@@ -8,11 +8,14 @@ import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
-from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, found_labels, image_files,
-                           labelme_files, labelme_index, prediction_paths)
+from segpipe.data.identity import same_photos, seen_in
+from segpipe.data.index import FileIndex, found_labels, labelme_index
+from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, image_files, labelme_files,
+                           prediction_paths)
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
 from segpipe import rundir
 from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
@@ -119,6 +122,12 @@ RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.
 
 # Start checks beyond the schema's types, on every invocation (a dry run too): an error here
 # stops Snakemake before it plans a job, so before it deletes the outputs of a run to redo.
+# Not in a job that a cluster executor runs (Snakemake parses the workflow again inside each):
+# the Snakemake that submitted it checked. What they learn of each data file is kept in
+# FILE_INDEX (segpipe.data.index), beside Snakemake's own records of the working directory, so
+# a parse reads only the files that changed since.
+CLUSTER_JOB = workflow.remote_exec
+FILE_INDEX = ".snakemake/segpipe/labelme_index.json"
 def _check_split():
     """data.test_dir is given exactly without data.folds (data.group: _check_images)."""
     data = config["data"]
@@ -132,7 +141,7 @@ def _check_split():
     if FOLDS and data["drop_test_duplicates"]:
         raise WorkflowError(
             "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation "
-            "has none of (identical images are one group, so in one fold)"
+            "has none of (the images of one photo are one group, so in one fold)"
         )
 
 
@@ -184,60 +193,80 @@ def _check_data():
     return files
 
 
-def _check_images(files):
-    """The user's LabelMe files ({split: [paths]}) read as far as their images, checked as
-    rasterise checks them before its first image, and {split: [segpipe.files.LabelmeEntry]}:
-    every file is valid JSON with a 'shapes' list and its image exists; each folder keeps the
+def _index_images(files):
+    """{split: [segpipe.data.index.LabelmeEntry]} of the user's LabelMe files ({split:
+    [paths]}), read as far as their images (only those that changed since FILE_INDEX was
+    written; a cluster job neither writes it nor reads what changed since the check)."""
+    index, found = {}, FileIndex(FILE_INDEX)
+    try:
+        for split, paths in files.items():
+            try:
+                index[split] = labelme_index(paths, found)
+            except SegpipeError as exc:
+                raise WorkflowError(f"config: data.{split}_dir: {exc}")
+    finally:
+        if not CLUSTER_JOB:
+            found.save()
+    if index:
+        logger.info(f"segpipe: {found.read + found.reused} data files, {found.read} read, "
+                    f"{found.reused} unchanged since {FILE_INDEX}")
+    return index
+
+
+def _check_images(index):
+    """The user's LabelMe files ({split: [segpipe.data.index.LabelmeEntry]}) checked as
+    rasterise checks them before its first image: every file is valid JSON with a 'shapes'
+    list, its image decodes and has its declared size (_index_images); each folder keeps the
     label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image;
-    the training images' groups (identical images are one) suffice for
-    data.folds or the validation split; no test image is a training image, unless
+    the training images' groups (the images of one photo are one) suffice for data.folds or
+    the validation split; no test image is a training photo (segpipe.data.identity), unless
     data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
     data = config["data"]
-    index = {}
-    for split, paths in files.items():
-        try:
-            index[split] = labelme_index(paths)
-        except SegpipeError as exc:
-            raise WorkflowError(f"config: data.{split}_dir: {exc}")
-        errors = LABELS.folder_errors(found_labels(index[split]), data[f"{split}_dir"],
+    for split, entries in index.items():
+        errors = LABELS.folder_errors(found_labels(entries), data[f"{split}_dir"],
                                       training=split == "train")
         if errors:
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
     if "train" in index:
         names = [entry.path.stem for entry in index["train"]]
-        digests = [entry.digest for entry in index["train"]]
+        same = same_photos([entry.photo for entry in index["train"]])
     else:  # distinct synthetic images
-        names = digests = [DEMO_NAME.format(i) for i in range(data["synthetic"]["train_count"])]
-    where = (f"{data['train_dir']}: {len(names)} images; identical images and data.group join "
-             "groups")
+        names, same = [DEMO_NAME.format(i) for i in range(data["synthetic"]["train_count"])], []
+    where = (f"{data['train_dir']}: {len(names)} images; the images of one photo and "
+             "data.group join groups")
     try:
         keys = group_keys(names, data["group"])
     except SegpipeError as exc:
         raise WorkflowError(f"config: {exc} in {data['train_dir']}")
     try:
-        check_group_count(len(set(merge_identical(keys, digests))), FOLDS, data["val_fraction"])
+        check_group_count(len(set(merge_identical(keys, same))), FOLDS, data["val_fraction"])
     except SegpipeError as exc:
         key = "folds" if FOLDS else "val_fraction"
         raise WorkflowError(f"config: data.{key}: {exc} ({where})")
     if "train" in index and "test" in index and not data["drop_test_duplicates"]:
-        trained = {entry.digest: entry.path for entry in index["train"]}
-        repeated = [f"  {entry.path} = {trained[entry.digest]}" for entry in index["test"]
-                    if entry.digest in trained]
+        train, test = index["train"], index["test"]
+        seen = seen_in([entry.photo for entry in test], [entry.photo for entry in train])
+        repeated = [f"  {entry.path} = {train[j].path}" for entry, j in zip(test, seen)
+                    if j is not None]
         if repeated:
             raise WorkflowError("\n".join([
-                f"config: data.test_dir: {len(repeated)} test image(s) are training images "
-                "(identical image bytes), and would be scored as unseen:", *repeated,
-                "remove them from one folder, or set data.drop_test_duplicates: true to leave "
-                "them out of the test cache"]))
-    return index
+                f"config: data.test_dir: {len(repeated)} test image(s) are training photos "
+                "(segpipe.data.identity: however stored), and would be scored as unseen:",
+                *repeated, "remove them from one folder, or set data.drop_test_duplicates: "
+                "true to leave them out of the test cache"]))
 
 
 LABELS = _study_labels()
-_check_split()
-_check_models()
-_check_losses()
-LABELME_FILES = _check_data()
-LABELME_INDEX = _check_images(LABELME_FILES)
+if CLUSTER_JOB:
+    logger.info("segpipe: start checks skipped in this cluster job (the submitting Snakemake "
+                "made them)")
+else:
+    _check_split()
+    _check_models()
+    _check_losses()
+LABELME_INDEX = _index_images(_check_data())
+if not CLUSTER_JOB:
+    _check_images(LABELME_INDEX)
 
 
 def _check_predict():
