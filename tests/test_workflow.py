@@ -340,6 +340,36 @@ def test_a_dry_run_stops_at_the_same_check(study: Path):
     assert "rule train" not in proc.stdout
 
 
+def test_imagenet_weights_are_named_at_start_or_read_by_training(tmp_path: Path):
+    """Without the file and without network, a dry run stops at start naming the file, where
+    to put it and how to fetch it; with the file there, training jobs take it as an input and
+    no fetch is planned (the fetch_weights step runs only where a file is missing)."""
+    shutil.copy(TINY, tmp_path / "config.yaml")
+    edit_config(tmp_path, lambda c: (
+        c["backbones"].update(resnet18={"encoder": "resnet18", "weights": "imagenet"}),
+        c["experiments"].update(backbone={"vary": {"backbone": ["scratch", "resnet18"]}})))
+    offline = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"),
+                   https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
+               str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--dry-run"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=offline, timeout=300)
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert proc.returncode == 1
+    assert (f"config: backbones.resnet18.weights: imagenet: {path} not found, and this machine "
+            "cannot reach https://download.pytorch.org/models/resnet18-f37072fd.pth to fetch it "
+            "([Errno 111] Connection refused): on a machine with internet run `segpipe "
+            "fetch-weights --encoder resnet18`") in proc.stdout + proc.stderr
+
+    path.parent.mkdir(parents=True)
+    torch.save({}, path)
+    proc = subprocess.run(command, capture_output=True, text=True, env=offline, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not re.search(r"^(local)?rule fetch_weights:", proc.stdout, re.M)
+    inputs = re.findall(r"^    input: (.*)$", proc.stdout, re.M)
+    resnet = [line for line in inputs if str(path) in line]
+    assert len(resnet) == 1 and resnet[0] == f"results/data/train.h5, {path}"
+
+
 def checksums(workdir: Path) -> dict[str, str]:
     """Every file under results/ with the SHA-256 of its bytes."""
     return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()

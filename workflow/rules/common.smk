@@ -22,6 +22,8 @@ from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
 from segpipe.spec import loss_errors, model_errors, schema
+from segpipe.weights import (IMAGENET_URLS, how_to_supply, hub_checkpoints, imagenet_file,
+                             unreachable)
 
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
 NAME = schema()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")
@@ -160,6 +162,31 @@ def _check_models():
             raise WorkflowError(f"config: backbones.{name}.weights: {weights}: no such file")
 
 
+def _imagenet_weights():
+    """{backbone: file} of the runs' backbones with `weights: imagenet` (segpipe.weights): the
+    fetch_weights step places each file there, where training reads it."""
+    backbones = dict.fromkeys(r["backbone"] for r in RUNS)
+    return {name: str(imagenet_file(config["backbones"][name]["encoder"])) for name in backbones
+            if config["backbones"][name].get("weights") == "imagenet"}
+
+
+# The file name of each encoder's ImageNet weights (rule fetch_weights) -> the encoder.
+WEIGHTS_ENCODERS = {imagenet_file(encoder).name: encoder for encoder in IMAGENET_URLS}
+
+
+def _check_weights():
+    """Each ImageNet weights file is there, or this machine, where the fetch_weights step runs
+    (before any training job), reaches its URL."""
+    for name, path in IMAGENET_WEIGHTS.items():
+        encoder = config["backbones"][name]["encoder"]
+        reason = None if Path(path).is_file() else unreachable(IMAGENET_URLS[encoder])
+        if reason is not None:
+            raise WorkflowError(
+                f"config: backbones.{name}.weights: imagenet: {path} not found, and this machine "
+                f"cannot reach {IMAGENET_URLS[encoder]} to fetch it ({reason}): "
+                f"{how_to_supply(encoder)}")
+
+
 def _study_labels():
     """The classes of the study (segpipe.labels.Labels), checked."""
     data = config["data"]
@@ -257,12 +284,14 @@ def _check_images(index):
 
 
 LABELS = _study_labels()
+IMAGENET_WEIGHTS = _imagenet_weights()
 if CLUSTER_JOB:
     logger.info("segpipe: start checks skipped in this cluster job (the submitting Snakemake "
                 "made them)")
 else:
     _check_split()
     _check_models()
+    _check_weights()
     _check_losses()
 LABELME_INDEX = _index_images(_check_data())
 if not CLUSTER_JOB:
@@ -381,6 +410,13 @@ def labelme_input(wildcards):
     entries = LABELME_INDEX[wildcards.split]
     images = [e.image_file for e in entries if e.image_file is not None]
     return list(dict.fromkeys(str(f) for f in [*(e.path for e in entries), *images]))
+
+
+def weights_input(wildcards):
+    """The ImageNet weights file a run's backbone starts from (none without `weights:
+    imagenet`); ancient(): a file fetched again later re-trains nothing."""
+    path = IMAGENET_WEIGHTS.get(wildcards.backbone)
+    return [ancient(path)] if path else []
 
 
 def train_cache_input(wildcards):
