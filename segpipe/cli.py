@@ -72,6 +72,7 @@ def _cmd_rasterise(args: argparse.Namespace) -> None:
         group=args.group,
         train_cache=args.train_cache,
         drop_duplicates=args.drop_duplicates,
+        workers=args.workers,
     )
 
 
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
              type=int)
     s.add_argument("--train-cache", type=Path, default=None, metavar="H5",
                    help="for a test folder: the training cache; an image of it is an error")
+    _setting(s, "--workers", "resources.rasterise_threads", "threads that decode the photos "
+             "(the cache is the same for any number)", type=int, metavar="N")
     s.add_argument("--drop-duplicates", action="store_true",
                    default=default("data.drop_test_duplicates"),
                    help="with --train-cache: leave those images out, with a warning (config "

@@ -18,6 +18,7 @@ import pytest
 from segpipe import SegpipeError, __version__
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import split_indices
+from segpipe.data.labelme import load_annotation, load_annotations
 from segpipe.files import HOST
 from segpipe.labels import Labels
 
@@ -320,3 +321,49 @@ def test_fold_errors_leave_no_file(grouped, tmp_path):
     with pytest.raises(SegpipeError, match="folds and val_fraction exclude each other"):
         build_cache(folder, output, (4, 4), folds=3, val_fraction=0.2)
     assert not output.exists()
+
+
+@pytest.fixture
+def photos(make_labelme, tmp_path):
+    """Twelve LabelMe files of distinct 40x56 photos, e.json's embedded."""
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(3)
+    for i, name in enumerate("abcdefghijkl"):
+        make_labelme([("obj", "polygon", rng.uniform(0, 40, (5, 2)).tolist())], name=name,
+                     folder=folder, image=rng.integers(0, 256, (40, 56, 3), np.uint8),
+                     embed=name == "e")
+    return folder
+
+
+def test_parallel_decoding_writes_the_same_file(photos, tmp_path):
+    build_cache(photos, tmp_path / "serial.h5", size=(16, 24), workers=1)
+    build_cache(photos, tmp_path / "parallel.h5", size=(16, 24), workers=3)
+    assert (tmp_path / "serial.h5").read_bytes() == (tmp_path / "parallel.h5").read_bytes()
+
+
+def test_load_annotations_keeps_the_order_and_reads_ahead_a_bounded_number(photos):
+    files = sorted(photos.glob("*.json"))
+    pulled = []
+
+    def listed():
+        for path in files:
+            pulled.append(path)
+            yield path
+
+    annotations = load_annotations(listed(), workers=2)
+    first = next(annotations)
+    assert first.path == files[0] and len(pulled) == 4  # 2 x workers in flight, no more
+    rest = list(annotations)
+    assert [a.path for a in [first, *rest]] == files
+    for parallel, path in zip([first, *rest], files):
+        serial = load_annotation(path)
+        np.testing.assert_array_equal(parallel.image, serial.image)
+        assert parallel.image_digest == serial.image_digest
+
+
+def test_the_first_bad_file_in_order_raises(photos):
+    files = sorted(photos.glob("*.json"))
+    (photos / "c.png").unlink()
+    (photos / "k.json").write_text("{")
+    with pytest.raises(SegpipeError, match=r"c\.json: image .*c\.png not found"):
+        list(load_annotations(files, workers=4))

@@ -33,7 +33,7 @@ from segpipe import SegpipeError, __version__
 from segpipe.data.groups import group_keys, merge_identical
 from segpipe.data.identity import same_photos, seen_in
 from segpipe.data.index import found_labels, labelme_index
-from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.data.labelme import load_annotations, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
 from segpipe.files import atomic_path, check_outputs, labelme_files
 from segpipe.labels import IGNORE, Labels
@@ -55,6 +55,7 @@ def build_cache(
     group: str | None = default("data.group"),
     train_cache: str | Path | None = None,
     drop_duplicates: bool = default("data.drop_test_duplicates"),
+    workers: int = default("resources.rasterise_threads"),
 ) -> None:
     """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
     the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
@@ -77,7 +78,8 @@ def build_cache(
     (:meth:`segpipe.labels.Labels.folder_errors`, the workflow's: a training folder is one
     without ``train_cache``), a split the groups cannot make, an output that cannot be written
     and a disk without room for it. ``labels``: the classes (:class:`segpipe.labels.Labels`;
-    default binary).
+    default binary). ``workers``: threads that decode the photos
+    (:func:`segpipe.data.labelme.load_annotations`); the cache is the same byte for byte.
     """
     input_dir, output = Path(input_dir), Path(output)
     size = height, width = int(size[0]), int(size[1])
@@ -118,7 +120,7 @@ def build_cache(
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
     found, skipped, pixels = _write(output, [entry.path for entry in index], size, labels,
-                                    _layout(names, keys, photos, size, split, attrs))
+                                    _layout(names, keys, photos, size, split, attrs), workers)
     log.info(
         "%s: %d images%s at %dx%d, %s; %s of pixels; shapes: %s; skipped (no area): %s",
         output, len(index), _describe_split(split, groups), height, width, labels.describe(),
@@ -148,7 +150,7 @@ def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str
 
 
 def _write(output: Path, files: list[Path], size: tuple[int, int], labels: Labels,
-           layout: bytes) -> tuple[Counter, Counter, Counter]:
+           layout: bytes, workers: int) -> tuple[Counter, Counter, Counter]:
     """Rasterise ``files`` into the cache ``output`` of ``layout`` (:func:`_layout`), written
     under a temporary name with its space reserved and renamed when complete; the labels of
     the filled shapes, the shapes skipped and the pixels of each mask value, counted."""
@@ -158,15 +160,15 @@ def _write(output: Path, files: list[Path], size: tuple[int, int], labels: Label
         _create_reserved(partial, layout, len(files), size, output)
         with h5py.File(partial, "r+") as h5:
             images, masks, orig_size = h5["images"], h5["masks"], h5["orig_size"]
-            for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
-                annotation = load_annotation(path)
+            for i, annotation in enumerate(tqdm(load_annotations(files, workers), total=len(files),
+                                                desc="rasterise", unit="image", disable=None)):
                 images[i] = cv2.resize(annotation.image, (width, height),
                                        interpolation=cv2.INTER_AREA)
                 masks[i] = mask = rasterise(annotation, size, labels)
                 first = first_row.setdefault(annotation.image_digest, i)
                 if first != i and (masks[first] != mask).any():
                     log.warning("%s and %s: the same image annotated differently (the masks "
-                                "differ in %d of %dx%d pixels)", files[first], path,
+                                "differ in %d of %dx%d pixels)", files[first], files[i],
                                 int((masks[first] != mask).sum()), height, width)
                 orig_size[i] = annotation.size
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))

@@ -39,7 +39,9 @@ import json
 import math
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,28 @@ def load_annotation(path: str | Path) -> Annotation:
         else:  # not drawn, whatever its points
             skipped[shape_type] += 1
     return Annotation(path, image, tuple(shapes), skipped, image_digest(encoded))
+
+
+def load_annotations(files: Iterable[str | Path], workers: int = 1) -> Iterator[Annotation]:
+    """:func:`load_annotation` of each of ``files``, in their order, read by ``workers``
+    threads (decoding releases the GIL): at most ``2 × workers`` files are read ahead of the
+    one consumed, so as many images at most are held at once. The first file in order that is
+    wrong raises its error, as when read one by one."""
+    if workers <= 1:
+        yield from map(load_annotation, files)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="load_annotation") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for path in files:
+                ahead.append(pool.submit(load_annotation, path))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def rasterise(annotation: Annotation, size: tuple[int, int] | None = None,
