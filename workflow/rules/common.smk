@@ -130,6 +130,8 @@ RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.
 # a parse reads only the files that changed since.
 CLUSTER_JOB = workflow.remote_exec
 FILE_INDEX = ".snakemake/segpipe/labelme_index.json"
+
+
 def _check_split():
     """data.test_dir is given exactly without data.folds (data.group: _check_images)."""
     data = config["data"]
@@ -222,8 +224,8 @@ def _check_data():
 
 def _index_images(files):
     """{split: [segpipe.data.index.LabelmeEntry]} of the user's LabelMe files ({split:
-    [paths]}), read as far as their images (only those that changed since FILE_INDEX was
-    written; a cluster job neither writes it nor reads what changed since the check)."""
+    [paths]}), read as far as their images: only the files that changed since FILE_INDEX was
+    written (which a cluster job leaves as it is)."""
     index, found = {}, FileIndex(FILE_INDEX)
     try:
         for split, paths in files.items():
