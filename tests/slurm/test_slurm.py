@@ -109,7 +109,8 @@ def test_cluster_jobs_repeat_no_start_check(studies, cluster, tmp_path):
     config = yaml.safe_load((study / "config.yaml").read_text())
     config["data"].update(train_dir=str(data / "train"), test_dir=str(data / "test"))
     (study / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = start_snakemake(cluster, study, *SLURM_ARGS, "results/data/test.h5")
+    proc = start_snakemake(cluster, study, *SLURM_ARGS, "--slurm-keep-successful-logs",
+                           "results/data/test.h5")
     assert finish(proc, cluster, 300) == 0, output(study)[-5000:]
     files = 2 * (12 + 4)  # the JSON files and their images
     assert f"segpipe: {files} data files, {files} read, 0 unchanged" in output(study)
