@@ -13,7 +13,8 @@ scaled to the size, with its own sensor noise (σ = 4), so that photos are disti
     python benchmarks/bench_scale.py --count 2000 --size 480 640 --runs 2000
     python benchmarks/bench_scale.py --count 100 --size 3000 4000 --runs 0   # 12 MP photos
 
-Timings are wall-clock seconds of whole processes (Python start-up and imports included).
+Timings are of whole processes (Python start-up and imports included), taken with GNU time
+(/usr/bin/time): wall and CPU (user + system) seconds, peak RSS. docs/cluster.md has the table.
 """
 
 from __future__ import annotations
@@ -80,17 +81,16 @@ def study(workdir: Path, data: Path, runs: int) -> Path:
 
 
 def measure(command: list[str]) -> tuple[float, float, float, str]:
-    """Wall seconds, CPU seconds (user + system), peak RSS (MiB) and output of ``command``."""
+    """Wall seconds, CPU seconds (user + system), peak RSS (MiB) and output of ``command``,
+    run under GNU time (a child of this large process would count this one's pages)."""
     start = time.perf_counter()
-    with open(os.devnull, "w") as null:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=null, env=ENV)
-    out = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        sys.exit(f"{' '.join(command)} failed:\n{out[-4000:]}")
-    return (time.perf_counter() - start, usage.ru_utime + usage.ru_stime,
-            usage.ru_maxrss / 1024, out)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", *command], capture_output=True,
+                          text=True, env=ENV)
+    if proc.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    user, system, peak = proc.stderr.splitlines()[-1].split()
+    return (time.perf_counter() - start, float(user) + float(system), int(peak) / 1024,
+            proc.stdout + proc.stderr)
 
 
 def dry_run(workdir: Path, *args: str) -> tuple[float, float, float, str]:
