@@ -12,7 +12,7 @@ import PIL.ImageOps
 import pytest
 
 from segpipe import SegpipeError
-from segpipe.data.identity import photo_id, same_photo, same_photos, seen_in
+from segpipe.data.identity import photo_id, same_photos, seen_in
 from segpipe.data.synthetic import synthesise
 
 
@@ -35,6 +35,10 @@ def labelme_copy(encoded: bytes, suffix: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG" if suffix in (".jpg", ".jpeg") else "PNG")
     return buffer.getvalue()
+
+
+def same_photo(a: str, b: str) -> bool:
+    return seen_in([a], [b]) == [0]
 
 
 def decoded(encoded: bytes) -> np.ndarray:

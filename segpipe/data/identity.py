@@ -83,11 +83,6 @@ def _pairs(a: Sequence[str], b: Sequence[str], chunk: int = 512) -> list[tuple[i
     return found
 
 
-def same_photo(a: str, b: str) -> bool:
-    """Whether two photo ids are of one photo (the module's rule)."""
-    return bool(_pairs([a], [b]))
-
-
 def same_photos(ids: Sequence[str]) -> list[list[int]]:
     """The positions of the images of each photo that occurs more than once, each group in
     order, groups by their first position; joined transitively (a ~ b and b ~ c: one group)."""
