@@ -19,6 +19,7 @@ from pathlib import Path
 
 from segpipe import SegpipeError, __version__
 from segpipe.spec import check_setting, default
+from segpipe.weights import IMAGENET_URLS
 
 
 def _json_arg(text: str) -> dict:
@@ -74,6 +75,7 @@ def _cmd_rasterise(args: argparse.Namespace) -> None:
         group=args.group,
         train_cache=args.train_cache,
         drop_duplicates=args.drop_duplicates,
+        workers=args.workers,
     )
 
 
@@ -81,6 +83,13 @@ def _cmd_models(args: argparse.Namespace) -> None:
     from segpipe.models import print_model_table
 
     print_model_table(size=args.size, markdown=args.markdown)
+
+
+def _cmd_fetch_weights(args: argparse.Namespace) -> None:
+    from segpipe.weights import fetch_imagenet
+
+    for encoder in args.encoder:
+        logging.getLogger("segpipe").info("%s: %s", encoder, fetch_imagenet(encoder))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -190,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
              type=int)
     s.add_argument("--train-cache", type=Path, default=None, metavar="H5",
                    help="for a test folder: the training cache; an image of it is an error")
+    _setting(s, "--workers", "resources.rasterise_threads", "threads that decode the photos "
+             "(the cache is the same for any number)", type=int, metavar="N")
     s.add_argument("--drop-duplicates", action="store_true",
                    default=default("data.drop_test_duplicates"),
                    help="with --train-cache: leave those images out, with a warning (config "
@@ -200,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=256, help="input side for the GFLOPs count")
     s.add_argument("--markdown", action="store_true", help="a Markdown table (docs/models.md)")
     s.set_defaults(func=_cmd_models)
+
+    s = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
+    s.add_argument("--encoder", nargs="+", required=True, choices=sorted(IMAGENET_URLS),
+                   help="the ResNets whose torchvision IMAGENET1K_V1 weights to fetch")
+    s.set_defaults(func=_cmd_fetch_weights)
 
     s = sub.add_parser("train", help="train one run")
     s.add_argument("--cache", type=Path, required=True,

@@ -17,7 +17,6 @@ import re
 import socket
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 from segpipe import SegpipeError
@@ -80,20 +79,35 @@ def read_labelme(path: Path) -> dict:
 
 def labelme_image(path: Path, document: dict) -> tuple[bytes, str, Path | None]:
     """The encoded image of the LabelMe file ``path`` (its ``document``), where it comes from
-    (for messages) and the image file it was read from: None for the embedded ``imageData``,
-    which takes precedence (LabelMe's own rule: it is the image the shapes were drawn on).
-    ``imagePath`` is relative to the JSON; Windows separators are accepted."""
+    (for messages) and the image file it was read from: None for the embedded ``imageData``
+    (:func:`image_reference`)."""
+    reference = image_reference(path, document)
+    if isinstance(reference, bytes):
+        return reference, f"{path}: imageData", None
+    return read_image_file(path, reference), f"{path}: image {reference}", reference
+
+
+def image_reference(path: Path, document: dict) -> bytes | Path:
+    """The image of the LabelMe file ``path`` (its ``document``): the embedded ``imageData``
+    decoded from base64, which takes precedence (LabelMe's own rule: it is the image the shapes
+    were drawn on), else the path of the image file ``imagePath``, relative to the JSON
+    (Windows separators accepted)."""
     if document.get("imageData"):
         try:
-            encoded = base64.b64decode(document["imageData"])
+            return base64.b64decode(document["imageData"])
         except (binascii.Error, TypeError, ValueError):
             raise SegpipeError(f"{path}: imageData is not valid base64") from None
-        return encoded, f"{path}: imageData", None
     image_path = named_image(path, document)
     if image_path is None:
         raise SegpipeError(f"{path}: has neither imageData nor imagePath")
+    return image_path
+
+
+def read_image_file(path: Path, image_path: Path) -> bytes:
+    """The bytes of ``image_path``, the image file of the LabelMe file ``path``; raises
+    :class:`SegpipeError` naming both when it cannot be read."""
     try:
-        return image_path.read_bytes(), f"{path}: image {image_path}", image_path
+        return image_path.read_bytes()
     except IsADirectoryError:
         raise SegpipeError(f"{path}: image {image_path} is a folder, not an image file") from None
     except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL character
@@ -112,8 +126,19 @@ def named_image(path: Path, document: dict) -> Path | None:
 
 
 def image_digest(encoded: bytes) -> str:
-    """An image's identity: the SHA-256 (hex) of its encoded bytes."""
+    """The SHA-256 (hex) of an encoded image's bytes."""
     return hashlib.sha256(encoded).hexdigest()
+
+
+def size_error(path: Path, declared: tuple, size: tuple[int, int]) -> str | None:
+    """What is wrong when the ``declared`` (imageHeight, imageWidth) of the LabelMe file
+    ``path`` (either None: nothing) are not the (height, width) ``size`` of its image."""
+    size = tuple(size)
+    if None in declared or tuple(declared) == size:
+        return None
+    hint = " (swapped: EXIF orientation?)" if tuple(declared) == size[::-1] else ""
+    return (f"{path}: imageHeight x imageWidth {declared[0]!r}x{declared[1]!r} does not "
+            f"match the image, {size[0]}x{size[1]}{hint}")
 
 
 FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle", "mask"})
@@ -121,45 +146,16 @@ FILLED_TYPES = frozenset({"polygon", "rectangle", "circle", "oriented_rectangle"
 < 3: a polygon); the others (line, point, ...) paint nothing."""
 
 
-@dataclass(frozen=True)
-class LabelmeEntry:
-    """A LabelMe file, the image file it reads (None: embedded), the image's digest, the
-    labels of its filled shapes (:data:`FILLED_TYPES`), in file order, and the file its
-    ``imagePath`` names (:func:`named_image`; read or not, it is an input: never an output)."""
-
-    path: Path
-    image_file: Path | None
-    digest: str
-    labels: tuple[str, ...] = ()
-    named_image: Path | None = None
-
-
-def labelme_index(files: Iterable[Path]) -> list[LabelmeEntry]:
-    """Each LabelMe file read as far as its image bytes (:func:`read_labelme`,
-    :func:`labelme_image`): what a folder holds, before any image is decoded."""
-    entries = []
-    for path in files:
-        document = read_labelme(path)
-        encoded, _, image_file = labelme_image(path, document)
-        labels = tuple(shape["label"] for shape in document["shapes"]
-                       if isinstance(shape, dict) and isinstance(shape.get("label"), str)
-                       and _filled(shape.get("shape_type")))
-        entries.append(LabelmeEntry(path, image_file, image_digest(encoded), labels,
-                                    named_image(path, document)))
-    return entries
+def filled_labels(document: dict) -> tuple[str, ...]:
+    """The labels of the filled shapes (:data:`FILLED_TYPES`) of a LabelMe ``document``, in
+    file order (shapes without a string label are left to rasterise's checks)."""
+    return tuple(shape["label"] for shape in document["shapes"]
+                 if isinstance(shape, dict) and isinstance(shape.get("label"), str)
+                 and _filled(shape.get("shape_type")))
 
 
 def _filled(shape_type: object) -> bool:
     return shape_type is None or isinstance(shape_type, str) and shape_type in FILLED_TYPES
-
-
-def found_labels(entries: Iterable[LabelmeEntry]) -> dict[str, list[Path]]:
-    """``{label: [files]}`` of the filled shapes of LabelMe files (:func:`labelme_index`)."""
-    found: dict[str, list[Path]] = {}
-    for entry in entries:
-        for label in dict.fromkeys(entry.labels):
-            found.setdefault(label, []).append(entry.path)
-    return found
 
 
 DEMO_NAME = "synth_{:04d}"

@@ -245,7 +245,7 @@ class Labels:
     def folder_errors(self, found: Mapping[str, Sequence[object]], folder: str,
                       training: bool = True) -> list[str]:
         """The label rule of a LabelMe folder, as messages naming the config key: ``found`` is
-        ``{label: [files]}`` of its filled shapes (:func:`segpipe.files.found_labels`). A label
+        ``{label: [files]}`` of its filled shapes (:func:`segpipe.data.index.found_labels`). A label
         of a study with ``classes`` that no class, background or ignore names is an error (the
         files named), as is a folder in which no shape paints a class; and in a ``training``
         folder (the training images, or all of them with folds) a class (or foreground) label

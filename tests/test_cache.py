@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import h5py
 
 from cachefile import open_stacked
@@ -20,6 +21,7 @@ from segpipe import SegpipeError, __version__
 from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import split_indices
+from segpipe.data.labelme import load_annotation, load_annotations
 from segpipe.files import HOST
 from segpipe.labels import Labels
 
@@ -162,8 +164,8 @@ def with_copies(make_labelme, tmp_path):
     """Seven 8x8 files: b is a copy of a (image and shape), d of c's image with another shape,
     and three more images."""
     folder = tmp_path / "copies"
-    for name, value, corner in [("a", 1, 5), ("b", 1, 5), ("c", 2, 5), ("d", 2, 7), ("e", 3, 5),
-                                ("f", 4, 5), ("g", 5, 5)]:
+    for name, value, corner in [("a", 10, 5), ("b", 10, 5), ("c", 60, 5), ("d", 60, 7),
+                                ("e", 110, 5), ("f", 160, 5), ("g", 210, 5)]:
         make_labelme([("obj", "rectangle", [[1, 1], [corner, corner]])], name=name,
                      image=np.full((8, 8, 3), value, np.uint8), folder=folder)
     return folder
@@ -178,13 +180,13 @@ def test_identical_images_are_one_group_on_one_side_of_the_split(with_copies, tm
         assert [g.decode() for g in data["groups"]] == ["a", "a", "c", "c", "e", "f", "g"]
         side = data["fold"] if "folds" in split else data["is_val"]
         assert side[0] == side[1] and side[2] == side[3]
-    assert len(set(data["digests"])) == 5
+    assert len(set(data["photos"])) == 5
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][:3]
     assert warnings == [
-        f"{with_copies / 'a.json'} and {with_copies / 'b.json'}: the same image (identical image "
-        "bytes): one group, 'a', on one side of every split",
-        f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same image (identical image "
-        "bytes): one group, 'c', on one side of every split",
+        f"{with_copies / 'a.json'} and {with_copies / 'b.json'}: the same photo: one group, 'a', "
+        "on one side of every split",
+        f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same photo: one group, 'c', "
+        "on one side of every split",
         f"{with_copies / 'c.json'} and {with_copies / 'd.json'}: the same image annotated "
         "differently (the masks differ in 24 of 8x8 pixels)"]
 
@@ -223,8 +225,9 @@ def test_next_rasterise_removes_the_temporary_file_of_a_killed_one(folder, tmp_p
     command = [sys.executable, "-m", "segpipe", "rasterise", "--input", str(folder),
                "--output", str(output), "--size", "4", "4"]
     child = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
-    with open(folder / "z.png", "wb") as fifo:  # the first read (each file's digest) ends;
-        fifo.write(b"image")                   # the second (decoding it) blocks
+    # The first read of the image (its identity) ends, the second (rasterising it) blocks.
+    with open(folder / "z.png", "wb") as fifo:
+        fifo.write(cv2.imencode(".png", np.full((8, 8, 3), 123, np.uint8))[1].tobytes())
     left = output.parent / f".out@{HOST}.{child.pid}.tmp.h5"
     deadline = time.monotonic() + 60
     while not (left.exists() and left.stat().st_size > 2**20):  # reserved, writing images
@@ -304,7 +307,7 @@ def grouped(make_labelme, tmp_path):
         for copy in range(copies):
             name = photo if photo == "IMG_5" else f"{photo}.rf.{copy:02d}{len(photos):04x}"
             make_labelme([("obj", "rectangle", [[1, 1], [5, 5]])], name=name, folder=folder,
-                         image=np.full((8, 8, 3), len(photos), np.uint8))  # distinct images
+                         image=np.full((8, 8, 3), 10 * len(photos), np.uint8))  # distinct photos
             photos[name] = photo
     return folder, photos
 
@@ -345,3 +348,49 @@ def test_fold_errors_leave_no_file(grouped, tmp_path):
     with pytest.raises(SegpipeError, match="folds and val_fraction exclude each other"):
         build_cache(folder, output, (4, 4), folds=3, val_fraction=0.2)
     assert not output.exists()
+
+
+@pytest.fixture
+def photos(make_labelme, tmp_path):
+    """Twelve LabelMe files of distinct 40x56 photos, e.json's embedded."""
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(3)
+    for i, name in enumerate("abcdefghijkl"):
+        make_labelme([("obj", "polygon", rng.uniform(0, 40, (5, 2)).tolist())], name=name,
+                     folder=folder, image=rng.integers(0, 256, (40, 56, 3), np.uint8),
+                     embed=name == "e")
+    return folder
+
+
+def test_parallel_decoding_writes_the_same_file(photos, tmp_path):
+    build_cache(photos, tmp_path / "serial.h5", size=(16, 24), workers=1)
+    build_cache(photos, tmp_path / "parallel.h5", size=(16, 24), workers=3)
+    assert (tmp_path / "serial.h5").read_bytes() == (tmp_path / "parallel.h5").read_bytes()
+
+
+def test_load_annotations_keeps_the_order_and_reads_ahead_a_bounded_number(photos):
+    files = sorted(photos.glob("*.json"))
+    pulled = []
+
+    def listed():
+        for path in files:
+            pulled.append(path)
+            yield path
+
+    annotations = load_annotations(listed(), workers=2)
+    first = next(annotations)
+    assert first.path == files[0] and len(pulled) == 4  # 2 x workers in flight, no more
+    rest = list(annotations)
+    assert [a.path for a in [first, *rest]] == files
+    for parallel, path in zip([first, *rest], files):
+        serial = load_annotation(path)
+        np.testing.assert_array_equal(parallel.image, serial.image)
+        assert parallel.image_digest == serial.image_digest
+
+
+def test_the_first_bad_file_in_order_raises(photos):
+    files = sorted(photos.glob("*.json"))
+    (photos / "c.png").unlink()
+    (photos / "k.json").write_text("{")
+    with pytest.raises(SegpipeError, match=r"c\.json: image .*c\.png not found"):
+        list(load_annotations(files, workers=4))

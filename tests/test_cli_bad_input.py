@@ -48,7 +48,7 @@ def study(make_labelme, tmp_path):
     """A LabelMe folder of two 8x8 images, a.json and b.json, and its cache at 4x4."""
     folder = tmp_path / "in"
     for value, name in enumerate("ab"):
-        image = np.full((8, 8, 3), value, np.uint8)
+        image = np.full((8, 8, 3), 100 * value, np.uint8)  # distinct photos
         make_labelme([RECTANGLE], image=image, name=name, folder=folder)
     cache = tmp_path / "cache" / "train.h5"
     assert rasterise(folder, cache) == 0
@@ -228,8 +228,8 @@ def test_identical_images_are_one_group_and_logged(study, caplog):
     edit(folder / "c.json", shapes=[])
     assert rasterise(folder, cache) == 0
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"{folder / 'a.json'} and {folder / 'c.json'}: the same image (identical image bytes): "
-        "one group, 'a', on one side of every split",
+        f"{folder / 'a.json'} and {folder / 'c.json'}: the same photo: one group, 'a', on one "
+        "side of every split",
         f"{folder / 'a.json'} and {folder / 'c.json'}: the same image annotated differently (the "
         "masks differ in 16 of 8x8 pixels)"]
     with open_stacked(cache) as h5:
@@ -240,15 +240,14 @@ def test_identical_images_are_one_group_and_logged(study, caplog):
 def test_test_image_that_is_a_training_image(study, make_labelme, tmp_path, capsys, caplog, drop):
     folder, cache = study
     test = tmp_path / "test"
-    make_labelme([RECTANGLE], image=np.full((8, 8, 3), 9, np.uint8), name="t", folder=test)
+    make_labelme([RECTANGLE], image=np.full((8, 8, 3), 200, np.uint8), name="t", folder=test)
     make_labelme([RECTANGLE], image=np.full((8, 8, 3), 7, np.uint8), name="u", folder=test)
     shutil.copy(folder / "b.png", test / "u.png")  # byte-identical to the training image b
     output = tmp_path / "test.h5"
     capsys.readouterr()
     code = main(["rasterise", "--input", str(test), "--output", str(output), "--size", "4", "4",
                  "--train-cache", str(cache), *(["--drop-duplicates"] if drop else [])])
-    line = (f"{test / 'u.json'}: the same image as 'b' of the training cache {cache} (identical "
-            "image bytes)")
+    line = f"{test / 'u.json'}: the same photo as 'b' of the training cache {cache}"
     if not drop:
         assert code == 1 and not output.exists()
         assert capsys.readouterr().err == (

@@ -330,14 +330,19 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
                                rtol=0, atol=0)
 
 
-def test_imagenet_weights_that_cannot_be_fetched_say_how_to_supply_them(tmp_path, monkeypatch):
+def test_missing_imagenet_weights_are_never_downloaded_and_say_how_to_supply_them(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
-    weights = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
-    monkeypatch.setattr(weights.value, "url", "http://127.0.0.1:9/resnet34.pth")  # refused
-    with pytest.raises(SegpipeError, match=r"resnet34 .*could not fetch .*127\.0\.0\.1.*"
-                                           r"weights: <path>"):
+    fetched = []
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: fetched.append(a))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: fetched.append(a))
+    path = tmp_path / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    with pytest.raises(SegpipeError, match=rf"^backbone resnet34 with weights: imagenet: {path} "
+                                           r"not found \(training never downloads\): on a "
+                                           r"machine with internet run `segpipe fetch-weights "
+                                           r"--encoder resnet34`"):
         build_model({"model": "attention_r2unet"}, {"encoder": "resnet34", "weights": "imagenet"})
-    assert not any(tmp_path.rglob("*.pth"))
+    assert fetched == [] and not any(tmp_path.rglob("*.pth"))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -34,11 +34,11 @@ def test_group_keys_errors_name_the_setting():
 
 def test_identical_images_join_their_groups_transitively():
     keys = ["v1", "v1", "v2", "v2", "x", "y", "z"]
-    digests = ["a", "b", "c", "d", "b", "d", "e"]  # x is a frame of v1, y one of v2
-    assert merge_identical(keys, digests) == ["v1"] * 2 + ["v2"] * 2 + ["v1", "v2", "z"]
+    same = [[1, 4], [3, 5]]  # x is a frame of v1, y one of v2
+    assert merge_identical(keys, same) == ["v1"] * 2 + ["v2"] * 2 + ["v1", "v2", "z"]
     keys = ["v1", "v1", "v2", "v2", "w", "w"]
-    digests = ["a", "b", "c", "d", "b", "c"]  # w holds a frame of v1 and one of v2
-    assert merge_identical(keys, digests) == ["v1"] * 6
+    same = [[1, 4], [2, 5]]  # w holds a frame of v1 and one of v2
+    assert merge_identical(keys, same) == ["v1"] * 6
 
 
 def test_group_count_needed_by_folds_and_the_validation_split():

@@ -8,8 +8,10 @@ the workflow's results and metadata.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -44,8 +46,9 @@ BEFORE_CLASSES = "f5273774f8cd4c8bbb4633341a288a8ff326016d"
 # Columns and checkpoint entries that measure time or memory, which no two runs share.
 TIMING = {"seconds", "train_seconds", "peak_memory_mb", "train_seconds_mean"}
 # What a binary study's files gained on purpose since: the cache's content digest and the
-# checkpoint's fingerprint, which let a rebuilt cache of the same content retrain nothing.
-ADDED_SINCE = {"content_sha256", "fingerprint", "digests"}
+# checkpoint's fingerprint, which let a rebuilt cache of the same content retrain nothing, and
+# the identity of each cached photo (segpipe.data.identity).
+ADDED_SINCE = {"content_sha256", "fingerprint", "photos"}
 # The train settings of native resolution, at their defaults in a study at data.size.
 NATIVE_SETTINGS = ("patch", "patches_per_epoch", "oversample", "tile_overlap", "tile_sigma")
 RUNS = {
@@ -281,8 +284,8 @@ BAD_EDITS = {
                                "(e.g. 'synth_0000') in results/demo_data/train"),
     "more folds than images": (lambda c, w: c["data"].update(folds=13, test_dir=None),
                                "config: data.folds: 13 folds need at least 13 groups, got 12 "
-                               "(results/demo_data/train: 12 images; identical images and "
-                               "data.group join groups)"),
+                               "(results/demo_data/train: 12 images; the images of one photo "
+                               "and data.group join groups)"),
     "group matching no user file": (lambda c, w: (user_data(c, w), c["data"].update(
         group="^IMG_")), "config: data.group = '^IMG_': matches none of the 12 names (e.g. "
         "'synth_0000') in {w}/results/demo_data/train"),
@@ -295,8 +298,9 @@ BAD_EDITS = {
         "config: predict.input_dir: /nonexistent/new: input folder not found"),
     "test folder that is the training folder": (lambda c, w: (user_data(c, w), c["data"].update(
         test_dir=c["data"]["train_dir"])), "config: data.test_dir: 12 test image(s) are training "
-        "images (identical image bytes), and would be scored as unseen:\n  {w}/results/demo_data/"
-        "train/synth_0000.json = {w}/results/demo_data/train/synth_0000.json\n"),
+        "photos (segpipe.data.identity: however stored), and would be scored as unseen:\n  "
+        "{w}/results/demo_data/train/synth_0000.json = {w}/results/demo_data/train/"
+        "synth_0000.json\n"),
 }
 
 
@@ -340,6 +344,36 @@ def test_a_dry_run_stops_at_the_same_check(study: Path):
     assert "rule train" not in proc.stdout
 
 
+def test_imagenet_weights_are_named_at_start_or_read_by_training(tmp_path: Path):
+    """Without the file and without network, a dry run stops at start naming the file, where
+    to put it and how to fetch it; with the file there, training jobs take it as an input and
+    no fetch is planned (the fetch_weights step runs only where a file is missing)."""
+    shutil.copy(TINY, tmp_path / "config.yaml")
+    edit_config(tmp_path, lambda c: (
+        c["backbones"].update(resnet18={"encoder": "resnet18", "weights": "imagenet"}),
+        c["experiments"].update(backbone={"vary": {"backbone": ["scratch", "resnet18"]}})))
+    offline = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"),
+                   https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
+               str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--dry-run"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=offline, timeout=300)
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert proc.returncode == 1
+    assert (f"config: backbones.resnet18.weights: imagenet: {path} not found, and this machine "
+            "cannot reach https://download.pytorch.org/models/resnet18-f37072fd.pth to fetch it "
+            "([Errno 111] Connection refused): on a machine with internet run `segpipe "
+            "fetch-weights --encoder resnet18`") in proc.stdout + proc.stderr
+
+    path.parent.mkdir(parents=True)
+    torch.save({}, path)
+    proc = subprocess.run(command, capture_output=True, text=True, env=offline, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not re.search(r"^(local)?rule fetch_weights:", proc.stdout, re.M)
+    inputs = re.findall(r"^    input: (.*)$", proc.stdout, re.M)
+    resnet = [line for line in inputs if str(path) in line]
+    assert len(resnet) == 1 and resnet[0] == f"results/data/train.h5, {path}"
+
+
 def checksums(workdir: Path) -> dict[str, str]:
     """Every file under results/ with the SHA-256 of its bytes."""
     return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -378,27 +412,35 @@ def test_a_corrupt_labelme_file_stops_snakemake_at_start(study: Path, corrupt, u
     assert checksums(study) == before
 
 
-def copy_image(source: Path, folder: Path, name: str) -> None:
-    """A LabelMe file ``name`` in ``folder`` whose image is byte-identical to ``source``'s."""
+def labelme_copy(source: Path, folder: Path, name: str, suffix: str) -> None:
+    """A LabelMe file ``name`` in ``folder`` of the photo of ``source`` as LabelMe stores it
+    (labelme/label_file.py, LabelFile.load_image_file): saved by Pillow as PNG (``suffix``
+    .png: an image file beside the JSON, embedded too), or as JPEG at Pillow's default quality
+    (.jpg: embedded only), re-compressed."""
     document = json.loads(source.read_text())
-    shutil.copy(source.with_suffix(".jpg"), folder / f"{name}.jpg")
-    (folder / f"{name}.json").write_text(json.dumps({**document, "imagePath": f"{name}.jpg"}))
+    buffer = io.BytesIO()
+    PIL.Image.open(source.with_suffix(".jpg")).save(buffer, "PNG" if suffix == ".png" else "JPEG")
+    if suffix == ".png":
+        (folder / f"{name}.png").write_bytes(buffer.getvalue())
+    (folder / f"{name}.json").write_text(json.dumps({
+        **document, "imagePath": f"{name}{suffix}",
+        "imageData": base64.b64encode(buffer.getvalue()).decode()}))
 
 
-def test_test_images_that_are_training_images(study: Path, tmp_path: Path):
-    """Refused at start, naming both files; with data.drop_test_duplicates left out of the test
-    cache, with a warning."""
+def test_test_images_that_are_training_photos(study: Path, tmp_path: Path):
+    """Refused at start, naming both files, however LabelMe stored the copy; with
+    data.drop_test_duplicates left out of the test cache, with a warning."""
     train = study / "results" / "demo_data" / "train"
     test = shutil.copytree(study / "results" / "demo_data" / "test", tmp_path / "photos")
-    copy_image(train / "synth_0002.json", test, "field_1")
-    copy_image(train / "synth_0007.json", test, "field_2")
+    labelme_copy(train / "synth_0002.json", test, "field_1", ".jpg")
+    labelme_copy(train / "synth_0007.json", test, "field_2", ".png")
     edit_config(study, lambda c: c["data"].update(train_dir=str(train), test_dir=str(test)))
     before = checksums(study)
     proc = real_run(study)
     assert proc.returncode == 1
-    assert (f"config: data.test_dir: 2 test image(s) are training images (identical image "
-            f"bytes), and would be scored as unseen:\n  {test / 'field_1.json'} = "
-            f"{train / 'synth_0002.json'}\n  {test / 'field_2.json'} = "
+    assert (f"config: data.test_dir: 2 test image(s) are training photos (segpipe.data."
+            f"identity: however stored), and would be scored as unseen:\n  "
+            f"{test / 'field_1.json'} = {train / 'synth_0002.json'}\n  {test / 'field_2.json'} = "
             f"{train / 'synth_0007.json'}\nremove them from one folder, or set "
             "data.drop_test_duplicates: true to leave them out of the test cache") in proc.stderr
     assert checksums(study) == before
@@ -408,8 +450,39 @@ def test_test_images_that_are_training_images(study: Path, tmp_path: Path):
     with open_stacked(study / "results" / "data" / "test.h5") as f:
         assert list(f["names"].asstr()[:]) == [f"synth_{i:04d}" for i in range(4)]
     log = (study / "results" / "logs" / "rasterise" / "test.log").read_text()
-    assert (f"{test / 'field_1.json'}: the same image as 'synth_0002' of the training cache "
-            "results/data/train.h5 (identical image bytes): left out of this cache") in log
+    for copy, photo in [("field_1", "synth_0002"), ("field_2", "synth_0007")]:
+        assert (f"{test / copy}.json: the same photo as '{photo}' of the training cache "
+                "results/data/train.h5: left out of this cache") in log
+
+
+def test_a_dry_run_reads_only_the_files_that_changed(study: Path):
+    """The start checks keep what they learnt of each file (.snakemake/segpipe): a second dry
+    run reads none, an edited file is read again and checked as strictly as the first time."""
+    edit_config(study, lambda c: user_data(c, study))
+    files = sorted((study / "results" / "demo_data").rglob("synth_*"))
+    for path in files:  # an hour old (a file changed within 2 s of a check is read again)
+        mtime = path.stat().st_mtime_ns - 3600 * 10**9
+        os.utime(path, ns=(mtime, mtime))
+    count = len(files)  # 16 JSON files and their images
+    assert f"segpipe: {count} data files, {count} read, 0 unchanged" in dry_run(study)
+    assert f"segpipe: {count} data files, 0 read, {count} unchanged" in dry_run(study)
+
+    path = study / "results" / "demo_data" / "train" / "synth_0003.json"
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "flags": {"checked": True}}))
+    out = dry_run(study)
+    assert f"segpipe: {count} data files, 1 read, {count - 1} unchanged" in out
+    assert re.search(r"^rasterise\s+2$", out, re.M)  # the edit is noticed: the cache is rebuilt
+    path.write_text(json.dumps({**document, "shapes": "none"}))
+    proc = snakemake(study, "--dry-run", check=False)
+    assert proc.returncode == 1
+    assert (f"config: data.train_dir: {path}: not a LabelMe file (no 'shapes' list)"
+            in proc.stdout + proc.stderr)
+
+
+def dry_run(workdir: Path) -> str:
+    proc = snakemake(workdir, "--dry-run")
+    return proc.stdout + proc.stderr
 
 
 def test_a_cache_rebuilt_with_the_same_content_retrains_nothing(study: Path):

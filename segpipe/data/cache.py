@@ -13,8 +13,8 @@ foreground class, where oversampled patches are centred. Squashed images are one
 at a scale, images and masks are chunked in tiles of :data:`TILE` pixels, so a training patch
 reads a few tiles and never decodes the whole photo; masks and truth are gzip-compressed
 (photos barely compress losslessly and are read most, so they are not). Per cache:
-``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) their groups, ``digests`` (N,) the
-SHA-256 of each encoded image (:func:`segpipe.files.image_digest`), ``orig_size`` and
+``names`` (N,) utf-8 JSON file stems, ``groups`` (N,) their groups, ``photos`` (N,) the
+identity of each image (:func:`segpipe.data.identity.photo_id`), ``orig_size`` and
 ``shape`` int32 (N, 2) the original and working (height, width), and the split
 (:mod:`segpipe.data.split`): ``is_val`` bool (N,), or with ``folds`` the fold ``fold`` int64
 (N,). Attributes: ``layout`` (2), ``segpipe_version``, ``source``, ``foreground``,
@@ -41,11 +41,12 @@ from tqdm import tqdm
 
 from segpipe import SegpipeError, __version__
 from segpipe.data.geometry import Geometry, to_working
-from segpipe.data.groups import group_keys, identical, merge_identical
-from segpipe.data.labelme import load_annotation, rasterise
+from segpipe.data.groups import group_keys, merge_identical
+from segpipe.data.identity import same_photos, seen_in
+from segpipe.data.index import found_labels, labelme_index
+from segpipe.data.labelme import load_annotations, rasterise
 from segpipe.data.split import assign_folds, group_count, group_ids, split_validation
-from segpipe.files import (atomic_path, check_outputs, folder_images, found_labels,
-                           labelme_files, labelme_index)
+from segpipe.files import atomic_path, check_outputs, folder_images, labelme_files
 from segpipe.labels import IGNORE, Labels
 from segpipe.spec import default
 
@@ -78,12 +79,13 @@ def build_cache(
     group: str | None = default("data.group"),
     train_cache: str | Path | None = None,
     drop_duplicates: bool = default("data.drop_test_duplicates"),
+    workers: int = default("resources.rasterise_threads"),
 ) -> None:
     """Rasterise the LabelMe files of ``input_dir`` (:func:`segpipe.files.labelme_files`) into
     the HDF5 file ``output``, with the validation split ``val_fraction`` or, with ``folds``, the
     cross-validation folds, both drawn by ``split_seed`` over the groups of the regular
-    expression ``group``; identical images (the same image bytes) are one group, logged as a
-    warning, with a second one where their masks differ.
+    expression ``group``; the images of one photo (:mod:`segpipe.data.identity`: however
+    stored) are one group, logged as a warning, with a second one where their masks differ.
 
     ``val_fraction`` ``None`` is the config's default (``data.val_fraction``) for a training
     folder, and no validation split with ``folds`` or for a test folder, which is built against
@@ -92,16 +94,18 @@ def build_cache(
     (:func:`segpipe.spec.default`).
 
     ``geometry``: the working resolution (:class:`segpipe.data.geometry.Geometry`; a pair
-    (H, W) is ``Geometry(size=(H, W))``). Every file is read as far as its image bytes before
-    any is decoded. The file is written under a temporary name, each image's disk space
-    reserved before it is written, and renamed
+    (H, W) is ``Geometry(size=(H, W))``). Every file is read as far as its image's identity
+    (:func:`segpipe.data.index.labelme_index`) before any is rasterised. The file is written
+    under a temporary name, each image's disk space reserved before it is written, and renamed
     when complete. Raises :class:`SegpipeError` for a folder without LabelMe files, any invalid
     file (see :func:`segpipe.data.labelme.load_annotation`), an output that would replace an
     input (a LabelMe file, an image it names or one of the folder, the training cache), a
     folder that breaks the label rule (:meth:`segpipe.labels.Labels.folder_errors`, the
     workflow's: a training folder is one without ``train_cache``), a split the groups cannot
     make, an output that cannot be written and a disk without room for it. ``labels``: the
-    classes (:class:`segpipe.labels.Labels`; default binary).
+    classes (:class:`segpipe.labels.Labels`; default binary). ``workers``: threads that decode
+    the photos (:func:`segpipe.data.labelme.load_annotations`); the cache is the same byte for
+    byte.
     """
     input_dir, output = Path(input_dir), Path(output)
     if not isinstance(geometry, Geometry):
@@ -118,12 +122,12 @@ def build_cache(
         raise SegpipeError("folds and val_fraction exclude each other: with folds, the "
                            "validation images of a fold are those of the next fold")
     index = _read_folder(input_dir, output, labels, train_cache, drop_duplicates)
-    names, digests = [entry.path.stem for entry in index], [entry.digest for entry in index]
-    keys = merge_identical(group_keys(names, group), digests)
-    for same in identical(digests):
-        log.warning("%s: the same image (identical image bytes): one group, %r, on one side "
-                    "of every split", " and ".join(str(index[i].path) for i in same),
-                    keys[same[0]])
+    names, photos = [entry.path.stem for entry in index], [entry.photo for entry in index]
+    same = same_photos(photos)
+    keys = merge_identical(group_keys(names, group), same)
+    for positions in same:
+        log.warning("%s: the same photo: one group, %r, on one side of every split",
+                    " and ".join(str(index[i].path) for i in positions), keys[positions[0]])
     groups = group_ids(keys)
     try:
         if folds is None:
@@ -144,7 +148,8 @@ def build_cache(
         **({"val_fraction": val_fraction} if folds is None else {"folds": folds}),
     }
     found, skipped, pixels, total = _write(output, [entry.path for entry in index], geometry,
-                                           labels, _layout(names, keys, digests, split, attrs))
+                                           labels, _layout(names, keys, photos, split, attrs),
+                                           workers)
     log.info(
         "%s: %d images%s at %s, %s; %s of pixels; shapes: %s; skipped (no area): %s",
         output, len(index), _describe_split(split, groups), geometry.describe(),
@@ -154,8 +159,8 @@ def build_cache(
 
 def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str | Path | None,
                  drop_duplicates: bool) -> list:
-    """The LabelMe files of ``input_dir`` read as far as their images
-    (:func:`segpipe.files.labelme_index`), checked before any image is decoded: the output
+    """The LabelMe files of ``input_dir`` read as far as their images' identities
+    (:func:`segpipe.data.index.labelme_index`), checked before any is rasterised: the output
     replaces no input (a LabelMe file, a file one names, an image of the folder, the training
     cache), the folder keeps the label rule, and (a test folder) no image is one of
     the training cache, or with ``drop_duplicates`` those are left out."""
@@ -180,7 +185,7 @@ def _read_folder(input_dir: Path, output: Path, labels: Labels, train_cache: str
 
 
 def _write(output: Path, files: list[Path], geometry: Geometry, labels: Labels,
-           layout: bytes) -> tuple[Counter, Counter, Counter, int]:
+           layout: bytes, workers: int) -> tuple[Counter, Counter, Counter, int]:
     """Rasterise ``files`` into the cache ``output`` of ``layout`` (:func:`_layout`), written
     under a temporary name with disk space reserved ahead of each image (:class:`_Reservation`)
     and renamed when complete; the labels of the filled shapes, the shapes skipped, the pixels
@@ -190,8 +195,8 @@ def _write(output: Path, files: list[Path], geometry: Geometry, labels: Labels,
         reservation = _Reservation(partial, layout, output)
         h5 = h5py.File(partial, "r+", libver="latest")
         try:
-            for i, path in enumerate(tqdm(files, desc="rasterise", unit="image", disable=None)):
-                annotation = load_annotation(path)
+            for i, annotation in enumerate(tqdm(load_annotations(files, workers), total=len(files),
+                                                desc="rasterise", unit="image", disable=None)):
                 shape = geometry.working_size(annotation.size)
                 image = to_working(annotation.image, shape)
                 mask = rasterise(annotation, shape, labels)
@@ -205,7 +210,7 @@ def _write(output: Path, files: list[Path], geometry: Geometry, labels: Labels,
                 first = first_row.setdefault(annotation.image_digest, i)
                 if first != i and (_read_truth(h5, first) != truth).any():
                     log.warning("%s and %s: the same image annotated differently (the masks "
-                                "differ in %d of %dx%d pixels)", files[first], path,
+                                "differ in %d of %dx%d pixels)", files[first], files[i],
                                 int((_read_truth(h5, first) != truth).sum()), *truth.shape)
                 h5["orig_size"][i], h5["shape"][i] = annotation.size, shape
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
@@ -287,19 +292,21 @@ def _describe_split(split: dict[str, np.ndarray], groups: np.ndarray) -> str:
 
 
 def _unseen(index: list, train_cache: Path, drop: bool) -> list:
-    """The entries of ``index`` whose image is not one of ``train_cache``; one that is, is an
-    error or (``drop``) left out with a warning."""
+    """The entries of ``index`` whose photo is not one of ``train_cache``
+    (:func:`segpipe.data.identity.seen_in`); one that is, is an error or (``drop``) left out
+    with a warning."""
     with Cache(train_cache) as cache:
-        seen = dict(zip(cache.digests, cache.names))
-    repeated = [f"{entry.path}: the same image as {seen[entry.digest]!r} of the training cache "
-                f"{train_cache} (identical image bytes)" for entry in index if entry.digest in seen]
+        photos, names = cache.photos, cache.names
+    seen = seen_in([entry.photo for entry in index], photos)
+    repeated = [f"{entry.path}: the same photo as {names[j]!r} of the training cache "
+                f"{train_cache}" for entry, j in zip(index, seen) if j is not None]
     if repeated and not drop:
         raise SegpipeError("\n".join([*repeated, "a test image must be unseen in training: remove "
                                        "it from one folder, or leave it out of the test cache "
                                        "(--drop-duplicates; data.drop_test_duplicates: true)"]))
     for line in repeated:
         log.warning("%s: left out of this cache", line)
-    kept = [entry for entry in index if entry.digest not in seen]
+    kept = [entry for entry, j in zip(index, seen) if j is None]
     if not kept:
         raise SegpipeError(f"every image is one of the training cache {train_cache}")
     return kept
@@ -333,7 +340,7 @@ def _datasets(h5: h5py.File):
             yield name, h5[name]
 
 
-def _layout(names: list[str], groups: list[str], digests: list[str],
+def _layout(names: list[str], groups: list[str], photos: list[str],
             split: dict[str, np.ndarray], attrs: dict) -> bytes:
     """The cache as HDF5 file bytes with its per-cache datasets and empty per-image groups."""
     n = len(names)
@@ -345,7 +352,7 @@ def _layout(names: list[str], groups: list[str], digests: list[str],
         h5.create_dataset("shape", (n, 2), np.int32)
         h5.create_dataset("names", data=names, dtype=h5py.string_dtype())
         h5.create_dataset("groups", data=groups, dtype=h5py.string_dtype())
-        h5.create_dataset("digests", data=digests, dtype=h5py.string_dtype())
+        h5.create_dataset("photos", data=photos, dtype=h5py.string_dtype())
         for key, values in split.items():
             h5.create_dataset(key, data=values)
         h5.attrs.update(attrs)
@@ -454,8 +461,9 @@ class Cache:
         return dict(self._file().attrs)
 
     @property
-    def digests(self) -> list[str]:
-        return list(self._file()["digests"].asstr()[:])
+    def photos(self) -> list[str]:
+        """Each image's identity (:func:`segpipe.data.identity.photo_id`)."""
+        return list(self._file()["photos"].asstr()[:])
 
     def split(self, key: str) -> np.ndarray | None:
         """The split dataset ``is_val`` or ``fold``; None when the cache has none."""

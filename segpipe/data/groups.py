@@ -1,8 +1,9 @@
 """Which images of a folder belong together: the groups that no split may divide.
 
-An image's group is its name's key under ``data.group`` (:func:`group_keys`), and identical
-images (the same image bytes, :func:`segpipe.files.image_digest`) share one group whatever
-their names (:func:`merge_identical`): a photo saved twice must not be trained on and tested.
+An image's group is its name's key under ``data.group`` (:func:`group_keys`), and the images
+of one photo (however stored, :func:`segpipe.data.identity.same_photos`) share one group
+whatever their names (:func:`merge_identical`): a photo saved twice must not be trained on and
+tested.
 :func:`check_group_count` says whether the groups suffice for the folds or the validation
 split. Standard library only: the workflow's start checks use it before any job.
 """
@@ -36,17 +37,10 @@ def group_keys(names: Sequence[str], pattern: str | None) -> list[str]:
     return [name if key is None else key for name, key in zip(names, keys)]
 
 
-def identical(digests: Sequence[str]) -> list[list[int]]:
-    """The positions of each image that occurs more than once (equal digests), in order."""
-    positions: dict[str, list[int]] = {}
-    for i, digest in enumerate(digests):
-        positions.setdefault(digest, []).append(i)
-    return [found for found in positions.values() if len(found) > 1]
-
-
-def merge_identical(keys: Sequence[str], digests: Sequence[str]) -> list[str]:
-    """``keys`` with the groups of identical images joined: every image of a joined group
-    takes the key, among the joined ones, that occurs first (joining is transitive)."""
+def merge_identical(keys: Sequence[str], same: Sequence[Sequence[int]]) -> list[str]:
+    """``keys`` with the groups of the images of one photo joined (``same``: the positions of
+    each photo's images): every image of a joined group takes the key, among the joined ones,
+    that occurs first (joining is transitive)."""
     order = {key: i for i, key in reversed(list(enumerate(keys)))}
     parent = {key: key for key in keys}
 
@@ -55,9 +49,9 @@ def merge_identical(keys: Sequence[str], digests: Sequence[str]) -> list[str]:
             parent[key] = key = parent[parent[key]]
         return key
 
-    for same in identical(digests):
-        for i in same[1:]:
-            a, b = root(keys[same[0]]), root(keys[i])
+    for positions in same:
+        for i in positions[1:]:
+            a, b = root(keys[positions[0]]), root(keys[i])
             if a != b:
                 first, second = sorted((a, b), key=order.__getitem__)
                 parent[second] = first

@@ -39,7 +39,9 @@ import json
 import math
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from segpipe import SegpipeError
-from segpipe.files import FILLED_TYPES, image_digest, labelme_image, read_labelme
+from segpipe.files import FILLED_TYPES, image_digest, labelme_image, read_labelme, size_error
 from segpipe.labels import IGNORE, Labels
 
 POINT_COUNTS = {"rectangle": 2, "circle": 2, "oriented_rectangle": 4, "mask": 2}
@@ -105,13 +107,9 @@ def load_annotation(path: str | Path) -> Annotation:
     encoded, source, image_file = labelme_image(path, data)
     image = decode_image(encoded, source, exif=image_file is not None)
     height, width = image.shape[:2]
-    expected = data.get("imageHeight"), data.get("imageWidth")
-    if None not in expected and expected != (height, width):
-        hint = " (swapped: EXIF orientation?)" if expected == (width, height) else ""
-        raise SegpipeError(
-            f"{path}: imageHeight x imageWidth {expected[0]!r}x{expected[1]!r} does not "
-            f"match the image, {height}x{width}{hint}"
-        )
+    error = size_error(path, (data.get("imageHeight"), data.get("imageWidth")), (height, width))
+    if error:
+        raise SegpipeError(error)
     shapes, skipped = [], Counter()
     for index, raw in enumerate(data["shapes"]):
         where = f"{path}: shape {index}"
@@ -130,6 +128,28 @@ def load_annotation(path: str | Path) -> Annotation:
         else:  # not drawn, whatever its points
             skipped[shape_type] += 1
     return Annotation(path, image, tuple(shapes), skipped, image_digest(encoded))
+
+
+def load_annotations(files: Iterable[str | Path], workers: int = 1) -> Iterator[Annotation]:
+    """:func:`load_annotation` of each of ``files``, in their order, read by ``workers``
+    threads (decoding releases the GIL): at most ``2 × workers`` files are read ahead of the
+    one consumed, so as many images at most are held at once. The first file in order that is
+    wrong raises its error, as when read one by one."""
+    if workers <= 1:
+        yield from map(load_annotation, files)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="load_annotation") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for path in files:
+                ahead.append(pool.submit(load_annotation, path))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def rasterise(annotation: Annotation, size: tuple[int, int] | None = None,
@@ -162,7 +182,7 @@ def decode_image(encoded: bytes, source: str, exif: bool = True) -> np.ndarray:
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
     if not exif:
         flags |= cv2.IMREAD_IGNORE_ORIENTATION
-    image = _imdecode(encoded, flags, source)
+    image = imdecode(encoded, flags, source)
     if image.dtype == np.uint16:
         image = np.round(image / 257.0).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -170,7 +190,9 @@ def decode_image(encoded: bytes, source: str, exif: bool = True) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _imdecode(encoded: bytes, flags: int, source: str) -> np.ndarray:
+def imdecode(encoded: bytes, flags: int, source: str) -> np.ndarray:
+    """``cv2.imdecode(encoded, flags)``; raises :class:`SegpipeError` starting with ``source``
+    for empty data, an undecodable image and one too large for OpenCV."""
     if not encoded:
         raise SegpipeError(f"{source}: empty (0 bytes), not an image")
     try:
@@ -229,7 +251,7 @@ def _decode_patch(where: str, encoded: object) -> np.ndarray:
         patch = base64.b64decode(encoded)
     except (binascii.Error, TypeError, ValueError):
         raise SegpipeError(f"{where}: 'mask' is not a base64-encoded PNG") from None
-    return _imdecode(patch, cv2.IMREAD_GRAYSCALE, f"{where}: 'mask'") > 0
+    return imdecode(patch, cv2.IMREAD_GRAYSCALE, f"{where}: 'mask'") > 0
 
 
 def _region(shape: Shape, orig_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:

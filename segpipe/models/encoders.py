@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from segpipe import SegpipeError
 from segpipe.models.blocks import downsample
 from segpipe.spec import RESNET_DEPTH
+from segpipe.weights import how_to_supply, imagenet_file
 
 RESNETS = {  # name: channels at strides 1, 2, 4, 8, 16, 32 of torchvision.models.<name>
     "resnet18": [3, 64, 64, 128, 256, 512],
@@ -68,17 +69,17 @@ def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH,
     (§4.2), so stage 0 is conv1-bn-relu at the image's resolution, then maxpool + layer1 (2),
     layer2 (4), layer3 (8), layer4 (16): one stride-2 stage fewer. ``depth`` < the number of
     stride-2 stages drops the deepest layers. ``weights``: ``imagenet`` (torchvision's
-    IMAGENET1K_V1, from the torch hub cache or downloaded), ``none`` (random initialisation) or
+    IMAGENET1K_V1, read from the torch hub cache, never downloaded: :mod:`segpipe.weights`),
+    ``none`` (random initialisation) or
     the path of a saved ``state_dict()`` of that torchvision ResNet (its ``fc`` entries are
     ignored); the small stem takes ``none`` only (the schema says so)."""
     import torchvision  # here, not at the top: a job without a ResNet is spared its import
 
     channels = RESNETS[name]
     net = getattr(torchvision.models, name)(weights=None)
-    imagenet = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     net.fc = nn.Identity()
     if weights != "none":
-        state = _imagenet_state_dict(name, imagenet) if weights == "imagenet" else \
+        state = _imagenet_state_dict(name) if weights == "imagenet" else \
             _local_state_dict(Path(weights))
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         try:
@@ -97,15 +98,14 @@ def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH,
     return Encoder(stages[:depth + 1], channels[:depth + 1])
 
 
-def _imagenet_state_dict(name: str, weights: "torchvision.models.WeightsEnum") -> dict:
-    try:
-        return weights.get_state_dict(progress=False)
-    except (OSError, RuntimeError) as exc:
-        raise SegpipeError(
-            f"backbone {name} with weights: imagenet: could not fetch {weights.url} ({exc}). "
-            f"Download that file into {Path(torch.hub.get_dir()) / 'checkpoints'} (the torch hub "
-            f"cache), or save a state dict (torch.save(model.state_dict(), path)) and set "
-            f"weights: <path>, or use weights: none") from None
+def _imagenet_state_dict(name: str) -> dict:
+    """The ImageNet weights of ``name`` from their file (:func:`segpipe.weights.imagenet_file`):
+    training never reaches the network."""
+    path = imagenet_file(name)
+    if not path.is_file():
+        raise SegpipeError(f"backbone {name} with weights: imagenet: {path} not found (training "
+                           f"never downloads): {how_to_supply(name)}")
+    return _local_state_dict(path)
 
 
 def _local_state_dict(path: Path) -> dict:

@@ -100,6 +100,29 @@ def studies(cluster, tmp_path_factory) -> tuple[Path, Path]:
     return slurm_dir, local_dir
 
 
+def test_cluster_jobs_repeat_no_start_check(studies, cluster, tmp_path):
+    """The submitting Snakemake reads the user's LabelMe files once and keeps what it learnt
+    (.snakemake/segpipe); inside each job Snakemake parses the workflow again (--mode remote):
+    it skips the start checks and reads no file (a stat each)."""
+    study = new_study(tmp_path / "user_data")
+    data = studies[0] / "results" / "demo_data"  # written minutes ago: not "racily" recent
+    config = yaml.safe_load((study / "config.yaml").read_text())
+    config["data"].update(train_dir=str(data / "train"), test_dir=str(data / "test"))
+    (study / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = start_snakemake(cluster, study, *SLURM_ARGS, "--slurm-keep-successful-logs",
+                           "results/data/test.h5")
+    assert finish(proc, cluster, 300) == 0, output(study)[-5000:]
+    files = 2 * (12 + 4)  # the JSON files and their images
+    assert f"segpipe: {files} data files, {files} read, 0 unchanged" in output(study)
+    assert "start checks skipped" not in output(study)
+    logs = sorted((study / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert len(logs) == 2  # the two rasterise jobs
+    for log in logs:
+        text = log.read_text()
+        assert "segpipe: start checks skipped in this cluster job" in text, text[-3000:]
+        assert f"segpipe: {files} data files, 0 read, {files} unchanged" in text
+
+
 def sbatch_lines(workdir: Path) -> dict[str, list[str]]:
     """The sbatch calls snakemake made, by rule (without the long --wrap command)."""
     calls: dict[str, list[str]] = {}

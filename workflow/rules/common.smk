@@ -13,14 +13,18 @@ from snakemake.logging import logger
 
 from segpipe import SegpipeError
 from segpipe.data.groups import check_group_count, group_keys, merge_identical
-from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, found_labels, image_files,
-                           labelme_files, labelme_index, prediction_paths)
+from segpipe.data.identity import same_photos, seen_in
+from segpipe.data.index import FileIndex, found_labels, labelme_index
+from segpipe.files import (DEMO_NAME, UNCERTAINTY_CSV, demo_files, image_files, labelme_files,
+                           prediction_paths)
 # (Snakemake puts the Snakefile's folder, the repository root, first on sys.path.)
 from segpipe import rundir
 from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
 from segpipe.spec import loss_errors, model_errors, patch_errors, schema
+from segpipe.weights import (IMAGENET_URLS, how_to_supply, hub_checkpoints, imagenet_file,
+                             unreachable)
 
 # A definition or experiment name: the schema's pattern, without its anchors ^...$.
 NAME = schema()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")
@@ -121,6 +125,14 @@ RUNS = list({RUN.format(**r): r for runs in EXPERIMENTS.values() for r in runs}.
 
 # Start checks beyond the schema's types, on every invocation (a dry run too): an error here
 # stops Snakemake before it plans a job, so before it deletes the outputs of a run to redo.
+# Not in a job that a cluster executor runs (Snakemake parses the workflow again inside each):
+# the Snakemake that submitted it checked. What they learn of each data file is kept in
+# FILE_INDEX (segpipe.data.index), beside Snakemake's own records of the working directory, so
+# a parse reads only the files that changed since.
+CLUSTER_JOB = workflow.remote_exec
+FILE_INDEX = ".snakemake/segpipe/labelme_index.json"
+
+
 def _check_split():
     """data.test_dir is given exactly without data.folds (data.group: _check_images)."""
     data = config["data"]
@@ -134,7 +146,7 @@ def _check_split():
     if FOLDS and data["drop_test_duplicates"]:
         raise WorkflowError(
             "config: data.drop_test_duplicates: applies to data.test_dir, which cross-validation "
-            "has none of (identical images are one group, so in one fold)"
+            "has none of (the images of one photo are one group, so in one fold)"
         )
 
 
@@ -156,6 +168,31 @@ def _check_models():
         weights = config["backbones"][name].get("weights", "none")
         if weights not in ("imagenet", "none") and not Path(weights).is_file():
             raise WorkflowError(f"config: backbones.{name}.weights: {weights}: no such file")
+
+
+def _imagenet_weights():
+    """{backbone: file} of the runs' backbones with `weights: imagenet` (segpipe.weights): the
+    fetch_weights step places each file there, where training reads it."""
+    backbones = dict.fromkeys(r["backbone"] for r in RUNS)
+    return {name: str(imagenet_file(config["backbones"][name]["encoder"])) for name in backbones
+            if config["backbones"][name].get("weights") == "imagenet"}
+
+
+# The file name of each encoder's ImageNet weights (rule fetch_weights) -> the encoder.
+WEIGHTS_ENCODERS = {imagenet_file(encoder).name: encoder for encoder in IMAGENET_URLS}
+
+
+def _check_weights():
+    """Each ImageNet weights file is there, or this machine, where the fetch_weights step runs
+    (before any training job), reaches its URL."""
+    for name, path in IMAGENET_WEIGHTS.items():
+        encoder = config["backbones"][name]["encoder"]
+        reason = None if Path(path).is_file() else unreachable(IMAGENET_URLS[encoder])
+        if reason is not None:
+            raise WorkflowError(
+                f"config: backbones.{name}.weights: imagenet: {path} not found, and this machine "
+                f"cannot reach {IMAGENET_URLS[encoder]} to fetch it ({reason}): "
+                f"{how_to_supply(encoder)}")
 
 
 def _study_labels():
@@ -201,22 +238,37 @@ def _check_data():
     return files
 
 
-def _check_images(files):
-    """The user's LabelMe files ({split: [paths]}) read as far as their images, checked as
-    rasterise checks them before its first image, and {split: [segpipe.files.LabelmeEntry]}:
-    every file is valid JSON with a 'shapes' list and its image exists; each folder keeps the
+def _index_images(files):
+    """{split: [segpipe.data.index.LabelmeEntry]} of the user's LabelMe files ({split:
+    [paths]}), read as far as their images: only the files that changed since FILE_INDEX was
+    written (which a cluster job leaves as it is)."""
+    index, found = {}, FileIndex(FILE_INDEX)
+    try:
+        for split, paths in files.items():
+            try:
+                index[split] = labelme_index(paths, found)
+            except SegpipeError as exc:
+                raise WorkflowError(f"config: data.{split}_dir: {exc}")
+    finally:
+        if not CLUSTER_JOB:
+            found.save()
+    if index:
+        logger.info(f"segpipe: {found.read + found.reused} data files, {found.read} read, "
+                    f"{found.reused} unchanged since {FILE_INDEX}")
+    return index
+
+
+def _check_images(index):
+    """The user's LabelMe files ({split: [segpipe.data.index.LabelmeEntry]}) checked as
+    rasterise checks them before its first image: every file is valid JSON with a 'shapes'
+    list, its image decodes and has its declared size (_index_images); each folder keeps the
     label rule (segpipe.labels.Labels.folder_errors); data.group matches a training image;
-    the training images' groups (identical images are one) suffice for
-    data.folds or the validation split; no test image is a training image, unless
-    data.drop_test_duplicates. The demo data still to write is known by its names."""
+    the training images' groups (the images of one photo are one) suffice for data.folds or
+    the validation split; no test image is a training photo (segpipe.data.identity), unless
+    data.drop_test_duplicates. The demo data, written by a rule, is known by its names."""
     data = config["data"]
-    index = {}
-    for split, paths in files.items():
-        try:
-            index[split] = labelme_index(paths)
-        except SegpipeError as exc:
-            raise WorkflowError(f"config: data.{split}_dir: {exc}")
-        found = found_labels(index[split])
+    for split, entries in index.items():
+        found = found_labels(entries)
         errors = LABELS.folder_errors(found, data[f"{split}_dir"], training=split == "train")
         if errors:
             raise WorkflowError("\n".join(f"config: {e}" for e in errors))
@@ -224,39 +276,46 @@ def _check_images(files):
             logger.info(f"config: {note}")
     if "train" in index:
         names = [entry.path.stem for entry in index["train"]]
-        digests = [entry.digest for entry in index["train"]]
+        same = same_photos([entry.photo for entry in index["train"]])
     else:  # distinct synthetic images
-        names = digests = [DEMO_NAME.format(i) for i in range(data["synthetic"]["train_count"])]
-    where = (f"{data['train_dir']}: {len(names)} images; identical images and data.group join "
-             "groups")
+        names, same = [DEMO_NAME.format(i) for i in range(data["synthetic"]["train_count"])], []
+    where = (f"{data['train_dir']}: {len(names)} images; the images of one photo and "
+             "data.group join groups")
     try:
         keys = group_keys(names, data["group"])
     except SegpipeError as exc:
         raise WorkflowError(f"config: {exc} in {data['train_dir']}")
     try:
-        check_group_count(len(set(merge_identical(keys, digests))), FOLDS, data["val_fraction"])
+        check_group_count(len(set(merge_identical(keys, same))), FOLDS, data["val_fraction"])
     except SegpipeError as exc:
         key = "folds" if FOLDS else "val_fraction"
         raise WorkflowError(f"config: data.{key}: {exc} ({where})")
     if "train" in index and "test" in index and not data["drop_test_duplicates"]:
-        trained = {entry.digest: entry.path for entry in index["train"]}
-        repeated = [f"  {entry.path} = {trained[entry.digest]}" for entry in index["test"]
-                    if entry.digest in trained]
+        train, test = index["train"], index["test"]
+        seen = seen_in([entry.photo for entry in test], [entry.photo for entry in train])
+        repeated = [f"  {entry.path} = {train[j].path}" for entry, j in zip(test, seen)
+                    if j is not None]
         if repeated:
             raise WorkflowError("\n".join([
-                f"config: data.test_dir: {len(repeated)} test image(s) are training images "
-                "(identical image bytes), and would be scored as unseen:", *repeated,
-                "remove them from one folder, or set data.drop_test_duplicates: true to leave "
-                "them out of the test cache"]))
-    return index
+                f"config: data.test_dir: {len(repeated)} test image(s) are training photos "
+                "(segpipe.data.identity: however stored), and would be scored as unseen:",
+                *repeated, "remove them from one folder, or set data.drop_test_duplicates: "
+                "true to leave them out of the test cache"]))
 
 
 LABELS = _study_labels()
-_check_split()
-_check_models()
-_check_losses()
-LABELME_FILES = _check_data()
-LABELME_INDEX = _check_images(LABELME_FILES)
+IMAGENET_WEIGHTS = _imagenet_weights()
+if CLUSTER_JOB:
+    logger.info("segpipe: start checks skipped in this cluster job (the submitting Snakemake "
+                "made them)")
+else:
+    _check_split()
+    _check_models()
+    _check_weights()
+    _check_losses()
+LABELME_INDEX = _index_images(_check_data())
+if not CLUSTER_JOB:
+    _check_images(LABELME_INDEX)
 
 
 def _check_predict():
@@ -373,6 +432,13 @@ def labelme_input(wildcards):
     entries = LABELME_INDEX[wildcards.split]
     images = [e.image_file for e in entries if e.image_file is not None]
     return list(dict.fromkeys(str(f) for f in [*(e.path for e in entries), *images]))
+
+
+def weights_input(wildcards):
+    """The ImageNet weights file a run's backbone starts from (none without `weights:
+    imagenet`); ancient(): a file fetched again later re-trains nothing."""
+    path = IMAGENET_WEIGHTS.get(wildcards.backbone)
+    return [ancient(path)] if path else []
 
 
 def train_cache_input(wildcards):

@@ -37,8 +37,9 @@ rule rasterise:
         args=rasterise_args,
     log:
         f"{LOGS}/rasterise/{{split}}.log",
+    threads: config["resources"]["rasterise_threads"]
     conda:
         ENV
     shell:
         "python -m segpipe rasterise --input {params.folder:q} --output {output} {params.args}"
-        " > {log} 2>&1"
+        " --workers {threads} > {log} 2>&1"
