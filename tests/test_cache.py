@@ -363,8 +363,8 @@ def photos(make_labelme, tmp_path):
 
 
 def test_parallel_decoding_writes_the_same_file(photos, tmp_path):
-    build_cache(photos, tmp_path / "serial.h5", size=(16, 24), workers=1)
-    build_cache(photos, tmp_path / "parallel.h5", size=(16, 24), workers=3)
+    build_cache(photos, tmp_path / "serial.h5", geometry=(16, 24), workers=1)
+    build_cache(photos, tmp_path / "parallel.h5", geometry=(16, 24), workers=3)
     assert (tmp_path / "serial.h5").read_bytes() == (tmp_path / "parallel.h5").read_bytes()
 
 

@@ -71,11 +71,13 @@ def test_a_cache_at_a_scale_keeps_each_images_aspect(data):
 
 
 def one_dot(make_labelme, tmp_path: Path, size: tuple[int, int], at: tuple[int, int]) -> Path:
-    """A cache at scale 1 of two dark images of ``size`` with one 2x2 square at ``at`` (y, x)."""
+    """A cache at scale 1 of two dark noise photos of ``size`` with one 2x2 square at ``at``
+    (y, x)."""
     y, x = at
-    for grey, name in enumerate("ab"):  # two images, not one (identical ones are one group)
+    for seed, name in enumerate("ab"):  # two photos, not one (the same photo is one group)
+        noise = np.random.default_rng(seed).integers(0, 64, (*size, 3), dtype=np.uint8)
         make_labelme([("dot", "rectangle", [[x, y], [x + 1, y + 1]])],
-                     image=np.full((*size, 3), grey, np.uint8), name=name, folder=tmp_path / "dots")
+                     image=noise, name=name, folder=tmp_path / "dots")
     build_cache(tmp_path / "dots", tmp_path / "dots.h5", Geometry(scale=1.0), val_fraction=0.5)
     return tmp_path / "dots.h5"
 
@@ -113,6 +115,7 @@ def test_an_image_smaller_than_the_patch_is_padded_black_and_background(make_lab
     # the 6x6 image centred: 2 rows above, 3 columns left
     np.testing.assert_array_equal(mask[0, 2:8, 3:9].numpy(), inside)
     assert mask.sum() == inside.sum() and not image[:, :2].any() and not image[:, :, :3].any()
+    assert image[:, 2:8, 3:9].any()  # the photo itself
     assert mask.sum() == 4  # LabelMe draws the rectangle (2, 2)-(3, 3) corners included: 2x2
 
 

@@ -249,8 +249,8 @@ def test_the_class_legend_lists_the_classes_shown():
     truth[0, :2, :3], truth[0, 2:, 3:] = 7, 200
     probs = np.zeros((1, 255, 4, 6), np.float16)
     probs[0, 7] = 1.0
-    fig = plot_samples(["unet"], [probs], np.zeros((1, 4, 6, 3), np.uint8), truth, ["x"], "t",
-                       threshold=0.5, labels=labels)
+    fig = plot_samples(["unet"], [probs], [np.array([0.5])], np.zeros((1, 4, 6, 3), np.uint8),
+                       truth, ["x"], "t", threshold=0.5, labels=labels)
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["class006", "class199", "missed",
                                                          "dim: correct"]
