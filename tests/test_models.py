@@ -275,7 +275,7 @@ def test_recurrent_conv_shares_one_convolution_over_t_steps():
 def test_atrous_block_sees_exactly_its_dilated_taps():
     """The centre output depends on the input at offsets {−r, 0, r}² for r ∈ {6, 12, 18}
     (and the centre, for the 1×1 branch): positive weights keep every ReLU active."""
-    block = AtrousBlock(1, 1).eval()
+    block = AtrousBlock(1, 1, (1, 6, 12, 18)).eval()
     for p in block.parameters():
         torch.nn.init.constant_(p, 0.5)
     x = torch.ones(1, 1, 41, 41, requires_grad=True)
