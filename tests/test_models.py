@@ -411,6 +411,27 @@ def test_the_schema_lists_every_registered_family_with_the_options_of_its_class(
             assert option in schema()["$defs"]["architecture"]["properties"], (name, option)
 
 
+def test_model_defaults_are_written_in_the_schema_only():
+    """Every family option has its default in the schema and none in the class signature; an
+    option left out of a definition builds the model the schema's default builds."""
+    properties = schema()["$defs"]["architecture"]["properties"]
+    for name, cls in ARCHITECTURES.items():
+        for option in schema()["$defs"]["architecture"]["families"][name]:
+            assert "default" in properties[option], option
+            assert inspect.signature(cls).parameters[option].default is inspect.Parameter.empty
+    explicit = {"model": "atrous_unet", "width": 64, "depth": 4, "down": "maxpool",
+                "up": "transpose", "rates": [1, 6, 12, 18]}
+    assert {k: properties[k]["default"] for k in explicit if k != "model"} == \
+        {k: v for k, v in explicit.items() if k != "model"}
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in build_model(d, {}).parameters())
+                  for d in ({"model": "atrous_unet"}, explicit)]
+        under_resnet = build_model({"model": "unet"}, {"encoder": "resnet34", "weights": "none"})
+    assert counts[0] == counts[1]
+    assert under_resnet.encoder.depth == 5  # all the stride-2 stages of the ResNet
+    assert under_resnet.decoder.head.in_channels == properties["width"]["resnet_default"] == 16
+
+
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():
     """Cooijmans et al. 2017: step k normalises with its own running statistics. With the
     step-1 running variance 4 (the others 1) and f as above: h₀ = 2s, h₁ = 2(1 + h₀)/√(4 + ε),
