@@ -432,6 +432,23 @@ def test_model_defaults_are_written_in_the_schema_only():
     assert under_resnet.decoder.head.in_channels == properties["width"]["resnet_default"] == 16
 
 
+def test_unet_decoder_channel_flow_under_resnet34():
+    """Level i (stride 2^i): the 2×2 up-convolution takes the coarser feature (layer4's 512
+    channels, then the decoder's 16·2^(i+1)) to 16·2^i channels, the skip f_i (the image, conv1,
+    layer1..layer3) is concatenated, the double convolution returns 16·2^i channels; the head
+    is a 1×1 convolution. (smp's Unet upsamples by nearest neighbour and concatenates all the
+    coarser channels; benchmarks/bench_quality.py --variants compares the two.)"""
+    model = build_model({"model": "unet"}, {"encoder": "resnet34", "weights": "none"}, 3)
+    ups = [(u.in_channels, u.out_channels, u.kernel_size, u.stride) for u in model.decoder.ups]
+    assert ups == [(32, 16, (2, 2), (2, 2)), (64, 32, (2, 2), (2, 2)), (128, 64, (2, 2), (2, 2)),
+                   (256, 128, (2, 2), (2, 2)), (512, 256, (2, 2), (2, 2))]
+    blocks = [(b[0][0].in_channels, b[1][0].out_channels) for b in model.decoder.blocks]
+    assert blocks == [(3 + 16, 16), (64 + 32, 32), (64 + 64, 64), (128 + 128, 128),
+                      (256 + 256, 256)]
+    assert (model.decoder.head.in_channels, model.decoder.head.out_channels,
+            model.decoder.head.kernel_size) == (16, 3, (1, 1))
+
+
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():
     """Cooijmans et al. 2017: step k normalises with its own running statistics. With the
     step-1 running variance 4 (the others 1) and f as above: h₀ = 2s, h₁ = 2(1 + h₀)/√(4 + ε),
