@@ -40,7 +40,6 @@ speed (images/s) and efficiency (TFLOP/s), as the peers do less or more work per
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -55,6 +54,7 @@ from torch import nn
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost
 from segpipe.runtime import (DEVICES, IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dtype,
                              forward_logits, place)
+from segpipe.spec import default
 
 DEFAULT_MODELS = [*ARCHITECTURES, "unet+resnet34", "attention_r2unet+resnet34",
                   "atrous_unet+resnet50"]
@@ -77,8 +77,8 @@ class Entry:
 
 
 def scratch_width(architecture: str, width: int | None) -> int:
-    """The first-level width of a scratch model: ``width`` or the architecture's default."""
-    return width or inspect.signature(ARCHITECTURES[architecture]).parameters["width"].default
+    """The first-level width of a scratch model: ``width`` or the schema's default."""
+    return width or default("$defs.architecture.width")
 
 
 def build_segpipe(name: str, width: int | None) -> nn.Module:

@@ -30,8 +30,6 @@ from segpipe import SegpipeError
 from segpipe.columns import AXES
 
 SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
-SCRATCH_DEPTH = 4
-"""Default ``depth`` of every family's own encoder (the classes of :mod:`segpipe.models`)."""
 RESNET_DEPTH = 5
 """Stride-2 stages of a ResNet encoder with its ImageNet stem: the most ``depth`` can be under
 one, and its default (:func:`resnet_depth`)."""
@@ -283,7 +281,7 @@ def model_errors(architecture: dict, backbone: dict, size: Sequence[int] | None 
     encoder = backbone.get("encoder", "scratch")
     resnet = encoder != "scratch"
     stages = resnet_depth(backbone)
-    depth = architecture.get("depth", stages if resnet else SCRATCH_DEPTH)
+    depth = architecture.get("depth", stages if resnet else default("$defs.architecture.depth"))
     arch, resnet_name = where[0], f"the {encoder} encoder ({where[1]})"
     if resnet and "down" in architecture:
         return [f"{arch}.down: does not apply under {resnet_name}, which does its own "

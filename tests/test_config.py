@@ -16,9 +16,7 @@ from segpipe.data.augment import build_augmentation
 from segpipe.labels import Labels
 from segpipe.losses import build_loss
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model
-from segpipe.models.encoders import resnet_encoder
-from segpipe.spec import (RESNET_DEPTH, SCRATCH_DEPTH, check_spec, model_errors, schema,
-                          validate_config)
+from segpipe.spec import RESNET_DEPTH, check_spec, default, model_errors, schema, validate_config
 
 TINY = yaml.safe_load((Path(__file__).parent / "configs" / "tiny.yaml").read_text())
 NAME_RULE = schema()["$defs"]["name"]["description"]
@@ -42,10 +40,12 @@ def test_schema_states_what_the_model_registry_accepts():
         for family, cls in ARCHITECTURES.items()}
     assert set().union(*family_keys().values()) == set(architecture["properties"])
     assert schema()["$defs"]["backbone"]["properties"]["encoder"]["enum"] == list(BACKBONES)
-    # The depths model_errors assumes when a definition gives none.
-    assert {inspect.signature(cls).parameters["depth"].default
-            for cls in ARCHITECTURES.values()} == {SCRATCH_DEPTH}
-    assert resnet_encoder("resnet18", "none").depth == RESNET_DEPTH
+    # The depths model_errors assumes when a definition gives none are the models' own.
+    with torch.device("meta"):
+        assert {build_model({"model": family}, {}).encoder.depth
+                for family in ARCHITECTURES} == {default("$defs.architecture.depth")}
+        assert build_model({"model": "unet"}, {"encoder": "resnet18", "weights": "none"}
+                           ).encoder.depth == RESNET_DEPTH
 
 
 def test_every_loss_and_augmentation_key_of_the_schema_builds():

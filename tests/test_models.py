@@ -275,7 +275,7 @@ def test_recurrent_conv_shares_one_convolution_over_t_steps():
 def test_atrous_block_sees_exactly_its_dilated_taps():
     """The centre output depends on the input at offsets {−r, 0, r}² for r ∈ {6, 12, 18}
     (and the centre, for the 1×1 branch): positive weights keep every ReLU active."""
-    block = AtrousBlock(1, 1).eval()
+    block = AtrousBlock(1, 1, (1, 6, 12, 18)).eval()
     for p in block.parameters():
         torch.nn.init.constant_(p, 0.5)
     x = torch.ones(1, 1, 41, 41, requires_grad=True)
@@ -414,6 +414,44 @@ def test_the_schema_lists_every_registered_family_with_the_options_of_its_class(
         assert families[name] == options, name
         for option in options:  # each is typed in the schema
             assert option in schema()["$defs"]["architecture"]["properties"], (name, option)
+
+
+def test_model_defaults_are_written_in_the_schema_only():
+    """Every family option has its default in the schema and none in the class signature; an
+    option left out of a definition builds the model the schema's default builds."""
+    properties = schema()["$defs"]["architecture"]["properties"]
+    for name, cls in ARCHITECTURES.items():
+        for option in schema()["$defs"]["architecture"]["families"][name]:
+            assert "default" in properties[option], option
+            assert inspect.signature(cls).parameters[option].default is inspect.Parameter.empty
+    explicit = {"model": "atrous_unet", "width": 64, "depth": 4, "down": "maxpool",
+                "up": "transpose", "rates": [1, 6, 12, 18]}
+    assert {k: properties[k]["default"] for k in explicit if k != "model"} == \
+        {k: v for k, v in explicit.items() if k != "model"}
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in build_model(d, {}).parameters())
+                  for d in ({"model": "atrous_unet"}, explicit)]
+        under_resnet = build_model({"model": "unet"}, {"encoder": "resnet34", "weights": "none"})
+    assert counts[0] == counts[1]
+    assert under_resnet.encoder.depth == 5  # all the stride-2 stages of the ResNet
+    assert under_resnet.decoder.head.in_channels == properties["width"]["resnet_default"] == 16
+
+
+def test_unet_decoder_channel_flow_under_resnet34():
+    """Level i (stride 2^i): the 2×2 up-convolution takes the coarser feature (layer4's 512
+    channels, then the decoder's 16·2^(i+1)) to 16·2^i channels, the skip f_i (the image, conv1,
+    layer1..layer3) is concatenated, the double convolution returns 16·2^i channels; the head
+    is a 1×1 convolution. (smp's Unet upsamples by nearest neighbour and concatenates all the
+    coarser channels; benchmarks/bench_quality.py --variants compares the two.)"""
+    model = build_model({"model": "unet"}, {"encoder": "resnet34", "weights": "none"}, 3)
+    ups = [(u.in_channels, u.out_channels, u.kernel_size, u.stride) for u in model.decoder.ups]
+    assert ups == [(32, 16, (2, 2), (2, 2)), (64, 32, (2, 2), (2, 2)), (128, 64, (2, 2), (2, 2)),
+                   (256, 128, (2, 2), (2, 2)), (512, 256, (2, 2), (2, 2))]
+    blocks = [(b[0][0].in_channels, b[1][0].out_channels) for b in model.decoder.blocks]
+    assert blocks == [(3 + 16, 16), (64 + 32, 32), (64 + 64, 64), (128 + 128, 128),
+                      (256 + 256, 256)]
+    assert (model.decoder.head.in_channels, model.decoder.head.out_channels,
+            model.decoder.head.kernel_size) == (16, 3, (1, 1))
 
 
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():

@@ -17,13 +17,13 @@ from torch import nn
 
 from segpipe.models.base import FAMILIES, SegmentationModel
 from segpipe.models.encoders import RESNETS, resnet_encoder
-from segpipe.spec import resnet_depth, schema
+from segpipe.spec import default, resnet_depth, schema, setting
 
 for _module in pkgutil.iter_modules(__path__):  # each registers its families (models.base.family)
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "model_cost",
-           "model_table", "print_model_table"]
+__all__ = ["ARCHITECTURES", "BACKBONES", "SegmentationModel", "build_model", "family_options",
+           "model_cost", "model_table", "print_model_table"]
 
 _ORDER = list(schema()["$defs"]["architecture"]["families"])
 ARCHITECTURES: dict[str, type[SegmentationModel]] = dict(
@@ -33,35 +33,44 @@ ARCHITECTURES: dict[str, type[SegmentationModel]] = dict(
 schema lists exactly these, with their options)."""
 #: ``scratch`` is each architecture's own encoder; the others are torchvision ResNets.
 BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
-#: Decoder width under a ResNet encoder unless the architecture sets ``width``: level ``i`` has
-#: ``16·2**i`` channels, segmentation_models_pytorch's Unet decoder (16, 32, 64, 128, 256).
-RESNET_DECODER_WIDTH = 16
+
+
+def family_options(architecture: dict, backbone: dict) -> dict:
+    """Every option of the architecture's family: as the definition gives it, else the
+    schema's default (``$defs.architecture``, :func:`segpipe.spec.default`; the one place a
+    model default is written). Under a ResNet, ``width`` defaults to the schema's
+    ``resnet_default`` and ``depth`` to the encoder's stride-2 stages
+    (:func:`segpipe.spec.resnet_depth`)."""
+    given = {k: v for k, v in architecture.items() if k != "model"}
+    options = {option: default(f"$defs.architecture.{option}")
+               for option in schema()["$defs"]["architecture"]["families"][architecture["model"]]}
+    if backbone.get("encoder", "scratch") != "scratch":
+        options["width"] = setting("$defs.architecture.width")["resnet_default"]
+        options["depth"] = resnet_depth(backbone)
+    return {**options, **given}
 
 
 def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> SegmentationModel:
     """The model of an architecture definition under a backbone definition.
 
     ``architecture``: ``model`` (a key of :data:`ARCHITECTURES`) and that family's options
-    (the keyword arguments of its class, e.g. ``width``, ``depth``, ``down``, ``up``).
+    (the keyword arguments of its class, e.g. ``width``, ``depth``, ``down``, ``up``); those
+    left out take their defaults from the schema (:func:`family_options`).
     ``backbone``: ``{}`` for the family's scratch encoder, or ``{"encoder": "resnet18" |
     "resnet34" | "resnet50", "weights": "imagenet" | "none" | <path>, optional "stem":
-    "imagenet" | "small"}``; under a ResNet, ``depth`` (default: all its stride-2 stages, 5,
-    or 4 with the small stem) selects how many ResNet stages are used, ``width`` defaults to
-    :data:`RESNET_DECODER_WIDTH` and ``down`` does not apply. The definitions are trusted:
+    "imagenet" | "small"}``; under a ResNet, ``depth`` selects how many ResNet stages are used
+    and ``down`` does not apply. The definitions are trusted:
     they were checked where they entered (:mod:`segpipe.spec`: the workflow's start, ``segpipe
     train``'s spec; a checkpoint holds checked ones). ``outputs``: channels of the logits,
     :attr:`segpipe.labels.Labels.outputs` (1 binary, else background + classes).
     """
-    options = dict(architecture)
-    cls = ARCHITECTURES[options.pop("model")]
+    options = family_options(architecture, backbone)
+    cls = ARCHITECTURES[architecture["model"]]
     name = backbone.get("encoder", "scratch")
-    if name == "scratch":
-        return cls(**options, outputs=outputs)
-    stem = backbone.get("stem", "imagenet")
-    depth = options.pop("depth", resnet_depth(backbone))
-    options.setdefault("width", RESNET_DECODER_WIDTH)
-    return cls(**options, encoder=resnet_encoder(name, backbone["weights"], depth, stem),
-               outputs=outputs)
+    if name != "scratch":
+        options["encoder"] = resnet_encoder(name, backbone["weights"], options["depth"],
+                                            backbone.get("stem", "imagenet"))
+    return cls(**options, outputs=outputs)
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 from segpipe.models.base import SegmentationModel, family
@@ -19,9 +20,9 @@ class AtrousUNet(SegmentationModel):
     The scratch encoder is U-Net's; the seed study put a ResNet-50 encoder under it.
     """
 
-    def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
-                 up: str = "transpose", rates: tuple[int, ...] = (1, 6, 12, 18),
-                 encoder: Encoder | None = None, outputs: int = 1) -> None:
+    def __init__(self, *, width: int, depth: int, down: str, up: str,
+                 rates: Sequence[int], encoder: Encoder | None = None,
+                 outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
         block = partial(AtrousBlock, rates=tuple(rates))

@@ -88,7 +88,7 @@ class RecurrentConv(nn.Module):
     reference's; the parameters are the same.
     """
 
-    def __init__(self, channels: int, t: int = 2) -> None:
+    def __init__(self, channels: int, t: int) -> None:
         super().__init__()
         self.t = t
         self.conv = conv_bn_relu(channels, channels)  # its BatchNorm keeps step 0's statistics
@@ -109,7 +109,7 @@ class RRCNNBlock(nn.Module):
     ``x₀ = W₁ₓ₁ x`` (1×1 convolution to the output width), ``output = x₀ + RCL(RCL(x₀))`` with
     two stacked :class:`RecurrentConv` layers."""
 
-    def __init__(self, in_channels: int, out_channels: int, t: int = 2) -> None:
+    def __init__(self, in_channels: int, out_channels: int, t: int) -> None:
         super().__init__()
         self.project = nn.Conv2d(in_channels, out_channels, 1)
         self.recurrent = nn.Sequential(RecurrentConv(out_channels, t),
@@ -128,8 +128,7 @@ class AtrousBlock(nn.Module):
         f_r = 3×3 conv-BN-ReLU with dilation r (r > 1),  F = 1×1 conv-BN-ReLU
     """
 
-    def __init__(self, in_channels: int, out_channels: int,
-                 rates: tuple[int, ...] = (1, 6, 12, 18)) -> None:
+    def __init__(self, in_channels: int, out_channels: int, rates: tuple[int, ...]) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             conv_bn_relu(in_channels, out_channels, 1) if rate == 1

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from segpipe import SegpipeError
 from segpipe.models.blocks import downsample
-from segpipe.spec import RESNET_DEPTH
 from segpipe.weights import how_to_supply, imagenet_file
 
 RESNETS = {  # name: channels at strides 1, 2, 4, 8, 16, 32 of torchvision.models.<name>
@@ -59,8 +58,7 @@ def conv_encoder(block: Callable[[int, int], nn.Module], width: int, depth: int,
     return Encoder(stages, channels)
 
 
-def resnet_encoder(name: str, weights: str, depth: int = RESNET_DEPTH,
-                   stem: str = "imagenet") -> Encoder:
+def resnet_encoder(name: str, weights: str, depth: int, stem: str = "imagenet") -> Encoder:
     """A torchvision ResNet (He et al. 2016, arXiv:1512.03385) as an encoder.
 
     ``stem``: ``imagenet`` — stage 0 is the image itself (3 channels, the finest skip), then

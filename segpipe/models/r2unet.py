@@ -21,9 +21,8 @@ class R2UNet(SegmentationModel):
 
     attention = False
 
-    def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
-                 up: str = "transpose", t: int = 2, encoder: Encoder | None = None,
-                 outputs: int = 1) -> None:
+    def __init__(self, *, width: int, depth: int, down: str, up: str, t: int,
+                 encoder: Encoder | None = None, outputs: int = 1) -> None:
         block = partial(RRCNNBlock, t=t)
         if encoder is None:
             encoder = conv_encoder(block, width, depth, down)

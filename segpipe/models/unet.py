@@ -57,9 +57,8 @@ class UNet(SegmentationModel):
 
     attention = False
 
-    def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
-                 up: str = "transpose", encoder: Encoder | None = None,
-                 outputs: int = 1) -> None:
+    def __init__(self, *, width: int, depth: int, down: str, up: str,
+                 encoder: Encoder | None = None, outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
         super().__init__(encoder, UNetDecoder(encoder.out_channels, width, DoubleConv, up,

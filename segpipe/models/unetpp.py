@@ -79,8 +79,7 @@ class UNetPlusPlus(SegmentationModel):
     of their probabilities (the paper's "accurate mode", :func:`mean_probability_logit`).
     """
 
-    def __init__(self, width: int = 64, depth: int = 4, down: str = "maxpool",
-                 up: str = "transpose", deep_supervision: bool = False,
+    def __init__(self, *, width: int, depth: int, down: str, up: str, deep_supervision: bool,
                  encoder: Encoder | None = None, outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
