@@ -687,7 +687,8 @@ def test_study_with_classes_runs_end_to_end(finished_classes: Path):
     confusion = pd.read_csv(run / "confusion.csv", index_col="truth")
     assert list(confusion.index) == list(confusion.columns) == ["background", "leaf", "stone"]
     with open_stacked(results / "data" / "test.h5") as f:
-        assert confusion.to_numpy().sum() == (f["masks"][:] != IGNORE).sum()
+        # counted at the original size (64x80), where the test images are scored
+        assert confusion.to_numpy().sum() == (f["truth"][:] != IGNORE).sum() == 4 * 64 * 80
     summary = pd.read_csv(results / "experiments" / "architecture" / "summary.csv")
     for column in ("dice.leaf_mean", "dice.stone_lo", "delta_dice.leaf_hi", "n_images.stone"):
         assert column in summary
@@ -848,8 +849,9 @@ def _comparable(path: Path, added: set[str] = ADDED_SINCE) -> object:
         with np.load(path) as npz:
             return {key: npz[key].tobytes() for key in npz.files}
     if path.suffix == ".h5":  # attribute source: the absolute data folder, in another workdir
-        with open_stacked(path) as f:
-            return ({key: f[key][()].tolist() for key in f if key not in added},
+        with open_stacked(path) as f:  # a group of images of several sizes: a list
+            return ({key: [a.tolist() for a in f[key]] if isinstance(f[key], list)
+                     else f[key][()].tolist() for key in f if key not in added},
                     {k: str(v) for k, v in f.attrs.items() if k not in {"source", *added}},
                     Path(f.attrs["source"]).relative_to(path.parents[2]))
     if path.suffix == ".md":
