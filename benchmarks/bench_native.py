@@ -8,7 +8,8 @@ Self-contained: writes ``count`` synthetic LabelMe photos of ``photo`` (H W; def
 demo generator with cracks) and rasterises them (binary) at each of ``scales`` (seconds per photo, MiB
 of cache per photo, and the same for ``data.size`` 256x256 as the baseline). Then it trains a
 tiny U-Net for one epoch on 64x64 patches of a small native cache, and runs ``segpipe
-evaluate`` on a test cache holding one ``large`` photo at ``large-scale`` (scored at its
+evaluate`` on a test cache holding one ``large`` photo (a synthetic one enlarged 8x) at
+``large-scale`` (scored at its
 original size) and ``segpipe predict`` on that photo, each in a process of its own whose peak
 resident memory (ru_maxrss) is reported, beside the size of the photo's probabilities at its
 original size (C x H x W x 4 bytes) as the yardstick.
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import cv2
 
 from segpipe.data.cache import build_cache
 from segpipe.data.geometry import Geometry
@@ -51,13 +54,30 @@ def rasterise(folder: Path, output: Path, geometry: Geometry, count: int) -> tup
 
 
 def peak_mib(command: list[str], cwd: Path) -> float:
-    """Run ``segpipe <command>`` in a process of its own; its peak resident memory in MiB."""
-    code = ("import resource, sys, torch, segpipe.evaluate, segpipe.predict\n"
+    """Run ``segpipe <command>`` in a process of its own; its peak resident memory in MiB (the
+    kernel's high-water mark of the process's own memory, VmHWM: ru_maxrss would count the
+    parent's at the fork)."""
+    code = ("import re, sys, torch, segpipe.evaluate, segpipe.predict\n"
             "from segpipe.cli import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])")
     done = subprocess.run([sys.executable, "-c", code, *command], cwd=cwd, check=True,
                           capture_output=True, text=True)
-    return int(done.stdout.split()[-1]) / 1024  # KiB on Linux
+    return int(done.stdout.split()[-1]) / 1024  # kB
+
+
+def enlarge(folder: Path, factor: int) -> None:
+    """Make each photo of a synthetic LabelMe ``folder`` ``factor`` times larger, its shapes
+    too (cheaper than synthesising a very large photo)."""
+    for path in folder.glob("*.json"):
+        document = json.loads(path.read_text())
+        image = cv2.imread(str(path.with_name(document["imagePath"])))
+        image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+        cv2.imwrite(str(path.with_name(document["imagePath"])), image,
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+        for shape in document["shapes"]:
+            shape["points"] = [[x * factor, y * factor] for x, y in shape["points"]]
+        document["imageHeight"], document["imageWidth"] = image.shape[:2]
+        path.write_text(json.dumps(document))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         build_cache(tmp / "small", tmp / "small.h5", Geometry(scale=args.large_scale), LABELS,
                     val_fraction=0.34)
         train_run(SPEC, tmp / "small.h5", tmp / "run", device="cpu")
-        write_dataset(tmp / "large", 1, seed=2, size=tuple(args.large), cracks=True)
+        factor = 8
+        write_dataset(tmp / "large", 1, seed=2, cracks=True,
+                      size=(args.large[0] // factor, args.large[1] // factor))
+        enlarge(tmp / "large", factor)
         build_cache(tmp / "large", tmp / "large.h5", Geometry(scale=args.large_scale), LABELS,
                     train_cache=tmp / "small.h5")
         height, width = args.large
