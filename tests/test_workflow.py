@@ -877,9 +877,10 @@ def test_binary_study_trains_what_it_trained_before_classes(finished: Path, tmp_
     shutil.copy(TINY, workdir / "config.yaml")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(before))
+    # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH
     subprocess.run([sys.executable, "-m", "snakemake", "-s", str(before / "Snakefile"), "-d",
                     str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"],
-                   check=True, capture_output=True, env=env, timeout=900)
+                   check=True, capture_output=True, env=env, timeout=900, cwd=before)
 
     def files(root: Path) -> list[Path]:
         return [p for p in result_files(root)
