@@ -12,16 +12,14 @@ from pathlib import Path
 
 import cv2
 import h5py
-
-from cachefile import open_stacked
 import numpy as np
 import pytest
 
+from cachefile import open_stacked
 from segpipe import SegpipeError, __version__
-from segpipe.data.labelme import load_annotation, rasterise
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import split_indices
-from segpipe.data.labelme import load_annotation, load_annotations
+from segpipe.data.labelme import load_annotation, load_annotations, rasterise
 from segpipe.files import HOST
 from segpipe.labels import Labels
 

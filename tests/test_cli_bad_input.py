@@ -19,13 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import h5py
-
-from cachefile import open_stacked
 import numpy as np
 import pytest
 import torch
 
+from cachefile import open_stacked
 from segpipe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,13 +7,12 @@ import shutil
 import pickle
 
 import h5py
-
-from cachefile import open_stacked
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cachefile import open_stacked
 from segpipe import SegpipeError
 from segpipe.data.cache import build_cache
 from segpipe.data.dataset import SegmentationH5Dataset, split_indices

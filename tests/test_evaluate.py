@@ -7,15 +7,13 @@ import shutil
 from pathlib import Path
 
 import cv2
-import h5py
-
-from cachefile import open_stacked
 import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from cachefile import open_stacked
 from segpipe import SegpipeError, aggregate
 from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset

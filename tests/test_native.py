@@ -17,7 +17,7 @@ from segpipe.data.dataset import PatchDataset
 from segpipe.data.geometry import Geometry
 from segpipe.data.synthetic import write_dataset
 from segpipe.evaluate import evaluate_run
-from segpipe.inference import Predictor, image_batch
+from segpipe.inference import Predictor
 from segpipe.labels import Labels
 from segpipe.models import build_model
 from segpipe.predict import predict_folder

@@ -14,13 +14,12 @@ import uuid
 from pathlib import Path
 
 import h5py
-
-from cachefile import open_stacked
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from cachefile import open_stacked
 from segpipe import SegpipeError
 from segpipe.data.cache import build_cache
 from segpipe.data.synthetic import write_dataset

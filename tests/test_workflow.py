@@ -22,9 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-
-from cachefile import open_stacked
 import numpy as np
 import pandas as pd
 import PIL.Image
@@ -32,6 +29,7 @@ import pytest
 import torch
 import yaml
 
+from cachefile import open_stacked
 from segpipe.figures import FIGURES
 from segpipe.labels import IGNORE
 
