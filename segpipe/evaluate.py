@@ -201,7 +201,7 @@ def _nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A class mask at ``size`` by nearest neighbour (figures only)."""
     if mask.shape == tuple(size):
         return mask
-    return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def _metric_columns(per_image: dict[str, np.ndarray], pooled,

@@ -208,10 +208,11 @@ def _write(output: Path, files: list[Path], geometry: Geometry, labels: Labels,
                     h5 = h5py.File(partial, "r+", libver="latest")  # what it did not use
                 _write_image(h5, i, image, mask, truth, locations, geometry.native)
                 first = first_row.setdefault(annotation.image_digest, i)
-                if first != i and (_read_truth(h5, first) != truth).any():
+                differ = 0 if first == i else int((_read_truth(h5, first) != truth).sum())
+                if differ:
                     log.warning("%s and %s: the same image annotated differently (the masks "
-                                "differ in %d of %dx%d pixels)", files[first], files[i],
-                                int((_read_truth(h5, first) != truth).sum()), *truth.shape)
+                                "differ in %d of %dx%d pixels)", files[first], files[i], differ,
+                                *truth.shape)
                 h5["orig_size"][i], h5["shape"][i] = annotation.size, shape
                 pixels.update(dict(zip(*np.unique(mask, return_counts=True))))
                 total += mask.size
