@@ -231,14 +231,19 @@ def check_spec(spec: object, size: Sequence[int] | None = None, labels: object =
     _raise(schema_errors(spec, "#/$defs/run_spec", "run spec"))
     spec = copy.deepcopy(spec)
     _fill_defaults(spec["train"], schema()["properties"]["train"])
-    errors = patch_errors(spec["train"].get("patch"), native, "train.patch")
-    if native:
-        size = spec["train"]["patch"]
-    errors += model_errors(spec["architecture"], spec["backbone"], size)
+    errors = patch_errors(spec["train"]["patch"], native, "train.patch")
+    errors += model_errors(spec["architecture"], spec["backbone"],
+                           input_size(spec["train"]["patch"], size))
     if labels is not None:
         errors += loss_errors(spec["loss"], labels)
     _raise([f"run spec: {m}" for m in errors])
     return spec
+
+
+def input_size(patch: Sequence[int] | None, size: Sequence[int] | None):
+    """The model's input in training: the ``train.patch`` of a study at ``data.scale`` (which
+    :func:`patch_errors` requires there and refuses elsewhere), else the squashed ``size``."""
+    return size if patch is None else patch
 
 
 def patch_errors(patch: Sequence[int] | None, native: bool, where: str) -> list[str]:

@@ -63,7 +63,7 @@ from segpipe.runtime import (IMAGENET_MEAN, IMAGENET_STD, acquire_device, amp_dt
                              forward_logits, peak_memory_mb, place, probabilities)
 from segpipe import rundir
 from segpipe.rundir import check_snapshots, expected_snapshots, run_lock, snapshot_path, snapshots
-from segpipe.spec import check_spec, default
+from segpipe.spec import check_spec, default, input_size
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def train_run(spec: dict, cache: Path, out_dir: Path,
         raise SegpipeError(f"{cache}: training cache not found")
     geometry, labels = cache_facts(cache)
     spec = check_spec(spec, geometry.size, labels, native=geometry.native)
-    size = list(spec["train"]["patch"] if geometry.native else geometry.size)
+    size = list(input_size(spec["train"]["patch"], geometry.size))
     with run_lock(out_dir, "train"):
         handler = logging.FileHandler(out_dir / rundir.TRAIN_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))

@@ -22,7 +22,7 @@ from segpipe import rundir
 from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
-from segpipe.spec import loss_errors, model_errors, patch_errors, schema
+from segpipe.spec import input_size, loss_errors, model_errors, patch_errors, schema
 from segpipe.weights import (IMAGENET_URLS, how_to_supply, hub_checkpoints, imagenet_file,
                              unreachable)
 
@@ -157,7 +157,7 @@ def _check_models():
     errors = patch_errors(config["train"]["patch"], native, "train.patch")
     if errors:
         raise WorkflowError("\n".join(f"config: {e}" for e in errors))
-    size = config["train"]["patch"] if native else config["data"]["size"]
+    size = input_size(config["train"]["patch"], config["data"].get("size"))
     for arch, backbone in dict.fromkeys((r["architecture"], r["backbone"]) for r in RUNS):
         where = (f"architectures.{arch}", f"backbones.{backbone}")
         definitions = config["architectures"][arch], config["backbones"][backbone]
