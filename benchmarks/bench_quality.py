@@ -33,6 +33,7 @@ segpipe's models the ratio ours/peer with the interval of the per-seed ratios (p
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -48,10 +49,11 @@ import yaml
 from torch import nn
 
 from segpipe.checkpoint import load_checkpoint
-from segpipe.data.cache import build_cache
+from segpipe.data.cache import Cache, build_cache
 from segpipe.data.dataset import SegmentationH5Dataset, cache_facts, split_indices
 from segpipe.data.synthetic import write_dataset
 from segpipe.evaluate import score
+from segpipe.inference import Predictor
 from segpipe.labels import Labels
 from segpipe.losses import build_loss
 from segpipe.models import build_model
@@ -66,6 +68,68 @@ T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31
 
 # ----------------------------------------------------------------------------- data
 
+SHAPES = ("disc", "triangle", "square", "star", "cross")
+FILLS = ("plain", "striped")
+SHAPES_COUNT = (600, 200)
+"""Training (validation split included) and test photos of the ``shapes`` set."""
+
+
+def _outline(kind: str, rng: np.random.Generator, centre: np.ndarray, radius: float) -> np.ndarray:
+    """The polygon of a ``kind`` of :data:`SHAPES`, turned by a random angle."""
+    if kind == "disc":
+        angles, radii = np.linspace(0, 2 * np.pi, 24, endpoint=False), np.ones(24)
+    elif kind == "star":
+        angles, radii = np.linspace(0, 2 * np.pi, 10, endpoint=False), np.tile([1, 0.45], 5)
+    elif kind == "cross":
+        arm = 0.35
+        xy = np.array([(arm, 1), (arm, arm), (1, arm), (1, -arm), (arm, -arm), (arm, -1),
+                       (-arm, -1), (-arm, -arm), (-1, -arm), (-1, arm), (-arm, arm), (-arm, 1)])
+        angles, radii = np.arctan2(xy[:, 1], xy[:, 0]), np.hypot(*xy.T) / np.sqrt(1 + arm**2)
+    else:
+        corners = 3 if kind == "triangle" else 4
+        angles, radii = np.linspace(0, 2 * np.pi, corners, endpoint=False), np.ones(corners)
+    angles = angles + rng.uniform(0, 2 * np.pi)
+    return centre + radius * radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
+def write_shapes(folder: Path, count: int, seed: int, size: int = 96) -> None:
+    """``count`` LabelMe files of the ``shapes`` set: ten classes ``<shape>_<fill>``, five
+    outlines (:data:`SHAPES`) × plain or striped, in random colours on a mottled background of
+    random colour, 1-3 objects per image. Colour says nothing of the class; the outline (a
+    whole object's context) and the fill (a few pixels') do, as a flower's species does."""
+    import cv2
+
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        noise = cv2.resize(rng.standard_normal((size // 8, size // 8, 3)).astype(np.float32),
+                           (size, size), interpolation=cv2.INTER_CUBIC)
+        image = rng.uniform(40, 215, 3).astype(np.float32) + 25 * noise
+        shapes = []
+        for _ in range(rng.integers(1, 4)):
+            kind, fill = SHAPES[rng.integers(len(SHAPES))], FILLS[rng.integers(len(FILLS))]
+            radius = rng.uniform(0.12, 0.24) * size
+            points = _outline(kind, rng, rng.uniform(radius, size - radius, 2), radius)
+            inside = np.zeros((size, size), np.uint8)
+            cv2.fillPoly(inside, [np.round(points).astype(np.int32)], 1)
+            colour = rng.uniform(30, 225, 3).astype(np.float32)
+            texture = colour + 8 * rng.standard_normal((size, size, 3)).astype(np.float32)
+            if fill == "striped":
+                angle, period = rng.uniform(0, np.pi), rng.uniform(4, 7)
+                phase = (xx * np.cos(angle) + yy * np.sin(angle)) / period
+                texture = texture * np.where(phase % 1 < 0.5, 1.0, 0.45)[..., None]
+            image = np.where(inside[..., None] > 0, texture, image)
+            shapes.append({"label": f"{kind}_{fill}", "points": np.round(points, 2).tolist(),
+                           "group_id": None, "description": "", "shape_type": "polygon",
+                           "flags": {}, "mask": None})
+        name = f"shapes_{index:04d}"
+        cv2.imwrite(str(folder / f"{name}.png"), np.clip(image, 0, 255).astype(np.uint8)[..., ::-1])
+        (folder / f"{name}.json").write_text(json.dumps(
+            {"version": "5.5.0", "flags": {}, "shapes": shapes, "imagePath": f"{name}.png",
+             "imageData": None, "imageHeight": size, "imageWidth": size}))
+
+
 def prepare(data: str, work: Path, size: list[int] | None, binary: bool,
             classes: list[str] | None) -> tuple[Path, Path, Labels]:
     """The training and test caches of ``data`` below ``work``, and their classes."""
@@ -78,10 +142,15 @@ def prepare(data: str, work: Path, size: list[int] | None, binary: bool,
                 write_dataset(folder / split, count, synthetic["seed"] * 2 + (split == "test"),
                               tuple(synthetic["size"]))
         classes, background, size = demo["classes"], demo["background"], size or demo["size"]
+    elif data == "shapes":
+        folder, background = work / "shapes", []
+        for split, count, seed in (("train", SHAPES_COUNT[0], 0), ("test", SHAPES_COUNT[1], 1)):
+            if not (folder / split).is_dir():
+                write_shapes(folder / split, count, seed)
+        classes, size = [f"{s}_{f}" for s in SHAPES for f in FILLS], size or [64, 64]
     else:
         folder, background = Path(data), []
         if classes is None:
-            import json
             classes = sorted({shape["label"] for path in (folder / "train").glob("*.json")
                               for shape in json.loads(path.read_text())["shapes"]})
         size = size or [64, 64]
@@ -242,10 +311,12 @@ def train_segpipe(name: str, args, seed: int, train: Path, test: Path, work: Pat
 
 
 def test_dice(model: nn.Module, checkpoint: dict, test: Path) -> float:
-    test_set = SegmentationH5Dataset(test)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=8)
-    per_image, *_ = score(model, checkpoint, loader, torch.device("cpu"), 0.5, 1,
-                          test_set.labels)
+    """The per-image mean foreground Dice of ``model`` on the ``test`` cache, scored as
+    ``segpipe evaluate`` scores (at each image's original size)."""
+    with Cache(test) as cache:
+        predictor = Predictor((model,), cache.labels, cache.geometry, cache.geometry.size,
+                              checkpoint["mean"], checkpoint["std"], torch.device("cpu"))
+        per_image, *_ = score(predictor, cache, np.arange(len(cache)), 0.5, 1, (8, 8))
     return float(np.mean(per_image["dice"]))
 
 
@@ -253,7 +324,7 @@ def train_plain(build: Callable[[], nn.Module], args, seed: int, train: Path,
                 test: Path) -> float:
     """Test Dice of ``build()`` trained by a plain loop of segpipe's recipe."""
     settings = recipe(args)
-    size, labels = cache_facts(train)
+    geometry, labels = cache_facts(train)
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = place(build(), torch.device("cpu"))
@@ -269,6 +340,8 @@ def train_plain(build: Callable[[], nn.Module], args, seed: int, train: Path,
     val_loader = torch.utils.data.DataLoader(SegmentationH5Dataset(train, indices=val_idx),
                                              batch_size=settings["batch_size"])
     device = torch.device("cpu")
+    predictor = Predictor((model,), labels, geometry, geometry.size, IMAGENET_MEAN, IMAGENET_STD,
+                          device)
     best, best_state = -math.inf, None
     for _ in range(settings["epochs"]):
         model.train()
@@ -279,7 +352,7 @@ def train_plain(build: Callable[[], nn.Module], args, seed: int, train: Path,
             loss.backward()
             optimizer.step()
         scheduler.step()
-        dice = validate(model, val_loader, criterion, device, None, labels)["dice"]
+        dice = validate(predictor, val_loader, criterion)["dice"]
         if dice > best:
             best, best_state = dice, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -342,9 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality_"))
     work.mkdir(parents=True, exist_ok=True)
     train, test, labels = prepare(args.data, work, args.size, args.binary, args.classes)
-    size, _ = cache_facts(train)
+    geometry, _ = cache_facts(train)
     settings = recipe(args)
-    print(f"data {args.data} ({labels.describe()}), {size[0]}x{size[1]}, "
+    print(f"data {args.data} ({labels.describe()}), {'x'.join(map(str, geometry.size))}, "
           f"{len(split_indices(train)[0])} train / {len(split_indices(train)[1])} val / "
           f"{len(SegmentationH5Dataset(test))} test images; {settings['epochs']} epochs, batch "
           f"{settings['batch_size']}, Adam lr {settings['lr']}, {settings['scheduler']}, loss "
