@@ -24,7 +24,8 @@ evaluation (``segpipe.evaluate.score``: the per-image mean foreground Dice).
   (features w…16w, BatchNorm, ReLU) or ``AttentionUnet`` (channels w…16w) for scratch models.
 
 ``--variants`` adds the ablation (the plain loop, to isolate the model): segpipe's model with
-one change of :data:`VARIANTS` at a time (``base`` = unchanged, ``all`` = every change).
+one change of :data:`VARIANTS` at a time (``before``: the decoder before issue 28; ``today``:
+the default; ``smp``: the default with smp's initialisation, smp.Unet's function).
 
 Printed: per model the test Dice of each seed, mean and a 95 % t-interval over seeds, and for
 segpipe's models the ratio ours/peer with the interval of the per-seed ratios (paired by seed).
@@ -56,7 +57,8 @@ from segpipe.evaluate import score
 from segpipe.inference import Predictor
 from segpipe.labels import Labels
 from segpipe.losses import build_loss
-from segpipe.models import build_model
+from segpipe.models import ARCHITECTURES, build_model, family_options
+from segpipe.models.encoders import resnet_encoder
 from segpipe.models.blocks import DoubleConv
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, forward_logits, place
 from segpipe.spec import default
@@ -196,35 +198,10 @@ def peer(name: str, width: int, outputs: int) -> tuple[str, Callable[[], nn.Modu
                               norm="batch", bias=False))
 
 
-# The ablation: one change of segpipe's U-Net decoder at a time, towards smp's Unet decoder.
-
-class _DropSkip(nn.Module):
-    """The block of level 0 without the skip: drops the skip's channels (concatenated first)."""
-
-    def __init__(self, skip_channels: int, block: nn.Module) -> None:
-        super().__init__()
-        self.skip_channels, self.block = skip_channels, block
-
-    def forward(self, x):
-        return self.block(x[:, self.skip_channels:])
-
-
-def _channels(model) -> tuple[list[int], list[int]]:
-    encoder = model.encoder.out_channels
-    widths = [block[0][0].out_channels for block in model.decoder.blocks]
-    return encoder, widths
-
-
-def nearest_concat(model) -> None:
-    """smp's channel flow: nearest ×2 of every coarse channel, concatenated with the skip,
-    then the two 3×3 convolutions (no up-convolution)."""
-    encoder, widths = _channels(model)
-    coarser = widths[1:] + [encoder[-1]]
-    model.decoder.ups = nn.ModuleList(nn.Upsample(scale_factor=2, mode="nearest")
-                                      for _ in widths)
-    model.decoder.blocks = nn.ModuleList(DoubleConv(encoder[i] + coarser[i], widths[i])
-                                         for i in range(len(widths)))
-
+# The ablation, under a ResNet: from the U-Net decoder segpipe had before issue 28 (``before``:
+# 2×2 up-convolutions to the level's width, the raw image as the finest skip, a 1×1 head) one
+# change at a time towards smp's Unet decoder, which is today's default (``today``) and, with
+# smp's initialisation, exactly smp.Unet's function (``smp``); scratch models have no image skip.
 
 def smp_init(model) -> None:
     """smp's initialisation: decoder convolutions He-uniform (fan in, ReLU) with zero bias,
@@ -238,44 +215,52 @@ def smp_init(model) -> None:
     nn.init.zeros_(model.decoder.head.bias)
 
 
-def no_image_skip(model) -> None:
-    """No raw image as the finest skip (ResNet encoders: f_0 is the image)."""
-    encoder, widths = _channels(model)
-    if encoder[0] == 3:
-        inputs = model.decoder.blocks[0][0][0].in_channels
-        model.decoder.blocks[0] = _DropSkip(3, DoubleConv(inputs - 3, widths[0]))
+def transpose_full(model) -> None:
+    """smp's channel flow with U-Net's operator: a 2×2 transposed convolution that keeps every
+    coarse channel, concatenated with the skip, then the two 3×3 convolutions."""
+    encoder = model.encoder.out_channels
+    widths = [block[0][0].out_channels for block in model.decoder.blocks]
+    coarser = widths[1:] + [encoder[-1]]
+    model.decoder.ups = nn.ModuleList(nn.ConvTranspose2d(c, c, 2, stride=2) for c in coarser)
+    model.decoder.blocks = nn.ModuleList(DoubleConv(encoder[i] + coarser[i], widths[i])
+                                         for i in range(len(widths)))
 
 
-def head3(model) -> None:
-    """smp's 3×3 logit head instead of the 1×1."""
-    head = model.decoder.head
-    model.decoder.head = nn.Conv2d(head.in_channels, head.out_channels, 3, padding=1)
-
-
-VARIANTS: dict[str, tuple[dict, list[Callable]]] = {
-    "base": ({}, []),
-    "bilinear": ({"up": "bilinear"}, []),  # segpipe's own option: bilinear ×2, then 1×1 conv
-    "nearest_concat": ({}, [nearest_concat]),
-    "smp_init": ({}, [smp_init]),
-    "no_image_skip": ({}, [no_image_skip]),
-    "head3": ({}, [head3]),
-    "all": ({}, [nearest_concat, no_image_skip, head3, smp_init]),  # smp.Unet's decoder
-    "peer": ({}, []),
+BEFORE = {"up": "transpose", "head": 1}
+VARIANTS: dict[str, tuple[dict, bool, list[Callable]]] = {
+    "before": (BEFORE, True, []),
+    "nearest": ({**BEFORE, "up": "nearest"}, True, []),
+    "transpose_full": (BEFORE, True, [transpose_full]),
+    "bilinear": ({**BEFORE, "up": "bilinear"}, True, []),
+    "head3": ({**BEFORE, "head": 3}, True, []),
+    "no_image_skip": (BEFORE, False, []),
+    "smp_init": (BEFORE, True, [smp_init]),
+    "today": ({}, False, []),
+    "smp": ({}, False, [smp_init]),
+    "peer": ({}, False, []),
 }
-"""Ablation variant → (architecture options, changes applied to the built model in order);
-``all`` has exactly smp.Unet's layers and parameter count under resnet34."""
+"""Ablation variant → (architecture options, the raw image as the finest skip under a ResNet,
+changes applied to the built model in order)."""
 
 
 def variant_builder(name: str, variant: str, width: int, outputs: int) -> Callable[[], nn.Module]:
-    """The builder of segpipe's model ``name`` with the ablation's change ``variant``, or
-    (``peer``) of its nearest peer."""
+    """The builder of segpipe's model ``name`` with the ablation's ``variant``, or (``peer``)
+    of its nearest peer."""
     if variant == "peer":
         return peer(name, width, outputs)[1]
     architecture, backbone = segpipe_definitions(name, width)
-    options, changes = VARIANTS[variant]
+    options, image_skip, changes = VARIANTS[variant]
 
     def build() -> nn.Module:
-        model = build_model({**architecture, **options}, backbone, outputs)
+        definition = {**architecture, **options}
+        if backbone and image_skip:
+            settings = family_options(definition, backbone)
+            encoder = resnet_encoder(backbone["encoder"], "none", settings["depth"])
+            encoder.out_channels[0] = 3  # the image, passed to the decoder as the finest skip
+            model = ARCHITECTURES[definition["model"]](**settings, encoder=encoder,
+                                                       outputs=outputs)
+        else:
+            model = build_model(definition, backbone, outputs)
         for change in changes:
             change(model)
         return model

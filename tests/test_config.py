@@ -120,7 +120,7 @@ def edited(change) -> dict:
     (lambda c: c["experiments"]["architecture"]["vary"].update(architecture=["unet", "a__b"]),
      f"experiments.architecture.vary.architecture[1]: 'a__b' is not {NAME_RULE}"),
     (lambda c: c["architectures"].update(pp={"model": "unetpp", "t": 2}),
-     "architectures.pp.t: unknown key (allowed: model, width, depth, down, up, "
+     "architectures.pp.t: unknown key (allowed: model, width, depth, down, up, head, "
      "deep_supervision)"),
     (lambda c: c["losses"].update(l={"dice": 1, "pos_weight": 2}),
      "losses.l.pos_weight: applies to bce, which is not set"),
@@ -152,7 +152,7 @@ def test_every_problem_is_reported_and_defaults_stay_out_of_definitions():
         validate_config(edited(lambda c: (c["architectures"]["unet"].update(widht=8),
                                           c["augmentations"]["plain"].update(hflip=2))))
     assert str(error.value).splitlines() == [
-        "config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up)",
+        "config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up, head)",
         "config: augmentations.plain.hflip: 2 is greater than the maximum of 1"]
 
     config = copy.deepcopy(TINY)
@@ -175,7 +175,7 @@ def test_run_spec_is_checked_against_the_same_schema():
     with pytest.raises(SegpipeError) as error:
         check_spec(spec)
     assert str(error.value).splitlines() == [
-        "run spec: architecture.widht: unknown key (allowed: model, width, depth, down, up)",
+        "run spec: architecture.widht: unknown key (allowed: model, width, depth, down, up, head)",
         "run spec: loss.pos_weight: -1 is less than or equal to the minimum of 0"]
     spec.update(architecture={"model": "unet", "down": "strided"},
                 backbone={"encoder": "resnet18", "weights": "none"}, loss={"dice": 1})

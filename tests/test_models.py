@@ -103,7 +103,9 @@ def double(c_in, c_out, bn=True):  # U-Net's two 3×3 convolutions
     return conv(c_in, c_out, bn=bn) + conv(c_out, c_out, bn=bn)
 
 
-def up(c_in, c_out, mode="transpose"):  # 2×2 transposed conv, or bilinear + 1×1 conv
+def up(c_in, c_out, mode="transpose"):  # 2×2 transposed conv, bilinear + 1×1 conv, or nearest
+    if mode == "nearest":
+        return 0
     return conv(c_in, c_out, 2 if mode == "transpose" else 1, bn=False)
 
 
@@ -120,16 +122,17 @@ def gate(c_x, c_g, inter):  # W_x 2×2 (no bias), W_g 1×1 + b_g, ψ 1×1 + b_ψ
 
 
 def unet_count(width=64, depth=4, block=double, decoder_block=None, down="maxpool",
-               up_mode="transpose", gates=False, bn=True):
+               up_mode="transpose", gates=False, bn=True, head=1):
     """Encoder: block(3, w), then per level a downsampling and block(c, 2c); decoder per level:
-    up(2c, c), [gate], block(2c, c); head: 1×1 conv (c_0 + 1)."""
+    up(2c, c), [gate], block(2c, c) (nearest: no up, block(3c, c)); head: head×head conv."""
     decoder_block = decoder_block or block
     c = [width * 2**i for i in range(depth + 1)]
-    total = block(3, c[0]) + conv(c[0], 1, 1, bn=False)
+    total = block(3, c[0]) + conv(c[0], 1, head, bn=False)
     for i in range(1, depth + 1):
         total += block(c[i - 1], c[i]) + (conv(c[i - 1], c[i - 1]) if down == "strided" else 0)
     for i in range(depth):
-        total += up(c[i + 1], c[i], up_mode) + decoder_block(2 * c[i], c[i])
+        upsampled = c[i + 1] if up_mode == "nearest" else c[i]
+        total += up(c[i + 1], c[i], up_mode) + decoder_block(c[i] + upsampled, c[i])
         total += gate(c[i], c[i + 1], c[i] // 2) if gates else 0
     return total
 
@@ -159,6 +162,7 @@ CANONICAL = [  # width 64, depth 4
     ({"model": "unet", "up": "bilinear"}, unet_count(up_mode="bilinear")),
     ({"model": "unet", "down": "strided", "up": "bilinear"},
      unet_count(down="strided", up_mode="bilinear")),
+    ({"model": "unet", "up": "nearest", "head": 3}, unet_count(up_mode="nearest", head=3)),
     ({"model": "unetpp"}, unetpp_count()),
     ({"model": "unetpp", "deep_supervision": True}, unetpp_count(heads=4)),
     ({"model": "attention_unet"}, unet_count(gates=True)),
@@ -367,13 +371,16 @@ def test_bad_state_dict_files(tmp_path, content, message):
     ({"width": 8}, {}, "architecture.model: missing"),
     ({"model": "transunet"}, {}, "model: 'transunet' is not one of unet, unetpp"),
     ({"model": "unet", "dropout": 0.1}, {},
-     r"dropout: unknown key \(allowed: model, width, depth, down, up\)"),
-    ({"model": "unet", "t": 2}, {}, r"t: unknown key \(allowed: model, width, depth, down, up\)"),
+     r"dropout: unknown key \(allowed: model, width, depth, down, up, head\)"),
+    ({"model": "unet", "t": 2}, {},
+     r"t: unknown key \(allowed: model, width, depth, down, up, head\)"),
     ({"model": "r2unet", "t": 2, "rates": [1]}, {}, r"rates: unknown key \(allowed: .*, t\)"),
     ({"model": "unet", "width": 0}, {}, "width: 0 is less than the minimum of 1"),
     ({"model": "unet", "depth": 2.0}, {}, "depth: 2.0 is not of type 'integer'"),
     ({"model": "unet", "down": "avgpool"}, {}, "down: 'avgpool' is not one of maxpool, strided"),
-    ({"model": "unet", "up": "nearest"}, {}, "up: 'nearest' is not one of transpose, bilinear"),
+    ({"model": "unet", "up": "shuffle"}, {},
+     "up: 'shuffle' is not one of transpose, bilinear, nearest"),
+    ({"model": "unet", "head": 5}, {}, "head: 5 is not one of 1, 3"),
     ({"model": "unetpp", "deep_supervision": "yes"}, {},
      "deep_supervision: 'yes' is not of type 'boolean'"),
     ({"model": "atrous_unet", "rates": []}, {}, r"rates: \[\] should be non-empty"),
@@ -438,20 +445,30 @@ def test_model_defaults_are_written_in_the_schema_only():
 
 
 def test_unet_decoder_channel_flow_under_resnet34():
-    """Level i (stride 2^i): the 2×2 up-convolution takes the coarser feature (layer4's 512
-    channels, then the decoder's 16·2^(i+1)) to 16·2^i channels, the skip f_i (the image, conv1,
-    layer1..layer3) is concatenated, the double convolution returns 16·2^i channels; the head
-    is a 1×1 convolution. (smp's Unet upsamples by nearest neighbour and concatenates all the
-    coarser channels; benchmarks/bench_quality.py --variants compares the two.)"""
+    """Under a ResNet the default decoder is smp's Unet decoder (issue 28, docs/models.md):
+    level i (stride 2^i) upsamples every coarser channel by nearest neighbour (layer4's 512,
+    then the decoder's 16·2^(i+1)), concatenates the skip f_i (conv1, layer1..layer3; none at
+    level 0, where f_0 has 0 channels), and its double convolution returns 16·2^i channels;
+    the head is a 3×3 convolution. The parameters are smp.Unet("resnet34")'s."""
     model = build_model({"model": "unet"}, {"encoder": "resnet34", "weights": "none"}, 3)
-    ups = [(u.in_channels, u.out_channels, u.kernel_size, u.stride) for u in model.decoder.ups]
-    assert ups == [(32, 16, (2, 2), (2, 2)), (64, 32, (2, 2), (2, 2)), (128, 64, (2, 2), (2, 2)),
-                   (256, 128, (2, 2), (2, 2)), (512, 256, (2, 2), (2, 2))]
+    assert all(isinstance(u, torch.nn.Upsample) and u.mode == "nearest" and u.scale_factor == 2
+               for u in model.decoder.ups)
     blocks = [(b[0][0].in_channels, b[1][0].out_channels) for b in model.decoder.blocks]
-    assert blocks == [(3 + 16, 16), (64 + 32, 32), (64 + 64, 64), (128 + 128, 128),
-                      (256 + 256, 256)]
+    assert blocks == [(0 + 32, 16), (64 + 64, 32), (64 + 128, 64), (128 + 256, 128),
+                      (256 + 512, 256)]
     assert (model.decoder.head.in_channels, model.decoder.head.out_channels,
-            model.decoder.head.kernel_size) == (16, 3, (1, 1))
+            model.decoder.head.kernel_size) == (16, 3, (3, 3))
+    features = model.encoder.eval()(torch.zeros(1, 3, 32, 32))
+    assert [tuple(f.shape[1:]) for f in features[:2]] == [(0, 32, 32), (64, 16, 16)]
+    decoder = sum(double(c_in, c_out) for c_in, c_out in blocks) + conv(16, 3, 3, bn=False)
+    assert sum(p.numel() for p in model.parameters()) == \
+        RESNET_ENCODER_PARAMETERS["resnet34"] + decoder
+    # the decoder before issue 28 stays selectable: up-convolutions to the level's width and
+    # U-Net's 1×1 head (with no image skip now)
+    before = build_model({"model": "unet", "up": "transpose", "head": 1},
+                         {"encoder": "resnet34", "weights": "none"}, 3)
+    assert [(b[0][0].in_channels) for b in before.decoder.blocks] == [16, 96, 128, 256, 512]
+    assert before.decoder.head.kernel_size == (1, 1)
 
 
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():

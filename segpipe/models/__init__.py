@@ -38,14 +38,17 @@ BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
 def family_options(architecture: dict, backbone: dict) -> dict:
     """Every option of the architecture's family: as the definition gives it, else the
     schema's default (``$defs.architecture``, :func:`segpipe.spec.default`; the one place a
-    model default is written). Under a ResNet, ``width`` defaults to the schema's
-    ``resnet_default`` and ``depth`` to the encoder's stride-2 stages
+    model default is written). Under a ResNet, an option with a ``resnet_default`` in the
+    schema (``width``, ``up``, ``head``: smp's Unet decoder) defaults to it and ``depth`` to the
+    encoder's stride-2 stages
     (:func:`segpipe.spec.resnet_depth`)."""
     given = {k: v for k, v in architecture.items() if k != "model"}
     options = {option: default(f"$defs.architecture.{option}")
                for option in schema()["$defs"]["architecture"]["families"][architecture["model"]]}
     if backbone.get("encoder", "scratch") != "scratch":
-        options["width"] = setting("$defs.architecture.width")["resnet_default"]
+        options.update({option: setting(f"$defs.architecture.{option}")["resnet_default"]
+                        for option in options
+                        if "resnet_default" in setting(f"$defs.architecture.{option}")})
         options["depth"] = resnet_depth(backbone)
     return {**options, **given}
 

@@ -20,11 +20,11 @@ class AtrousUNet(SegmentationModel):
     The scratch encoder is U-Net's; the seed study put a ResNet-50 encoder under it.
     """
 
-    def __init__(self, *, width: int, depth: int, down: str, up: str,
+    def __init__(self, *, width: int, depth: int, down: str, up: str, head: int,
                  rates: Sequence[int], encoder: Encoder | None = None,
                  outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
         block = partial(AtrousBlock, rates=tuple(rates))
-        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up,
+        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up, head,
                                               outputs=outputs))

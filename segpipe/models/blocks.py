@@ -42,11 +42,26 @@ def downsample(channels: int, mode: str) -> nn.Module:
 
 def upsample(in_channels: int, out_channels: int, mode: str) -> nn.Module:
     """Double H and W: ``transpose`` (2×2 transposed convolution with stride 2, U-Net's
-    "up-convolution") or ``bilinear`` (bilinear ×2, then a 1×1 convolution)."""
+    "up-convolution") or ``bilinear`` (bilinear ×2, then a 1×1 convolution), both to
+    ``out_channels``; or ``nearest`` (nearest ×2 of every one of the ``in_channels``, no
+    convolution: the decoder block after it reduces them, as segmentation_models_pytorch's
+    Unet decoder does). :func:`upsampled_channels` says which."""
     if mode == "transpose":
         return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+    if mode == "nearest":
+        return nn.Upsample(scale_factor=2, mode="nearest")
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                          nn.Conv2d(in_channels, out_channels, 1))
+
+
+def upsampled_channels(in_channels: int, out_channels: int, mode: str) -> int:
+    """The channels :func:`upsample` returns."""
+    return in_channels if mode == "nearest" else out_channels
+
+
+def logit_head(in_channels: int, outputs: int, kernel: int) -> nn.Conv2d:
+    """The convolution that makes the logits: 1×1 (U-Net's) or 3×3 (smp's), same padding."""
+    return nn.Conv2d(in_channels, outputs, kernel, padding=kernel // 2)
 
 
 class AttentionGate(nn.Module):

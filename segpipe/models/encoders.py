@@ -19,15 +19,17 @@ from segpipe import SegpipeError
 from segpipe.models.blocks import downsample
 from segpipe.weights import how_to_supply, imagenet_file
 
-RESNETS = {  # name: channels at strides 1, 2, 4, 8, 16, 32 of torchvision.models.<name>
-    "resnet18": [3, 64, 64, 128, 256, 512],
-    "resnet34": [3, 64, 64, 128, 256, 512],
-    "resnet50": [3, 64, 256, 512, 1024, 2048],
+RESNETS = {  # name: channels at strides 1 (none: no skip), 2, 4, 8, 16, 32 of torchvision's
+    "resnet18": [0, 64, 64, 128, 256, 512],
+    "resnet34": [0, 64, 64, 128, 256, 512],
+    "resnet50": [0, 64, 256, 512, 1024, 2048],
 }
 
 
 class Encoder(nn.Module):
-    """A sequence of stages; stage ``i`` maps ``f_{i−1}`` to ``f_i`` (stride ``2**i``)."""
+    """A sequence of stages; stage ``i`` maps ``f_{i−1}`` to ``f_i`` (stride ``2**i``).
+    ``out_channels[0] == 0``: ``f_0`` (the image passed on to stage 1) is given to the decoder
+    as a feature of 0 channels, a level it upsamples to without a skip to concatenate."""
 
     def __init__(self, stages: list[nn.Module], out_channels: list[int]) -> None:
         super().__init__()
@@ -44,6 +46,8 @@ class Encoder(nn.Module):
         for stage in self.stages:
             x = stage(x)
             features.append(x)
+        if not self.out_channels[0]:
+            features[0] = features[0][:, :0]
         return features
 
 
@@ -61,8 +65,10 @@ def conv_encoder(block: Callable[[int, int], nn.Module], width: int, depth: int,
 def resnet_encoder(name: str, weights: str, depth: int, stem: str = "imagenet") -> Encoder:
     """A torchvision ResNet (He et al. 2016, arXiv:1512.03385) as an encoder.
 
-    ``stem``: ``imagenet`` — stage 0 is the image itself (3 channels, the finest skip), then
-    conv1-bn-relu (7×7, stride 2), maxpool + layer1 (4), layer2 (8), layer3 (16), layer4 (32);
+    ``stem``: ``imagenet`` — stage 0 is the image, given to the decoder as no feature (0
+    channels: the finest level concatenates no skip, as in smp's Unet; the raw image as a skip
+    measured worse, docs/models.md), then conv1-bn-relu (7×7, stride 2), maxpool + layer1 (4), layer2 (8),
+    layer3 (16), layer4 (32);
     ``small`` — conv1 is a 3×3 convolution of stride 1, as in the CIFAR ResNets of He et al.
     (§4.2), so stage 0 is conv1-bn-relu at the image's resolution, then maxpool + layer1 (2),
     layer2 (4), layer3 (8), layer4 (16): one stride-2 stage fewer. ``depth`` < the number of

@@ -21,12 +21,12 @@ class R2UNet(SegmentationModel):
 
     attention = False
 
-    def __init__(self, *, width: int, depth: int, down: str, up: str, t: int,
+    def __init__(self, *, width: int, depth: int, down: str, up: str, head: int, t: int,
                  encoder: Encoder | None = None, outputs: int = 1) -> None:
         block = partial(RRCNNBlock, t=t)
         if encoder is None:
             encoder = conv_encoder(block, width, depth, down)
-        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up,
+        super().__init__(encoder, UNetDecoder(encoder.out_channels, width, block, up, head,
                                               attention=self.attention, outputs=outputs))
 
 

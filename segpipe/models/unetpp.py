@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segpipe.models.base import SegmentationModel, family
-from segpipe.models.blocks import DoubleConv, upsample
+from segpipe.models.blocks import DoubleConv, logit_head, upsample, upsampled_channels
 from segpipe.models.encoders import Encoder, conv_encoder
 
 
@@ -19,13 +19,14 @@ class NestedDecoder(nn.Module):
 
         X^{i,j} = H([X^{i,0}, …, X^{i,j−1}, U(X^{i+1,j−1})]),   j ≥ 1,  i + j ≤ D
 
-    H is two 3×3 conv-BN-ReLU with ``width·2**i`` output channels, U upsamples ×2 to that
-    width. A 1×1 head makes logits from ``X^{0,D}``, or with ``deep_supervision`` from every
-    ``X^{0,j}``: a list of D logits in training mode; in evaluation mode the logit of their
-    mean probability (:func:`mean_probability_logit`).
+    H is two 3×3 conv-BN-ReLU with ``width·2**i`` output channels, U upsamples ×2 by ``up``
+    (to that width, or keeping its channels with ``nearest``). A ``head``×``head`` convolution
+    makes logits from ``X^{0,D}``, or with ``deep_supervision`` from every ``X^{0,j}``: a list
+    of D logits in training mode; in evaluation mode the logit of their mean probability
+    (:func:`mean_probability_logit`).
     """
 
-    def __init__(self, encoder_channels: list[int], width: int, up: str,
+    def __init__(self, encoder_channels: list[int], width: int, up: str, head: int,
                  deep_supervision: bool, outputs: int = 1) -> None:
         super().__init__()
         depth = len(encoder_channels) - 1
@@ -38,10 +39,11 @@ class NestedDecoder(nn.Module):
             nn.ModuleList(upsample(channels(i + 1, j - 1), widths[i], up)
                           for i in range(depth - j + 1)) for j in range(1, depth + 1))
         self.blocks = nn.ModuleList(
-            nn.ModuleList(DoubleConv(encoder_channels[i] + j * widths[i], widths[i])
+            nn.ModuleList(DoubleConv(encoder_channels[i] + (j - 1) * widths[i] + upsampled_channels(
+                channels(i + 1, j - 1), widths[i], up), widths[i])
                           for i in range(depth - j + 1)) for j in range(1, depth + 1))
         self.deep_supervision = deep_supervision
-        self.heads = nn.ModuleList(nn.Conv2d(widths[0], outputs, 1)
+        self.heads = nn.ModuleList(logit_head(widths[0], outputs, head)
                                    for _ in range(depth if deep_supervision else 1))
 
     def forward(self, features: list[Tensor]) -> Tensor | list[Tensor]:
@@ -79,9 +81,10 @@ class UNetPlusPlus(SegmentationModel):
     of their probabilities (the paper's "accurate mode", :func:`mean_probability_logit`).
     """
 
-    def __init__(self, *, width: int, depth: int, down: str, up: str, deep_supervision: bool,
-                 encoder: Encoder | None = None, outputs: int = 1) -> None:
+    def __init__(self, *, width: int, depth: int, down: str, up: str, head: int,
+                 deep_supervision: bool, encoder: Encoder | None = None,
+                 outputs: int = 1) -> None:
         if encoder is None:
             encoder = conv_encoder(DoubleConv, width, depth, down)
-        super().__init__(encoder, NestedDecoder(encoder.out_channels, width, up,
+        super().__init__(encoder, NestedDecoder(encoder.out_channels, width, up, head,
                                                 deep_supervision, outputs))
