@@ -25,7 +25,7 @@ evaluation (``segpipe.evaluate.score``: the per-image mean foreground Dice).
 
 ``--variants`` adds the ablation (the plain loop, to isolate the model): segpipe's model with
 one change of :data:`VARIANTS` at a time (``before``: the decoder before issue 28; ``today``:
-the default; ``smp``: the default with smp's initialisation, smp.Unet's function).
+the default, under a ResNet smp.Unet's layers and initialisation).
 
 Printed: per model the test Dice of each seed, mean and a 95 % t-interval over seeds, and for
 segpipe's models the ratio ours/peer with the interval of the per-seed ratios (paired by seed).
@@ -200,8 +200,8 @@ def peer(name: str, width: int, outputs: int) -> tuple[str, Callable[[], nn.Modu
 
 # The ablation, under a ResNet: from the U-Net decoder segpipe had before issue 28 (``before``:
 # 2×2 up-convolutions to the level's width, the raw image as the finest skip, a 1×1 head) one
-# change at a time towards smp's Unet decoder, which is today's default (``today``) and, with
-# smp's initialisation, exactly smp.Unet's function (``smp``); scratch models have no image skip.
+# change at a time towards smp's Unet decoder, which is today's default (``today``: smp.Unet's
+# layers and initialisation); scratch models have no image skip.
 
 def smp_init(model) -> None:
     """smp's initialisation: decoder convolutions He-uniform (fan in, ReLU) with zero bias,
@@ -235,12 +235,15 @@ VARIANTS: dict[str, tuple[dict, bool, list[Callable]]] = {
     "head3": ({**BEFORE, "head": 3}, True, []),
     "no_image_skip": (BEFORE, False, []),
     "smp_init": (BEFORE, True, [smp_init]),
+    "smp_layers": ({}, False, []),
     "today": ({}, False, []),
-    "smp": ({}, False, [smp_init]),
     "peer": ({}, False, []),
 }
 """Ablation variant → (architecture options, the raw image as the finest skip under a ResNet,
-changes applied to the built model in order)."""
+changes applied to the built model in order). Every variant but ``today`` (segpipe's
+``build_model``) is built without segpipe's decoder initialisation under a ResNet
+(:func:`segpipe.models.initialise_decoder`): ``smp_layers`` is ``today`` with PyTorch's default
+initialisation."""
 
 
 def variant_builder(name: str, variant: str, width: int, outputs: int) -> Callable[[], nn.Module]:
@@ -253,14 +256,15 @@ def variant_builder(name: str, variant: str, width: int, outputs: int) -> Callab
 
     def build() -> nn.Module:
         definition = {**architecture, **options}
-        if backbone and image_skip:
+        if variant == "today" or not backbone:
+            model = build_model(definition, backbone, outputs)
+        else:
             settings = family_options(definition, backbone)
             encoder = resnet_encoder(backbone["encoder"], "none", settings["depth"])
-            encoder.out_channels[0] = 3  # the image, passed to the decoder as the finest skip
+            if image_skip:
+                encoder.out_channels[0] = 3  # the image, passed to the decoder as the finest skip
             model = ARCHITECTURES[definition["model"]](**settings, encoder=encoder,
                                                        outputs=outputs)
-        else:
-            model = build_model(definition, backbone, outputs)
         for change in changes:
             change(model)
         return model

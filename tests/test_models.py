@@ -471,6 +471,26 @@ def test_unet_decoder_channel_flow_under_resnet34():
     assert before.decoder.head.kernel_size == (1, 1)
 
 
+def test_decoder_under_a_resnet_is_initialised_as_smp_initialises_it():
+    """He-uniform convolutions (bound √(6/fan_in)), Xavier-uniform heads (bound
+    √(6/(fan_in + fan_out))), zero biases: the std of a uniform(−b, b) is b/√3; scratch models
+    keep PyTorch's default (bound 1/√fan_in, 2.45× smaller than He's)."""
+    torch.manual_seed(0)
+    model = build_model({"model": "unetpp", "deep_supervision": True},
+                        {"encoder": "resnet34", "weights": "none"}, 3)
+    conv = model.decoder.blocks[0][-1][0][0]  # X^{4,1}: 3×3, 256 + 512 → 256 channels
+    bound = math.sqrt(6 / (9 * conv.in_channels))
+    assert conv.weight.abs().max() <= bound
+    assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    for head in model.decoder.heads:
+        xavier = math.sqrt(6 / (9 * (head.in_channels + head.out_channels)))
+        assert head.weight.abs().max() <= xavier < bound * 10
+        assert head.weight.abs().max() > 0.9 * xavier and not head.bias.any()
+    scratch = build_model({"model": "unet"}, {})
+    default = scratch.decoder.blocks[-1][0][0]
+    assert default.weight.abs().max() <= 1 / math.sqrt(9 * default.in_channels)
+
+
 def test_recurrent_conv_keeps_batchnorm_statistics_per_step():
     """Cooijmans et al. 2017: step k normalises with its own running statistics. With the
     step-1 running variance 4 (the others 1) and f as above: h₀ = 2s, h₁ = 2(1 + h₀)/√(4 + ε),

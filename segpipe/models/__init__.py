@@ -70,10 +70,33 @@ def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> Segment
     options = family_options(architecture, backbone)
     cls = ARCHITECTURES[architecture["model"]]
     name = backbone.get("encoder", "scratch")
-    if name != "scratch":
-        options["encoder"] = resnet_encoder(name, backbone["weights"], options["depth"],
-                                            backbone.get("stem", "imagenet"))
-    return cls(**options, outputs=outputs)
+    if name == "scratch":
+        return cls(**options, outputs=outputs)
+    options["encoder"] = resnet_encoder(name, backbone["weights"], options["depth"],
+                                        backbone.get("stem", "imagenet"))
+    model = cls(**options, outputs=outputs)
+    initialise_decoder(model.decoder)
+    return model
+
+
+def initialise_decoder(decoder: nn.Module) -> None:
+    """The initialisation segmentation_models_pytorch gives the decoder of a model under an
+    encoder (segpipe's under a ResNet): every convolution He-uniform (He et al. 2015,
+    arXiv:1502.01852: fan in, ReLU gain) and BatchNorm 1 and 0, then the logit heads
+    Xavier-uniform (Glorot & Bengio 2010); biases 0. A transposed convolution (``up:
+    transpose``) keeps PyTorch's default."""
+    for module in decoder.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_uniform_(module.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            nn.init.ones_(module.weight)
+        else:
+            continue
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    for head in decoder.heads if hasattr(decoder, "heads") else [decoder.head]:
+        nn.init.xavier_uniform_(head.weight)
+        nn.init.zeros_(head.bias)
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:
