@@ -218,6 +218,21 @@ def resnet_depth(backbone: dict) -> int:
     return RESNET_DEPTH - (backbone.get("stem") == "small")
 
 
+def encoder_defaults(architecture: dict, backbone: dict) -> dict:
+    """The options an architecture definition leaves out whose default depends on its encoder:
+    under a ResNet, each option of its family with a ``resnet_default`` in the schema
+    (``width``, ``up``, ``head``: smp's Unet decoder). The workflow writes them into a run's
+    spec, so that a run trained before a default changed is a changed run: trained again, never
+    read with weights that no longer fit its model."""
+    if backbone.get("encoder", "scratch") == "scratch":
+        return {}
+    family = schema()["$defs"]["architecture"]["families"][architecture["model"]]
+    return {option: setting(f"$defs.architecture.{option}")["resnet_default"]
+            for option in family
+            if option not in architecture and "resnet_default" in setting(
+                f"$defs.architecture.{option}")}
+
+
 def check_spec(spec: object, size: Sequence[int] | None = None, labels: object = None,
                native: bool = False) -> dict:
     """The run specification with every ``train`` setting it leaves out taken from the schema

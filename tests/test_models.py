@@ -18,7 +18,7 @@ from segpipe.labels import Labels
 from segpipe.models import ARCHITECTURES, BACKBONES, build_model, model_cost, print_model_table
 from segpipe.models.blocks import AtrousBlock, AttentionGate, RecurrentConv
 from segpipe.models.unetpp import mean_probability_logit
-from segpipe.spec import check_spec, schema
+from segpipe.spec import check_spec, encoder_defaults, schema
 
 torch.set_num_threads(1)
 
@@ -469,6 +469,23 @@ def test_unet_decoder_channel_flow_under_resnet34():
                          {"encoder": "resnet34", "weights": "none"}, 3)
     assert [(b[0][0].in_channels) for b in before.decoder.blocks] == [16, 96, 128, 256, 512]
     assert before.decoder.head.kernel_size == (1, 1)
+
+
+def test_a_run_spec_under_a_resnet_writes_the_decoder_defaults_out():
+    """The workflow's run spec carries the encoder-dependent defaults (so a changed default is a
+    changed run, trained again): under a ResNet those a definition leaves out, none for scratch;
+    the model they build is the one the definition builds."""
+    resnet = {"encoder": "resnet18", "weights": "none"}
+    assert encoder_defaults({"model": "unetpp"}, resnet) == {"width": 16, "up": "nearest",
+                                                             "head": 3}
+    assert encoder_defaults({"model": "unet", "up": "transpose"}, resnet) == {"width": 16,
+                                                                             "head": 3}
+    assert encoder_defaults({"model": "unet"}, {}) == {}
+    with torch.device("meta"):
+        counts = {sum(p.numel() for p in build_model(d, resnet).parameters())
+                  for d in ({"model": "unet"}, {"model": "unet", **encoder_defaults(
+                      {"model": "unet"}, resnet)})}
+    assert len(counts) == 1
 
 
 def test_decoder_under_a_resnet_is_initialised_as_smp_initialises_it():

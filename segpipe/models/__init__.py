@@ -17,7 +17,7 @@ from torch import nn
 
 from segpipe.models.base import FAMILIES, SegmentationModel
 from segpipe.models.encoders import RESNETS, resnet_encoder
-from segpipe.spec import default, resnet_depth, schema, setting
+from segpipe.spec import default, encoder_defaults, resnet_depth, schema
 
 for _module in pkgutil.iter_modules(__path__):  # each registers its families (models.base.family)
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -38,17 +38,15 @@ BACKBONES: tuple[str, ...] = ("scratch", *RESNETS)
 def family_options(architecture: dict, backbone: dict) -> dict:
     """Every option of the architecture's family: as the definition gives it, else the
     schema's default (``$defs.architecture``, :func:`segpipe.spec.default`; the one place a
-    model default is written). Under a ResNet, an option with a ``resnet_default`` in the
-    schema (``width``, ``up``, ``head``: smp's Unet decoder) defaults to it and ``depth`` to the
-    encoder's stride-2 stages
+    model default is written). Under a ResNet, the options of
+    :func:`segpipe.spec.encoder_defaults` (smp's Unet decoder) default to their
+    ``resnet_default`` and ``depth`` to the encoder's stride-2 stages
     (:func:`segpipe.spec.resnet_depth`)."""
     given = {k: v for k, v in architecture.items() if k != "model"}
     options = {option: default(f"$defs.architecture.{option}")
                for option in schema()["$defs"]["architecture"]["families"][architecture["model"]]}
     if backbone.get("encoder", "scratch") != "scratch":
-        options.update({option: setting(f"$defs.architecture.{option}")["resnet_default"]
-                        for option in options
-                        if "resnet_default" in setting(f"$defs.architecture.{option}")})
+        options.update(encoder_defaults(architecture, backbone))
         options["depth"] = resnet_depth(backbone)
     return {**options, **given}
 

@@ -22,7 +22,8 @@ from segpipe import rundir
 from segpipe.columns import AXES, DEFINITIONS, REFERENCE_RUNS
 from segpipe.figures import FIGURES, figures_for
 from segpipe.labels import Labels
-from segpipe.spec import input_size, loss_errors, model_errors, patch_errors, schema
+from segpipe.spec import (encoder_defaults, input_size, loss_errors, model_errors, patch_errors,
+                          schema)
 from segpipe.weights import (IMAGENET_URLS, how_to_supply, hub_checkpoints, imagenet_file,
                              unreachable)
 
@@ -357,6 +358,8 @@ def run_spec(wildcards):
     """The JSON run specification `segpipe train` receives (docs/formats.md)."""
     names = {axis: wildcards[axis] for axis in AXES}
     fold = {"fold": int(wildcards.fold)} if FOLDS else {}
+    architecture = config["architectures"][names["architecture"]]
+    backbone = config["backbones"][names["backbone"]]
     return json.dumps(
         {
             "run": JOB.format(**names, seed=wildcards.seed, **fold),
@@ -364,6 +367,7 @@ def run_spec(wildcards):
             **fold,
             "names": names,
             **{axis: config[DEFINITIONS[axis]][name] for axis, name in names.items()},
+            "architecture": {**architecture, **encoder_defaults(architecture, backbone)},
             "train": config["train"],
         },
         sort_keys=True,
