@@ -41,6 +41,8 @@ class SegmentationModel(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         multiple = 2**self.encoder.depth
         height, width = x.shape[-2:]
+        if not (height % multiple or width % multiple):
+            return x
         return F.pad(x, (0, -width % multiple, 0, -height % multiple))
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:

@@ -43,10 +43,12 @@ class UNetDecoder(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         x = features[-1]
         for i in reversed(range(len(self.blocks))):
-            skip = features[i]
-            if self.gates is not None and skip.shape[1]:
-                skip = self.gates[i](skip, x)
-            x = self.blocks[i](torch.cat([skip, self.ups[i](x)], dim=1))
+            skip, up = features[i], self.ups[i](x)
+            if skip.shape[1]:  # else no skip: nothing to gate or concatenate
+                if self.gates is not None:
+                    skip = self.gates[i](skip, x)
+                up = torch.cat([skip, up], dim=1)
+            x = self.blocks[i](up)
         return self.head(x)
 
 
