@@ -57,7 +57,7 @@ from segpipe.evaluate import score
 from segpipe.inference import Predictor
 from segpipe.labels import Labels
 from segpipe.losses import build_loss
-from segpipe.models import ARCHITECTURES, build_model, family_options
+from segpipe.models import ARCHITECTURES, build_model, family_options, initialise_decoder
 from segpipe.models.encoders import resnet_encoder
 from segpipe.models.blocks import DoubleConv
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, forward_logits, place
@@ -204,15 +204,8 @@ def peer(name: str, width: int, outputs: int) -> tuple[str, Callable[[], nn.Modu
 # layers and initialisation); scratch models have no image skip.
 
 def smp_init(model) -> None:
-    """smp's initialisation: decoder convolutions He-uniform (fan in, ReLU) with zero bias,
-    BatchNorm 1 and 0; the head Xavier-uniform with zero bias."""
-    for m in model.decoder.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    nn.init.xavier_uniform_(model.decoder.head.weight)
-    nn.init.zeros_(model.decoder.head.bias)
+    """smp's initialisation of the decoder (:func:`segpipe.models.initialise_decoder`)."""
+    initialise_decoder(model.decoder)
 
 
 def transpose_full(model) -> None:
@@ -262,7 +255,7 @@ def variant_builder(name: str, variant: str, width: int, outputs: int) -> Callab
             settings = family_options(definition, backbone)
             encoder = resnet_encoder(backbone["encoder"], "none", settings["depth"])
             if image_skip:
-                encoder.out_channels[0] = 3  # the image, passed to the decoder as the finest skip
+                encoder.out_channels[0] = 3  # Encoder.forward then passes the image as f_0
             model = ARCHITECTURES[definition["model"]](**settings, encoder=encoder,
                                                        outputs=outputs)
         for change in changes:

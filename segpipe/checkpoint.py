@@ -20,6 +20,7 @@ from segpipe.data.geometry import Geometry
 from segpipe.files import atomic_path
 from segpipe.labels import Labels
 from segpipe.runtime import IMAGENET_MEAN, IMAGENET_STD, place
+from segpipe.spec import smp_decoder
 
 REQUIRED_KEYS = ("state_dict", "architecture", "backbone", "spec", "size", "mean", "std")
 """What a reader needs: weights, the architecture and backbone definitions, the run spec, the
@@ -92,7 +93,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     except RuntimeError as exc:  # e.g. "size mismatch for ...", one line per tensor
         problems = [line.strip().rstrip(".") for line in str(exc).splitlines()[1:]
                     if line.strip()] or [str(exc)]
+        earlier = ("; the decoder under a ResNet has changed (docs/models.md, Backbones): a "
+                   "run trained before must be trained again" if smp_decoder(checkpoint["backbone"])
+                   and "head" not in checkpoint["architecture"] else "")
         raise SegpipeError(f"{path}: the weights do not fit the model its architecture and "
                            f"backbone describe ({len(problems)} problem(s), the first: "
-                           f"{problems[0]})") from None
+                           f"{problems[0]}){earlier}") from None
     return place(model, device).eval(), checkpoint

@@ -8,7 +8,8 @@ once, where a value enters: the workflow checks config.yaml with :func:`validate
 it plans any job; ``segpipe train`` its run specification with :func:`check_spec`; the other
 steps their options with :func:`check_setting`. The builders of models, losses and
 augmentations trust what they get. Every message names the key path:
-``config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up)``.
+``config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up,
+head)``.
 
 Beyond the schema, this module holds only the rules between options that a schema cannot
 state (:func:`model_errors`, :func:`loss_errors`). It imports neither torch nor numpy: the
@@ -218,19 +219,30 @@ def resnet_depth(backbone: dict) -> int:
     return RESNET_DEPTH - (backbone.get("stem") == "small")
 
 
+def smp_decoder(backbone: dict) -> bool:
+    """Whether a backbone is one smp.Unet is built on, a ResNet with its ImageNet stem: its
+    decoder then follows smp's Unet decoder (the options' ``smp_default``, no raw-image skip,
+    smp's initialisation; docs/models.md says why)."""
+    return (backbone.get("encoder", "scratch") != "scratch"
+            and backbone.get("stem", "imagenet") == "imagenet")
+
+
 def encoder_defaults(architecture: dict, backbone: dict) -> dict:
     """The options an architecture definition leaves out whose default depends on its encoder:
-    under a ResNet, each option of its family with a ``resnet_default`` in the schema
-    (``width``, ``up``, ``head``: smp's Unet decoder). The workflow writes them into a run's
-    spec, so that a run trained before a default changed is a changed run: trained again, never
-    read with weights that no longer fit its model."""
+    under a ResNet each option of its family with a ``resnet_default`` in the schema
+    (``width``), and with the ImageNet stem (:func:`smp_decoder`) each with an
+    ``smp_default`` (``up``, ``head``). The workflow writes them into a run's spec, so that a
+    run trained before a default changed is a changed run: trained again, never read with
+    weights that no longer fit its model."""
     if backbone.get("encoder", "scratch") == "scratch":
         return {}
-    family = schema()["$defs"]["architecture"]["families"][architecture["model"]]
-    return {option: setting(f"$defs.architecture.{option}")["resnet_default"]
-            for option in family
-            if option not in architecture and "resnet_default" in setting(
-                f"$defs.architecture.{option}")}
+    keys = ("resnet_default", "smp_default") if smp_decoder(backbone) else ("resnet_default",)
+    defaults = {}
+    for option in schema()["$defs"]["architecture"]["families"][architecture["model"]]:
+        rules = setting(f"$defs.architecture.{option}")
+        defaults.update({option: rules[key] for key in keys
+                         if key in rules and option not in architecture})
+    return defaults
 
 
 def check_spec(spec: object, size: Sequence[int] | None = None, labels: object = None,

@@ -152,7 +152,8 @@ def test_every_problem_is_reported_and_defaults_stay_out_of_definitions():
         validate_config(edited(lambda c: (c["architectures"]["unet"].update(widht=8),
                                           c["augmentations"]["plain"].update(hflip=2))))
     assert str(error.value).splitlines() == [
-        "config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up, head)",
+        "config: architectures.unet.widht: unknown key (allowed: model, width, depth, down, up, "
+        "head)",
         "config: augmentations.plain.hflip: 2 is greater than the maximum of 1"]
 
     config = copy.deepcopy(TINY)

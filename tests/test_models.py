@@ -481,11 +481,27 @@ def test_a_run_spec_under_a_resnet_writes_the_decoder_defaults_out():
     assert encoder_defaults({"model": "unet", "up": "transpose"}, resnet) == {"width": 16,
                                                                              "head": 3}
     assert encoder_defaults({"model": "unet"}, {}) == {}
+    assert encoder_defaults({"model": "unet"}, {**resnet, "stem": "small"}) == {"width": 16}
     with torch.device("meta"):
         counts = {sum(p.numel() for p in build_model(d, resnet).parameters())
                   for d in ({"model": "unet"}, {"model": "unet", **encoder_defaults(
                       {"model": "unet"}, resnet)})}
     assert len(counts) == 1
+
+
+def test_a_checkpoint_of_the_earlier_resnet_decoder_is_named_as_such(tmp_path):
+    """Weights of the decoder segpipe had under a ResNet before issue 28 (up-convolutions, 1×1
+    head), saved with a definition that leaves the options out: the error says to retrain."""
+    from segpipe.checkpoint import load_checkpoint, make_checkpoint
+
+    backbone = {"encoder": "resnet18", "weights": "none"}
+    spec = {"run": "old", "architecture": {"model": "unet", "depth": 2}, "backbone": backbone}
+    earlier = build_model({"model": "unet", "depth": 2, "up": "transpose", "head": 1}, backbone)
+    torch.save(make_checkpoint(spec, earlier.state_dict(), (8, 8)), tmp_path / "model.pt")
+    with pytest.raises(SegpipeError, match=r"the weights do not fit .*; the decoder under a "
+                       r"ResNet has changed \(docs/models.md, Backbones\): a run trained before "
+                       r"must be trained again$"):
+        load_checkpoint(tmp_path / "model.pt")
 
 
 def test_decoder_under_a_resnet_is_initialised_as_smp_initialises_it():

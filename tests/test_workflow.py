@@ -238,7 +238,7 @@ BAD_EDITS = {
                       "tversky_gamma)"),
     "option typo": (lambda c, w: c["architectures"]["unet"].update(widht=8),
                     "config: architectures.unet.widht: unknown key (allowed: model, width, "
-                    "depth, down, up)"),
+                    "depth, down, up, head)"),
     "option of another family": (lambda c, w: c["architectures"]["unet"].update(t=3),
                                  "config: architectures.unet.t: unknown key"),
     "unknown encoder": (lambda c, w: c["backbones"].update(

@@ -17,7 +17,7 @@ from torch import nn
 
 from segpipe.models.base import FAMILIES, SegmentationModel
 from segpipe.models.encoders import RESNETS, resnet_encoder
-from segpipe.spec import default, encoder_defaults, resnet_depth, schema
+from segpipe.spec import default, encoder_defaults, resnet_depth, schema, smp_decoder
 
 for _module in pkgutil.iter_modules(__path__):  # each registers its families (models.base.family)
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -39,9 +39,8 @@ def family_options(architecture: dict, backbone: dict) -> dict:
     """Every option of the architecture's family: as the definition gives it, else the
     schema's default (``$defs.architecture``, :func:`segpipe.spec.default`; the one place a
     model default is written). Under a ResNet, the options of
-    :func:`segpipe.spec.encoder_defaults` (smp's Unet decoder) default to their
-    ``resnet_default`` and ``depth`` to the encoder's stride-2 stages
-    (:func:`segpipe.spec.resnet_depth`)."""
+    :func:`segpipe.spec.encoder_defaults` take their encoder's defaults and ``depth`` the
+    encoder's stride-2 stages (:func:`segpipe.spec.resnet_depth`)."""
     given = {k: v for k, v in architecture.items() if k != "model"}
     options = {option: default(f"$defs.architecture.{option}")
                for option in schema()["$defs"]["architecture"]["families"][architecture["model"]]}
@@ -73,13 +72,15 @@ def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> Segment
     options["encoder"] = resnet_encoder(name, backbone["weights"], options["depth"],
                                         backbone.get("stem", "imagenet"))
     model = cls(**options, outputs=outputs)
-    initialise_decoder(model.decoder)
+    if smp_decoder(backbone):  # smp.Unet's encoder: smp's decoder initialisation
+        initialise_decoder(model.decoder)
     return model
 
 
 def initialise_decoder(decoder: nn.Module) -> None:
     """The initialisation segmentation_models_pytorch gives the decoder of a model under an
-    encoder (segpipe's under a ResNet): every convolution He-uniform (He et al. 2015,
+    encoder (segpipe's under a ResNet with the ImageNet stem, :func:`segpipe.spec.smp_decoder`):
+    every convolution He-uniform (He et al. 2015,
     arXiv:1502.01852: fan in, ReLU gain) and BatchNorm 1 and 0, then the logit heads
     Xavier-uniform (Glorot & Bengio 2010); biases 0. A transposed convolution (``up:
     transpose``) keeps PyTorch's default."""

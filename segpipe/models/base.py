@@ -1,4 +1,4 @@
-"""The model every family builds: encoder → decoder (ending in a 1×1 logit head), any H×W."""
+"""The model every family builds: encoder → decoder (ending in a logit head), any H×W."""
 
 from __future__ import annotations
 

@@ -67,8 +67,8 @@ def resnet_encoder(name: str, weights: str, depth: int, stem: str = "imagenet") 
 
     ``stem``: ``imagenet`` — stage 0 is the image, given to the decoder as no feature (0
     channels: the finest level concatenates no skip, as in smp's Unet; the raw image as a skip
-    measured worse, docs/models.md), then conv1-bn-relu (7×7, stride 2), maxpool + layer1 (4), layer2 (8),
-    layer3 (16), layer4 (32);
+    measured worse, docs/models.md), then conv1-bn-relu (7×7, stride 2), maxpool + layer1 (4),
+    layer2 (8), layer3 (16), layer4 (32);
     ``small`` — conv1 is a 3×3 convolution of stride 1, as in the CIFAR ResNets of He et al.
     (§4.2), so stage 0 is conv1-bn-relu at the image's resolution, then maxpool + layer1 (2),
     layer2 (4), layer3 (8), layer4 (16): one stride-2 stage fewer. ``depth`` < the number of

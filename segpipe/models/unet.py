@@ -59,9 +59,9 @@ class UNet(SegmentationModel):
 
     Scratch encoder: ``depth`` levels of two 3×3 conv-BN-ReLU, ``width·2**i`` channels at
     level ``i``, downsampled by ``down`` (``maxpool`` or ``strided``); the decoder mirrors it,
-    upsampling by ``up`` (``transpose``, ``bilinear`` or ``nearest``), logits by a ``head``×``head``
-    convolution. With ``encoder`` given (a ResNet), ``depth`` and ``down`` are the encoder's
-    and ``width`` sets the decoder widths.
+    upsampling by ``up`` (``transpose``, ``bilinear`` or ``nearest``), logits by a
+    ``head``×``head`` convolution. With ``encoder`` given (a ResNet), ``depth`` and ``down``
+    are the encoder's and ``width`` sets the decoder widths.
     """
 
     attention = False

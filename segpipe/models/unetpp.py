@@ -50,7 +50,8 @@ class NestedDecoder(nn.Module):
         nodes = [[f] for f in features]  # nodes[i][j] = X^{i,j}
         for j, (ups, blocks) in enumerate(zip(self.ups, self.blocks), start=1):
             for i, (up, block) in enumerate(zip(ups, blocks)):
-                nodes[i].append(block(torch.cat([*nodes[i], up(nodes[i + 1][j - 1])], dim=1)))
+                inputs = [n for n in nodes[i] if n.shape[1]]  # f_0 of 0 channels: no skip
+                nodes[i].append(block(torch.cat([*inputs, up(nodes[i + 1][j - 1])], dim=1)))
         if not self.deep_supervision:
             return self.heads[0](nodes[0][-1])
         logits = [head(x) for head, x in zip(self.heads, nodes[0][1:])]

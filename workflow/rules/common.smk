@@ -358,16 +358,17 @@ def run_spec(wildcards):
     """The JSON run specification `segpipe train` receives (docs/formats.md)."""
     names = {axis: wildcards[axis] for axis in AXES}
     fold = {"fold": int(wildcards.fold)} if FOLDS else {}
-    architecture = config["architectures"][names["architecture"]]
-    backbone = config["backbones"][names["backbone"]]
+    definitions = {axis: config[DEFINITIONS[axis]][name] for axis, name in names.items()}
+    definitions["architecture"] = {  # written out: a changed default is a changed run
+        **definitions["architecture"],
+        **encoder_defaults(definitions["architecture"], definitions["backbone"])}
     return json.dumps(
         {
             "run": JOB.format(**names, seed=wildcards.seed, **fold),
             "seed": int(wildcards.seed),
             **fold,
             "names": names,
-            **{axis: config[DEFINITIONS[axis]][name] for axis, name in names.items()},
-            "architecture": {**architecture, **encoder_defaults(architecture, backbone)},
+            **definitions,
             "train": config["train"],
         },
         sort_keys=True,
