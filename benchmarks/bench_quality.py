@@ -1,14 +1,15 @@
 """Training quality of segpipe's models side by side with their nearest peers, same budget.
 
-    python benchmarks/bench_quality.py [--data synthetic | LABELME_DIR] [--binary]
+    python benchmarks/bench_quality.py [--data synthetic | shapes | LABELME_DIR] [--binary]
         [--size H W] [--models unet+resnet34 unet ...] [--seeds 0 1 2] [--epochs E]
         [--batch B] [--lr LR] [--width W] [--variants ...] [--work DIR] [--threads N]
 
 Data: ``synthetic`` (default) is the multi-class demo's (configs/demo_classes.yaml: its classes,
 background label, image count, generator and size, with a test split three times larger so that
-seeds, not the few test images, set the interval); a LabelMe folder holds ``train/`` and
-``test/``, every label a class (sorted) unless ``--classes`` names them, e.g.
-/work/shared/data/devices_labelme. ``--binary`` makes every class one foreground.
+seeds, not the few test images, set the interval); ``shapes`` is ten classes whose outline
+and fill name them, not their colour (:func:`write_shapes`, :data:`SHAPES_COUNT` photos); a
+LabelMe folder holds ``train/`` and ``test/``, every label a class (sorted) unless
+``--classes`` names them, e.g. /work/shared/data/devices_labelme. ``--binary`` makes every class one foreground.
 
 Budget (the same for every model): the multi-class demo's training recipe (``train`` of
 configs/demo_classes.yaml: epochs, batch, lr, Adam, cosine schedule, no augmentation) and its
@@ -369,8 +370,8 @@ def line(name: str, values: list[float], versus: str = "") -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic",
-                        help="synthetic (the multi-class demo's) or a LabelMe folder with "
-                             "train/ and test/")
+                        help="synthetic (the multi-class demo's), shapes (ten classes) or a "
+                             "LabelMe folder with train/ and test/")
     parser.add_argument("--classes", nargs="+", help="the classes of a LabelMe folder "
                         "(default: every label, sorted)")
     parser.add_argument("--binary", action="store_true", help="every class one foreground")
