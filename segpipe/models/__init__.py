@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from segpipe.models.base import FAMILIES, SegmentationModel
+from segpipe.models.blocks import LogitHead
 from segpipe.models.encoders import RESNETS, resnet_encoder
 from segpipe.spec import default, encoder_defaults, resnet_depth, schema, smp_decoder
 
@@ -80,10 +81,10 @@ def build_model(architecture: dict, backbone: dict, outputs: int = 1) -> Segment
 def initialise_decoder(decoder: nn.Module) -> None:
     """The initialisation segmentation_models_pytorch gives the decoder of a model under an
     encoder (segpipe's under a ResNet with the ImageNet stem, :func:`segpipe.spec.smp_decoder`):
-    every convolution He-uniform (He et al. 2015,
-    arXiv:1502.01852: fan in, ReLU gain) and BatchNorm 1 and 0, then the logit heads
-    Xavier-uniform (Glorot & Bengio 2010); biases 0. A transposed convolution (``up:
-    transpose``) keeps PyTorch's default."""
+    every convolution He-uniform (He et al. 2015, arXiv:1502.01852: fan in, ReLU gain), then
+    the logit heads (:class:`~segpipe.models.blocks.LogitHead`) Xavier-uniform (Glorot & Bengio
+    2010); BatchNorm 1 and 0, biases 0. A transposed convolution (``up: transpose``) keeps
+    PyTorch's default."""
     for module in decoder.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_uniform_(module.weight, mode="fan_in", nonlinearity="relu")
@@ -93,9 +94,8 @@ def initialise_decoder(decoder: nn.Module) -> None:
             continue
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    for head in decoder.heads if hasattr(decoder, "heads") else [decoder.head]:
-        nn.init.xavier_uniform_(head.weight)
-        nn.init.zeros_(head.bias)
+    for head in (m for m in decoder.modules() if isinstance(m, LogitHead)):
+        nn.init.xavier_uniform_(head.weight)  # after the rest, as smp draws its head last
 
 
 def model_cost(model: nn.Module, size: int) -> tuple[int, float]:

@@ -59,9 +59,11 @@ def upsampled_channels(in_channels: int, out_channels: int, mode: str) -> int:
     return in_channels if mode == "nearest" else out_channels
 
 
-def logit_head(in_channels: int, outputs: int, kernel: int) -> nn.Conv2d:
+class LogitHead(nn.Conv2d):
     """The convolution that makes the logits: 1×1 (U-Net's) or 3×3 (smp's), same padding."""
-    return nn.Conv2d(in_channels, outputs, kernel, padding=kernel // 2)
+
+    def __init__(self, in_channels: int, outputs: int, kernel: int) -> None:
+        super().__init__(in_channels, outputs, kernel, padding=kernel // 2)
 
 
 class AttentionGate(nn.Module):

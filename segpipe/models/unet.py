@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from segpipe.models.base import SegmentationModel, family
-from segpipe.models.blocks import (AttentionGate, DoubleConv, logit_head, upsample,
+from segpipe.models.blocks import (AttentionGate, DoubleConv, LogitHead, upsample,
                                     upsampled_channels)
 from segpipe.models.encoders import Encoder, conv_encoder
 
@@ -38,7 +38,7 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             block(encoder_channels[i] + upsampled_channels(coarser[i], widths[i], up), widths[i])
             for i in range(depth))
-        self.head = logit_head(widths[0], outputs, head)
+        self.head = LogitHead(widths[0], outputs, head)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         x = features[-1]

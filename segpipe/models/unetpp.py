@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segpipe.models.base import SegmentationModel, family
-from segpipe.models.blocks import DoubleConv, logit_head, upsample, upsampled_channels
+from segpipe.models.blocks import DoubleConv, LogitHead, upsample, upsampled_channels
 from segpipe.models.encoders import Encoder, conv_encoder
 
 
@@ -43,7 +43,7 @@ class NestedDecoder(nn.Module):
                 channels(i + 1, j - 1), widths[i], up), widths[i])
                           for i in range(depth - j + 1)) for j in range(1, depth + 1))
         self.deep_supervision = deep_supervision
-        self.heads = nn.ModuleList(logit_head(widths[0], outputs, head)
+        self.heads = nn.ModuleList(LogitHead(widths[0], outputs, head)
                                    for _ in range(depth if deep_supervision else 1))
 
     def forward(self, features: list[Tensor]) -> Tensor | list[Tensor]:
